@@ -1,0 +1,25 @@
+//! `vigil-collector`: Vigil's perception layer. It loads the kernel probes (`vigil-probes`), discovers the
+//! instances on the host (an instance is a cgroup), joins probe counters with what cgroupfs offers for free
+//! (memory, swap, throttling, pressure), and turns them every tick into [`Snapshot`]s: one stream for the
+//! healer in-process, Prometheus text on `/metrics`, and OTLP when the standard `OTEL_*` variables ask.
+//!
+//! I/O sits at the edges (`probes`, `cgroupfs`, `discovery`, `http`, `otlp`); the joining and rate maths in
+//! `aggregate` are plain functions over data, tested without a kernel.
+
+pub mod aggregate;
+pub mod btf;
+pub mod cgroupfs;
+pub mod collector;
+pub mod config;
+pub mod discovery;
+pub mod export;
+pub mod otlp;
+pub mod privilege;
+pub mod probe_sources;
+pub mod probes;
+pub mod snapshot;
+pub mod tracefs;
+
+pub use collector::{Collector, CollectorError};
+pub use config::{CollectorConfig, Config};
+pub use snapshot::{InstanceSnapshot, Snapshot, SnapshotReceiver};

@@ -1,0 +1,159 @@
+//! `vigil-common`: the `#[repr(C)]` values that Vigil's eBPF probes write into their maps and that the
+//! collector reads back. Both sides compile this one definition, so a field added here reaches both; the
+//! `user` feature adds the `aya::Pod` markers user space needs to read them.
+#![no_std]
+
+/// Page faults of one cgroup as counted by the perf_event probes (per CPU; user space sums the CPUs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultCounts {
+    pub minor: u64,
+    pub major: u64,
+}
+
+/// Memory-cgroup events counted from the `memcg:count_memcg_events` tracepoint, keyed by the memory
+/// cgroup's id (on hybrid hosts the inode of the v1 memory directory, not the v2 one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemcgCounts {
+    pub swap_in_pages: u64,
+    pub swap_out_pages: u64,
+    pub major_faults: u64,
+}
+
+/// Buckets of the run-queue delay histogram: bucket `i` counts delays in `[2^i, 2^(i+1))` nanoseconds,
+/// the last one everything from 2^31 ns (~2.1 s) up.
+pub const RUNQ_BUCKETS: usize = 32;
+
+/// Scheduler accounting of one cgroup (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuStats {
+    /// Nanoseconds its tasks spent on a CPU.
+    pub on_cpu_ns: u64,
+    /// Sum of the delays between a task becoming runnable and running, in nanoseconds.
+    pub runq_delay_ns: u64,
+    /// Number of delays summed in `runq_delay_ns`.
+    pub runq_count: u64,
+    pub runq_hist: [u64; RUNQ_BUCKETS],
+}
+
+impl Default for CpuStats {
+    fn default() -> Self {
+        Self { on_cpu_ns: 0, runq_delay_ns: 0, runq_count: 0, runq_hist: [0; RUNQ_BUCKETS] }
+    }
+}
+
+/// What the sched_switch probe remembers about one CPU between two switches: when the running task
+/// started, and the queueing delay of that task, attributed to its cgroup at its own switch-out (the
+/// only point where `bpf_get_current_cgroup_id()` names its cgroup without reading `task_struct`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuSwitchState {
+    pub last_switch_ns: u64,
+    pub pending_delay_ns: u64,
+    pub pending_pid: u32,
+    pub pending_valid: u32,
+}
+
+/// Index of each probe in the per-CPU `ERRORS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    FaultMinor = 0,
+    FaultMajor = 1,
+    Memcg = 2,
+    SchedSwitch = 3,
+    SchedWakeup = 4,
+}
+
+pub const PROBE_COUNT: u32 = 5;
+
+impl Probe {
+    pub const ALL: [Probe; PROBE_COUNT as usize] =
+        [Probe::FaultMinor, Probe::FaultMajor, Probe::Memcg, Probe::SchedSwitch, Probe::SchedWakeup];
+
+    /// The `probe` label of `vigil_probe_errors_total`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Probe::FaultMinor => "page_fault_minor",
+            Probe::FaultMajor => "page_fault_major",
+            Probe::Memcg => "memcg_events",
+            Probe::SchedSwitch => "sched_switch",
+            Probe::SchedWakeup => "sched_wakeup",
+        }
+    }
+}
+
+/// Map names, shared so a rename cannot split the two sides.
+pub mod maps {
+    pub const FAULTS: &str = "FAULTS";
+    pub const MEMCG: &str = "MEMCG";
+    pub const CPU: &str = "CPU";
+    pub const ERRORS: &str = "ERRORS";
+}
+
+/// Capacity of the per-cgroup maps; an insert past it is counted as a probe error.
+pub const MAX_CGROUPS: u32 = 16_384;
+
+/// Bucket index for a delay: floor(log2(ns)), clamped to the histogram. Written as a fixed binary
+/// search because the verifier wants bounded, loop-free code.
+#[inline(always)]
+pub const fn log2_bucket(ns: u64) -> usize {
+    let mut v = ns;
+    let mut r = 0usize;
+    if v >= 1 << 32 {
+        v >>= 32;
+        r += 32;
+    }
+    if v >= 1 << 16 {
+        v >>= 16;
+        r += 16;
+    }
+    if v >= 1 << 8 {
+        v >>= 8;
+        r += 8;
+    }
+    if v >= 1 << 4 {
+        v >>= 4;
+        r += 4;
+    }
+    if v >= 1 << 2 {
+        v >>= 2;
+        r += 2;
+    }
+    if v >= 1 << 1 {
+        r += 1;
+    }
+    if r >= RUNQ_BUCKETS { RUNQ_BUCKETS - 1 } else { r }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] integers with no padding and no invalid bit patterns.
+    unsafe impl aya::Pod for super::FaultCounts {}
+    unsafe impl aya::Pod for super::MemcgCounts {}
+    unsafe impl aya::Pod for super::CpuStats {}
+    unsafe impl aya::Pod for super::CpuSwitchState {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log2_bucket_boundaries() {
+        assert_eq!(log2_bucket(0), 0);
+        assert_eq!(log2_bucket(1), 0);
+        assert_eq!(log2_bucket(2), 1);
+        assert_eq!(log2_bucket(3), 1);
+        assert_eq!(log2_bucket(1023), 9);
+        assert_eq!(log2_bucket(1024), 10);
+        assert_eq!(log2_bucket((1 << 31) - 1), 30);
+        assert_eq!(log2_bucket(1 << 31), 31);
+        assert_eq!(log2_bucket(u64::MAX), 31);
+        for i in 0..31 {
+            assert_eq!(log2_bucket(1u64 << i), i as usize);
+        }
+    }
+}
