@@ -1,1 +1,111 @@
-fn main(){}
+//! The `vigil` binary: command-line wiring only. Each subcommand builds its components from the library
+//! crates and runs them until SIGINT or SIGTERM; all logic lives in those crates.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use vigil_collector::{Collector, Config, otlp};
+
+#[derive(Parser)]
+#[command(name = "vigil", version, about = "Kernel-level observer and self-healing operator for service instances")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run everything on this host with the embedded defaults (or --config).
+    Up {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Run the collector alone: probes, discovery, /metrics.
+    Collector {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Print the embedded default configuration.
+    DefaultConfig,
+}
+
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    match path {
+        Some(p) => Ok(Config::load(p)?),
+        None => Ok(Config::default()),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+async fn run_collector(config: Config) -> anyhow::Result<()> {
+    let collector = Collector::start(&config.collector)?;
+    let otlp = if otlp::requested() {
+        let o = otlp::OtlpMetrics::start(collector.snapshots()).context("starting OTLP metric export")?;
+        tracing::info!("exporting metrics over OTLP");
+        Some(o)
+    } else {
+        None
+    };
+    let listen: SocketAddr = config.http.listen.value;
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen} (http.listen)"))?;
+    tracing::info!(%listen, "serving /metrics, /healthz, /readyz");
+    axum::serve(listener, collector.router()).with_graceful_shutdown(shutdown_signal()).await.context("HTTP server")?;
+    if let Some(o) = otlp {
+        if let Err(e) = o.shutdown() {
+            tracing::warn!(error = %e, "flushing OTLP metrics failed");
+        }
+    }
+    collector.stop();
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VIGIL_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::DefaultConfig => {
+            print!("{}", vigil_collector::config::DEFAULT_YAML);
+            Ok(())
+        }
+        Command::Up { config } | Command::Collector { config } => load_config(config.as_ref()).and_then(|c| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(run_collector(c))
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vigil: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

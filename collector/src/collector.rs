@@ -1,1 +1,242 @@
-//! TODO
+//! The collector's run loop: every tick it walks the cgroup trees, reads the probe maps and cgroupfs, builds
+//! a [`Snapshot`] and publishes it. The loop runs on its own thread because every step is a blocking
+//! syscall; async code (HTTP, the healer) only ever reads the published snapshot.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::aggregate::{Aggregator, TickInput};
+use crate::cgroupfs::{self, CgroupError, Layout};
+use crate::config::CollectorConfig;
+use crate::discovery::Discovery;
+use crate::export;
+use crate::privilege;
+use crate::probes::{ProbeError, Probes};
+use crate::snapshot::{Snapshot, SnapshotReceiver};
+
+/// Ticks a probe-map key may stay unclaimed by any discovered cgroup before it is removed. Long enough
+/// for a new cgroup to be discovered, short enough to keep the maps to live cgroups.
+const UNCLAIMED_TICKS: u64 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectorError {
+    #[error("{0}")]
+    Privilege(String),
+    #[error("finding the cgroup hierarchies: {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error("{0}")]
+    Probes(#[from] ProbeError),
+    #[error("starting the collector thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// A running collector. Dropping it stops the loop (and detaches the probes).
+pub struct Collector {
+    snapshots: SnapshotReceiver,
+    registry: Arc<Registry>,
+    interval: Duration,
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Removes probe-map entries nobody claims: cgroups that vanished, or that are not watched.
+#[derive(Default)]
+struct MapJanitor {
+    unclaimed_since: HashMap<(bool, u64), u64>,
+}
+
+impl MapJanitor {
+    fn sweep(&mut self, tick: u64, probes: &mut Probes, readout: &crate::probes::ProbeReadout, claimed_cg: &HashSet<u64>, claimed_mem: &HashSet<u64>) {
+        let mut seen = HashSet::new();
+        let v2_keys = readout.faults.keys().chain(readout.cpu.keys()).map(|k| (true, *k));
+        let mem_keys = readout.memcg.keys().map(|k| (false, *k));
+        for key in v2_keys.chain(mem_keys) {
+            let claimed = if key.0 { claimed_cg.contains(&key.1) } else { claimed_mem.contains(&key.1) };
+            if !claimed {
+                seen.insert(key);
+                self.unclaimed_since.entry(key).or_insert(tick);
+            }
+        }
+        self.unclaimed_since.retain(|k, _| seen.contains(k));
+        let expired: Vec<(bool, u64)> =
+            self.unclaimed_since.iter().filter(|(_, since)| tick - **since >= UNCLAIMED_TICKS).map(|(k, _)| *k).collect();
+        let cg: Vec<u64> = expired.iter().filter(|k| k.0).map(|k| k.1).collect();
+        let mem: Vec<u64> = expired.iter().filter(|k| !k.0).map(|k| k.1).collect();
+        probes.forget(&cg, &mem);
+        for k in expired {
+            self.unclaimed_since.remove(&k);
+        }
+    }
+}
+
+impl Collector {
+    /// Checks privileges, loads the probes and starts ticking. The first snapshot follows at once.
+    pub fn start(config: &CollectorConfig) -> Result<Collector, CollectorError> {
+        privilege::check().map_err(CollectorError::Privilege)?;
+        let layout = Layout::detect()?;
+        let probes = Probes::load()?;
+        tracing::info!(
+            hybrid = layout.is_hybrid(),
+            v2_root = %layout.v2_root.display(),
+            pswpin = probes.items.pswpin,
+            pswpout = probes.items.pswpout,
+            pgmajfault = probes.items.pgmajfault,
+            "probes attached"
+        );
+        let (tx, rx) = watch::channel(Arc::new(Snapshot::empty()));
+        let (stop_tx, stop_rx) = mpsc::channel();
+        let interval = config.interval();
+        let max_instances = config.max_instances();
+        let discovery = Discovery::new(layout, config.watch.clone());
+        let thread = std::thread::Builder::new()
+            .name("vigil-collector".into())
+            .spawn(move || run(probes, discovery, tx, stop_rx, interval, max_instances))
+            .map_err(CollectorError::Thread)?;
+        let registry = Arc::new(export::registry(rx.clone()));
+        Ok(Collector { snapshots: rx, registry, interval, stop: Some(stop_tx), thread: Some(thread) })
+    }
+
+    /// The snapshot stream (latest value; `changed()` wakes every tick).
+    pub fn snapshots(&self) -> SnapshotReceiver {
+        self.snapshots.clone()
+    }
+
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub fn router(&self) -> Router {
+        let registry = self.registry.clone();
+        let snapshots = self.snapshots.clone();
+        let interval = self.interval;
+        Router::new()
+            .route(
+                "/metrics",
+                get(move || {
+                    let registry = registry.clone();
+                    async move {
+                        (
+                            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                            export::render(&registry),
+                        )
+                    }
+                }),
+            )
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route(
+                "/readyz",
+                get(move || {
+                    let snap = snapshots.borrow().clone();
+                    async move { readiness(&snap, interval, SystemTime::now()).into_response() }
+                }),
+            )
+    }
+
+    /// Stops the loop and waits for it (at most one tick).
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Ready once the first snapshot exists and the latest is no older than three ticks.
+fn readiness(snap: &Snapshot, interval: Duration, now: SystemTime) -> (StatusCode, String) {
+    let age = now.duration_since(snap.taken_at).unwrap_or_default();
+    if snap.tick == 0 {
+        (StatusCode::SERVICE_UNAVAILABLE, "{\"error\":{\"code\":\"starting\",\"message\":\"no snapshot yet\"}}\n".into())
+    } else if age > interval * 3 {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{{\"error\":{{\"code\":\"stale\",\"message\":\"last snapshot is {:.1}s old\"}}}}\n", age.as_secs_f64()),
+        )
+    } else {
+        (StatusCode::OK, format!("ready: tick {}, {} instances\n", snap.tick, snap.instances.len()))
+    }
+}
+
+fn run(
+    mut probes: Probes,
+    mut discovery: Discovery,
+    tx: watch::Sender<Arc<Snapshot>>,
+    stop: mpsc::Receiver<()>,
+    interval: Duration,
+    max_instances: usize,
+) {
+    let mut aggregator = Aggregator::new();
+    let mut janitor = MapJanitor::default();
+    let mut last = Instant::now();
+    let mut first = true;
+    loop {
+        let started = Instant::now();
+        let elapsed = if first { interval } else { started - last };
+        first = false;
+        last = started;
+
+        let cgroups = discovery.scan();
+        let readout = match probes.read() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading probe maps failed; this tick has no probe counters");
+                Default::default()
+            }
+        };
+        let layout = discovery.layout().clone();
+        let inputs: Vec<TickInput<'_>> =
+            cgroups.iter().map(|c| TickInput { cgroup: c, stats: cgroupfs::read_stats(&layout, &c.paths) }).collect();
+        let snapshot = aggregator.tick(&inputs, &readout, max_instances, elapsed, SystemTime::now());
+        let tick = snapshot.tick;
+        tx.send_replace(Arc::new(snapshot));
+
+        let claimed_cg: HashSet<u64> = cgroups.iter().filter_map(|c| c.cgroup_id).collect();
+        let claimed_mem: HashSet<u64> = cgroups.iter().filter_map(|c| c.memcg_id).collect();
+        janitor.sweep(tick, &mut probes, &readout, &claimed_cg, &claimed_mem);
+        if discovery.skipped() > 0 && tick % 60 == 1 {
+            tracing::warn!(skipped = discovery.skipped(), "more cgroups than watch.max_tracked; the rest are not watched");
+        }
+
+        let wait = interval.saturating_sub(started.elapsed());
+        match stop.recv_timeout(wait) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // Sender dropped (or a message): stop.
+            _ => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_states() {
+        let now = SystemTime::now();
+        let mut s = Snapshot::empty();
+        assert_eq!(readiness(&s, Duration::from_secs(1), now).0, StatusCode::SERVICE_UNAVAILABLE);
+        s.tick = 1;
+        s.taken_at = now;
+        assert_eq!(readiness(&s, Duration::from_secs(1), now).0, StatusCode::OK);
+        let later = now + Duration::from_secs(5);
+        let (code, body) = readiness(&s, Duration::from_secs(1), later);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("\"stale\""), "{body}");
+    }
+}

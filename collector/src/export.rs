@@ -1,1 +1,255 @@
-//! TODO
+//! Prometheus text exposition of the latest [`Snapshot`]. The registry holds one custom collector that
+//! encodes straight from the snapshot at scrape time, so there is no second copy of per-instance state and
+//! memory is bounded by the snapshot (itself bounded by the export cap).
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector as PromCollector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use vigil_common::{Probe, RUNQ_BUCKETS};
+
+use crate::snapshot::{InstanceSnapshot, Psi, Snapshot, SnapshotReceiver};
+
+/// Histogram bounds of `vigil_instance_runqueue_delay_seconds`: the probe's log2 buckets from 1 µs up
+/// (bucket `i` holds delays below 2^(i+1) ns; finer buckets are folded into the first bound).
+const FIRST_EXPORTED_BUCKET: usize = 9; // 2^10 ns ≈ 1 µs
+
+/// `(le, cumulative count)` pairs from the probe's log2 histogram.
+pub fn runq_buckets(hist: &[u64; RUNQ_BUCKETS]) -> Vec<(f64, u64)> {
+    let mut out = Vec::with_capacity(RUNQ_BUCKETS - FIRST_EXPORTED_BUCKET);
+    let mut cumulative: u64 = hist[..FIRST_EXPORTED_BUCKET].iter().sum();
+    for (i, n) in hist.iter().enumerate().skip(FIRST_EXPORTED_BUCKET).take(RUNQ_BUCKETS - FIRST_EXPORTED_BUCKET - 1) {
+        cumulative += n;
+        out.push(((1u64 << (i + 1)) as f64 / 1e9, cumulative));
+    }
+    // The last probe bucket is open-ended: it only appears in +Inf, which the encoder adds from `count`.
+    out
+}
+
+#[derive(Debug)]
+struct SnapshotCollector {
+    snapshots: SnapshotReceiver,
+}
+
+fn labels(i: &InstanceSnapshot) -> [(&'static str, &str); 2] {
+    [("service", &*i.service), ("instance_id", &*i.instance_id)]
+}
+
+fn psi_parts(p: &Option<Psi>) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+    p.iter().flat_map(|p| std::iter::once(("some", p.some.total_us)).chain(p.full.map(|f| ("full", f.total_us))))
+}
+
+impl PromCollector for SnapshotCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snap: Arc<Snapshot> = self.snapshots.borrow().clone();
+        let all: Vec<&InstanceSnapshot> = snap.instances.iter().chain(snap.overflow.iter()).collect();
+
+        let mut m = enc.encode_descriptor(
+            "vigil_instance_page_faults",
+            "Page faults taken by the instance's tasks (perf software events, exact)",
+            None,
+            MetricType::Counter,
+        )?;
+        for i in &all {
+            let [s, id] = labels(i);
+            for (kind, v) in [("minor", i.counters.minor_faults), ("major", i.counters.major_faults)] {
+                m.encode_family(&[s, id, ("kind", kind)])?.encode_counter::<NoLabelSet, _, f64>(&v, None)?;
+            }
+        }
+        for (name, help, get) in [
+            (
+                "vigil_instance_swap_in_pages",
+                "Pages swapped in for the instance's memory cgroup",
+                (|c: &InstanceSnapshot| c.counters.swap_in_pages) as fn(&InstanceSnapshot) -> u64,
+            ),
+            ("vigil_instance_swap_out_pages", "Pages swapped out of the instance's memory cgroup", |c| {
+                c.counters.swap_out_pages
+            }),
+            ("vigil_instance_memcg_major_faults", "Major faults as the memory cgroup counts them (PGMAJFAULT)", |c| {
+                c.counters.memcg_major_faults
+            }),
+        ] {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for i in &all {
+                m.encode_family(&labels(i))?.encode_counter::<NoLabelSet, _, f64>(&get(i), None)?;
+            }
+        }
+        for (name, help, get) in [
+            (
+                "vigil_instance_cpu_seconds",
+                "CPU time of the instance's tasks (sched_switch)",
+                (|c: &InstanceSnapshot| c.counters.cpu_ns) as fn(&InstanceSnapshot) -> u64,
+            ),
+            ("vigil_instance_cpu_throttled_seconds", "Time the instance was throttled by its CPU quota", |c| {
+                c.counters.throttled_ns
+            }),
+        ] {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for i in &all {
+                m.encode_family(&labels(i))?.encode_counter::<NoLabelSet, _, f64>(&(get(i) as f64 / 1e9), None)?;
+            }
+        }
+
+        let mut m = enc.encode_descriptor(
+            "vigil_instance_runqueue_delay_seconds",
+            "Time the instance's tasks waited runnable before running",
+            None,
+            MetricType::Histogram,
+        )?;
+        for i in &all {
+            let c = &i.counters;
+            m.encode_family(&labels(i))?.encode_histogram::<NoLabelSet>(
+                c.runq_delay_ns as f64 / 1e9,
+                c.runq_delays,
+                &runq_buckets(&c.runq_hist),
+                None,
+            )?;
+        }
+
+        for (name, help, get) in [
+            (
+                "vigil_instance_memory_resident_bytes",
+                "Memory charged to the instance's cgroup",
+                (|i: &InstanceSnapshot| i.memory.resident_bytes) as fn(&InstanceSnapshot) -> Option<u64>,
+            ),
+            ("vigil_instance_memory_swap_bytes", "Swap used by the instance's cgroup", |i| i.memory.swap_bytes),
+        ] {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for i in &all {
+                if let Some(v) = get(i) {
+                    m.encode_family(&labels(i))?.encode_gauge(&(v as i64))?;
+                }
+            }
+        }
+
+        let mut m = enc.encode_descriptor(
+            "vigil_instance_pressure_seconds",
+            "Pressure stall time of the instance's cgroup (PSI totals)",
+            None,
+            MetricType::Counter,
+        )?;
+        for i in &snap.instances {
+            let [s, id] = labels(i);
+            for (resource, psi) in [("cpu", &i.pressure.cpu), ("memory", &i.pressure.memory), ("io", &i.pressure.io)] {
+                for (kind, us) in psi_parts(psi) {
+                    m.encode_family(&[s, id, ("resource", resource), ("kind", kind)])?
+                        .encode_counter::<NoLabelSet, _, f64>(&(us as f64 / 1e6), None)?;
+                }
+            }
+        }
+
+        let mut m = enc.encode_descriptor(
+            "vigil_instances",
+            "Instances exported one by one (the overflow series not included)",
+            None,
+            MetricType::Gauge,
+        )?;
+        m.encode_gauge(&(snap.instances.len() as i64))?;
+        let mut m = enc.encode_descriptor(
+            "vigil_instances_dropped",
+            "Instances folded into the overflow series because the export cap was reached",
+            None,
+            MetricType::Counter,
+        )?;
+        m.encode_counter::<NoLabelSet, _, f64>(&snap.dropped_total, None)?;
+        let mut m = enc.encode_descriptor(
+            "vigil_probe_errors",
+            "Errors counted inside the kernel probes (map full, failed reads)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (p, v) in Probe::ALL.iter().zip(snap.probe_errors.iter()) {
+            m.encode_family(&[("probe", p.name())])?.encode_counter::<NoLabelSet, _, f64>(v, None)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "vigil_collector_ticks",
+            "Snapshots taken by the collector",
+            None,
+            MetricType::Counter,
+        )?;
+        m.encode_counter::<NoLabelSet, _, f64>(&snap.tick, None)?;
+        Ok(())
+    }
+}
+
+/// A registry exposing the snapshot stream.
+pub fn registry(snapshots: SnapshotReceiver) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(SnapshotCollector { snapshots }));
+    registry
+}
+
+/// Renders the registry in the Prometheus text format.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::with_capacity(64 * 1024);
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::{Counters, InstanceKind, Memory, Pressure, PsiLine, Rates};
+
+    fn snapshot() -> Snapshot {
+        let mut s = Snapshot::empty();
+        let mut c = Counters { minor_faults: 7, major_faults: 2, cpu_ns: 1_500_000_000, runq_delays: 3, ..Default::default() };
+        c.runq_delay_ns = 6_000;
+        c.runq_hist[3] = 1; // 8..16 ns
+        c.runq_hist[11] = 2; // 2048..4096 ns
+        s.tick = 4;
+        s.instances.push(InstanceSnapshot {
+            service: "echo".into(),
+            instance_id: "echo-0".into(),
+            kind: InstanceKind::Managed,
+            cgroup: "/vigil/echo/echo-0".into(),
+            cgroup_id: Some(1),
+            memcg_id: Some(2),
+            counters: c,
+            rates: Rates::default(),
+            memory: Memory { resident_bytes: Some(4096), swap_bytes: None },
+            pressure: Pressure {
+                cpu: Some(Psi { some: PsiLine { total_us: 2_000_000, ..Default::default() }, full: None }),
+                ..Default::default()
+            },
+        });
+        s
+    }
+
+    #[test]
+    fn renders_names_and_values() {
+        let (_tx, rx) = tokio::sync::watch::channel(Arc::new(snapshot()));
+        let text = render(&registry(rx));
+        for line in [
+            "vigil_instance_page_faults_total{service=\"echo\",instance_id=\"echo-0\",kind=\"minor\"} 7",
+            "vigil_instance_page_faults_total{service=\"echo\",instance_id=\"echo-0\",kind=\"major\"} 2",
+            "vigil_instance_cpu_seconds_total{service=\"echo\",instance_id=\"echo-0\"} 1.5",
+            "vigil_instance_memory_resident_bytes{service=\"echo\",instance_id=\"echo-0\"} 4096",
+            "vigil_instance_runqueue_delay_seconds_count{service=\"echo\",instance_id=\"echo-0\"} 3",
+            "vigil_instance_runqueue_delay_seconds_bucket{le=\"0.000001024\",service=\"echo\",instance_id=\"echo-0\"} 1",
+            "vigil_instance_runqueue_delay_seconds_bucket{le=\"0.000004096\",service=\"echo\",instance_id=\"echo-0\"} 3",
+            "vigil_instance_pressure_seconds_total{service=\"echo\",instance_id=\"echo-0\",resource=\"cpu\",kind=\"some\"} 2.0",
+            "vigil_instances 1",
+            "vigil_instances_dropped_total 0",
+            "vigil_probe_errors_total{probe=\"sched_switch\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
+        }
+        assert!(!text.contains("vigil_instance_memory_swap_bytes{"), "absent swap is not reported as 0");
+    }
+
+    #[test]
+    fn buckets_are_cumulative_and_increasing() {
+        let mut h = [0u64; RUNQ_BUCKETS];
+        h[0] = 5;
+        h[20] = 1;
+        h[31] = 4;
+        let b = runq_buckets(&h);
+        assert_eq!(b.first(), Some(&(1024.0 / 1e9, 5)));
+        assert!(b.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1));
+        assert_eq!(b.last().map(|x| x.1), Some(6), "the open-ended bucket only counts in +Inf");
+    }
+}

@@ -1,1 +1,206 @@
-//! TODO
+//! Loads `vigil-probes` into the kernel, attaches every program, and reads the per-cgroup maps back.
+//!
+//! The probes count per CPU (the bpf target has no atomic add here, DESIGN.md §3); [`Probes::read`] sums the
+//! CPUs. Entries of cgroups that no longer exist are removed with [`Probes::forget`], so the maps hold only
+//! live cgroups.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use aya::maps::{MapData, MapError, PerCpuArray, PerCpuHashMap};
+use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
+use aya::programs::{PerfEvent, ProgramError, TracePoint};
+use aya::{Ebpf, EbpfError, EbpfLoader};
+use vigil_common::{CpuStats, FaultCounts, MemcgCounts, PROBE_COUNT, maps};
+
+use crate::btf::{self, BtfError, VmEventItems};
+use crate::tracefs::{self, TracefsError};
+
+/// The probe object, built by build.rs (from source, or the committed prebuilt object).
+static PROBES_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vigil-probes"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("reading the kernel's BTF: {0}")]
+    Btf(#[from] BtfError),
+    #[error("reading tracepoint formats: {0}")]
+    Tracefs(#[from] TracefsError),
+    #[error("loading the probe object into the kernel: {0}")]
+    Load(#[source] EbpfError),
+    #[error("probe object has no program `{0}`")]
+    NoProgram(&'static str),
+    #[error("probe object has no map `{0}`")]
+    NoMap(&'static str),
+    #[error("preparing program `{program}`: {source}")]
+    Program { program: &'static str, source: ProgramError },
+    #[error("attaching `{program}` to {target}: {source}")]
+    Attach { program: &'static str, target: String, source: ProgramError },
+    #[error("map `{map}`: {source}")]
+    Map { map: &'static str, source: MapError },
+    #[error("listing online CPUs from {file}: {source}")]
+    Cpus { file: &'static str, source: std::io::Error },
+}
+
+/// Everything the probes counted, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProbeReadout {
+    /// By v2 cgroup id.
+    pub faults: HashMap<u64, FaultCounts>,
+    /// By memory cgroup id.
+    pub memcg: HashMap<u64, MemcgCounts>,
+    /// By v2 cgroup id.
+    pub cpu: HashMap<u64, CpuStats>,
+    pub errors: [u64; PROBE_COUNT as usize],
+}
+
+/// The loaded, attached probes. Dropping it detaches them.
+pub struct Probes {
+    // Owns the programs and their links.
+    _ebpf: Ebpf,
+    faults: PerCpuHashMap<MapData, u64, FaultCounts>,
+    memcg: PerCpuHashMap<MapData, u64, MemcgCounts>,
+    cpu: PerCpuHashMap<MapData, u64, CpuStats>,
+    errors: PerCpuArray<MapData, u64>,
+    pub items: VmEventItems,
+}
+
+fn sum_faults(values: &[FaultCounts]) -> FaultCounts {
+    values.iter().fold(FaultCounts::default(), |a, v| FaultCounts { minor: a.minor + v.minor, major: a.major + v.major })
+}
+
+fn sum_memcg(values: &[MemcgCounts]) -> MemcgCounts {
+    values.iter().fold(MemcgCounts::default(), |a, v| MemcgCounts {
+        swap_in_pages: a.swap_in_pages + v.swap_in_pages,
+        swap_out_pages: a.swap_out_pages + v.swap_out_pages,
+        major_faults: a.major_faults + v.major_faults,
+    })
+}
+
+fn sum_cpu(values: &[CpuStats]) -> CpuStats {
+    let mut s = CpuStats::default();
+    for v in values {
+        s.on_cpu_ns += v.on_cpu_ns;
+        s.runq_delay_ns += v.runq_delay_ns;
+        s.runq_count += v.runq_count;
+        for (a, b) in s.runq_hist.iter_mut().zip(v.runq_hist.iter()) {
+            *a += b;
+        }
+    }
+    s
+}
+
+impl Probes {
+    /// Loads and attaches all probes: page faults on every online CPU, memcg events, scheduler switches and
+    /// wake-ups.
+    pub fn load() -> Result<Probes, ProbeError> {
+        let items = btf::vm_event_items(Path::new(btf::VMLINUX_BTF))?;
+        tracefs::ensure_mounted()?;
+        let root = Path::new(tracefs::TRACEFS);
+        let memcg_off = tracefs::offsets(root, "memcg", "count_memcg_events", &["id", "item", "val"])?;
+        let switch_off = tracefs::offsets(root, "sched", "sched_switch", &["prev_pid", "prev_state", "next_pid"])?;
+        let wakeup_off = tracefs::offsets(root, "sched", "sched_wakeup", &["pid"])?;
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global("PSWPIN_ITEM", &items.pswpin, true)
+            .override_global("PSWPOUT_ITEM", &items.pswpout, true)
+            .override_global("PGMAJFAULT_ITEM", &items.pgmajfault, true)
+            .override_global("MEMCG_ID_OFF", &memcg_off[0], true)
+            .override_global("MEMCG_ITEM_OFF", &memcg_off[1], true)
+            .override_global("MEMCG_VAL_OFF", &memcg_off[2], true)
+            .override_global("SWITCH_PREV_PID_OFF", &switch_off[0], true)
+            .override_global("SWITCH_PREV_STATE_OFF", &switch_off[1], true)
+            .override_global("SWITCH_NEXT_PID_OFF", &switch_off[2], true)
+            .override_global("WAKEUP_PID_OFF", &wakeup_off[0], true)
+            .load(PROBES_OBJECT)
+            .map_err(ProbeError::Load)?;
+
+        let cpus = aya::util::online_cpus().map_err(|(file, source)| ProbeError::Cpus { file, source })?;
+        for (program, event) in
+            [("page_fault_minor", SoftwareEvent::PageFaultsMin), ("page_fault_major", SoftwareEvent::PageFaultsMaj)]
+        {
+            let prog: &mut PerfEvent = ebpf
+                .program_mut(program)
+                .ok_or(ProbeError::NoProgram(program))?
+                .try_into()
+                .map_err(|source| ProbeError::Program { program, source })?;
+            prog.load().map_err(|source| ProbeError::Program { program, source })?;
+            for &cpu in &cpus {
+                // Period 1: every fault runs the program once, so counts are exact and never throttled
+                // (the kernel throttles only the second and later overflows of one event batch).
+                prog.attach(
+                    PerfEventConfig::Software(event),
+                    PerfEventScope::AllProcessesOneCpu { cpu },
+                    SamplePolicy::Period(1),
+                    false,
+                )
+                .map_err(|source| ProbeError::Attach { program, target: format!("cpu {cpu}"), source })?;
+            }
+        }
+        for (program, targets) in [
+            ("memcg_events", &[("memcg", "count_memcg_events")][..]),
+            ("sched_wakeup", &[("sched", "sched_wakeup"), ("sched", "sched_wakeup_new")][..]),
+            ("sched_switch", &[("sched", "sched_switch")][..]),
+        ] {
+            let prog: &mut TracePoint = ebpf
+                .program_mut(program)
+                .ok_or(ProbeError::NoProgram(program))?
+                .try_into()
+                .map_err(|source| ProbeError::Program { program, source })?;
+            prog.load().map_err(|source| ProbeError::Program { program, source })?;
+            for (category, name) in targets {
+                prog.attach(category, name)
+                    .map_err(|source| ProbeError::Attach { program, target: format!("{category}:{name}"), source })?;
+            }
+        }
+
+        fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProbeError>
+        where
+            T: TryFrom<aya::maps::Map, Error = MapError>,
+        {
+            let map = ebpf.take_map(name).ok_or(ProbeError::NoMap(name))?;
+            T::try_from(map).map_err(|source| ProbeError::Map { map: name, source })
+        }
+        Ok(Probes {
+            faults: take(&mut ebpf, maps::FAULTS)?,
+            memcg: take(&mut ebpf, maps::MEMCG)?,
+            cpu: take(&mut ebpf, maps::CPU)?,
+            errors: take(&mut ebpf, maps::ERRORS)?,
+            _ebpf: ebpf,
+            items,
+        })
+    }
+
+    /// Reads every map, summing CPUs. An entry that vanishes mid-iteration is skipped.
+    pub fn read(&self) -> Result<ProbeReadout, ProbeError> {
+        let mut out = ProbeReadout::default();
+        for entry in self.faults.iter() {
+            let (k, v) = entry.map_err(|source| ProbeError::Map { map: maps::FAULTS, source })?;
+            out.faults.insert(k, sum_faults(&v));
+        }
+        for entry in self.memcg.iter() {
+            let (k, v) = entry.map_err(|source| ProbeError::Map { map: maps::MEMCG, source })?;
+            out.memcg.insert(k, sum_memcg(&v));
+        }
+        for entry in self.cpu.iter() {
+            let (k, v) = entry.map_err(|source| ProbeError::Map { map: maps::CPU, source })?;
+            out.cpu.insert(k, sum_cpu(&v));
+        }
+        for (i, slot) in out.errors.iter_mut().enumerate() {
+            let v = self.errors.get(&(i as u32), 0).map_err(|source| ProbeError::Map { map: maps::ERRORS, source })?;
+            *slot = v.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Drops the entries of cgroups that are gone (`cgroup_ids` from the v2-keyed maps, `memcg_ids` from the
+    /// memcg map). Missing keys are fine: the probe may never have seen that cgroup.
+    pub fn forget(&mut self, cgroup_ids: &[u64], memcg_ids: &[u64]) {
+        for id in cgroup_ids {
+            let _ = self.faults.remove(id);
+            let _ = self.cpu.remove(id);
+        }
+        for id in memcg_ids {
+            let _ = self.memcg.remove(id);
+        }
+    }
+}
