@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use vigil_collector::{Collector, Config, otlp};
 
 #[derive(Parser)]
-#[command(name = "vigil", version, about = "Kernel-level observer and self-healing operator for service instances")]
+#[command(
+    name = "vigil",
+    version,
+    about = "Kernel-level observer and self-healing operator for service instances"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -66,10 +70,14 @@ async fn run_collector(config: Config) -> anyhow::Result<()> {
         None
     };
     let listen: SocketAddr = config.http.listen.value;
-    let listener =
-        tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen} (http.listen)"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (http.listen)"))?;
     tracing::info!(%listen, "serving /metrics, /healthz, /readyz");
-    axum::serve(listener, collector.router()).with_graceful_shutdown(shutdown_signal()).await.context("HTTP server")?;
+    axum::serve(listener, collector.router())
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("HTTP server")?;
     if let Some(o) = otlp {
         if let Err(e) = o.shutdown() {
             tracing::warn!(error = %e, "flushing OTLP metrics failed");
@@ -92,14 +100,16 @@ fn main() -> ExitCode {
             print!("{}", vigil_collector::config::DEFAULT_YAML);
             Ok(())
         }
-        Command::Up { config } | Command::Collector { config } => load_config(config.as_ref()).and_then(|c| {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?
-                .block_on(run_collector(c))
-        }),
+        Command::Up { config } | Command::Collector { config } => {
+            load_config(config.as_ref()).and_then(|c| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .context("starting the async runtime")?
+                    .block_on(run_collector(c))
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -139,7 +139,13 @@ impl Aggregator {
                     instance_id: key.1.clone(),
                     kind: id.kind,
                     cgroup: Arc::from(
-                        input.cgroup.paths.v2.as_deref().or(input.cgroup.paths.memory_v1.as_deref()).unwrap_or("/"),
+                        input
+                            .cgroup
+                            .paths
+                            .v2
+                            .as_deref()
+                            .or(input.cgroup.paths.memory_v1.as_deref())
+                            .unwrap_or("/"),
                     ),
                     cgroup_id: input.cgroup.cgroup_id,
                     memcg_id: input.cgroup.memcg_id,
@@ -155,8 +161,7 @@ impl Aggregator {
                 overflow_live.add(&counters);
                 overflow_count += 1;
                 let m = input.stats.memory;
-                overflow_memory.resident_bytes =
-                    sum_opt(overflow_memory.resident_bytes, m.resident_bytes);
+                overflow_memory.resident_bytes = sum_opt(overflow_memory.resident_bytes, m.resident_bytes);
                 overflow_memory.swap_bytes = sum_opt(overflow_memory.swap_bytes, m.swap_bytes);
             }
             previous.insert(key, counters);
@@ -260,7 +265,13 @@ mod tests {
     fn cap_folds_the_rest_into_a_monotonic_overflow() {
         let cgs = vec![cg("a", 1, 1), cg("b", 2, 2), cg("c", 3, 3)];
         let mut agg = Aggregator::new();
-        let s = agg.tick(&inputs(&cgs), &readout(&[(1, 1, 1, 0), (2, 2, 2, 0), (3, 4, 3, 0)]), 1, SEC, SystemTime::UNIX_EPOCH);
+        let s = agg.tick(
+            &inputs(&cgs),
+            &readout(&[(1, 1, 1, 0), (2, 2, 2, 0), (3, 4, 3, 0)]),
+            1,
+            SEC,
+            SystemTime::UNIX_EPOCH,
+        );
         assert_eq!(s.instances.len(), 1);
         assert_eq!(&*s.instances[0].service, "a");
         let o = s.overflow.as_ref().unwrap();
@@ -268,12 +279,14 @@ mod tests {
         assert_eq!(s.dropped_total, 2);
         // "c" vanishes: its faults stay in the overflow sum; dropped_total does not move.
         let cgs2 = vec![cg("a", 1, 1), cg("b", 2, 2)];
-        let s = agg.tick(&inputs(&cgs2), &readout(&[(1, 1, 1, 0), (2, 3, 2, 0)]), 1, SEC, SystemTime::UNIX_EPOCH);
+        let s =
+            agg.tick(&inputs(&cgs2), &readout(&[(1, 1, 1, 0), (2, 3, 2, 0)]), 1, SEC, SystemTime::UNIX_EPOCH);
         assert_eq!(s.overflow.as_ref().unwrap().counters.minor_faults, 7);
         assert_eq!(s.dropped_total, 2);
         // "a" vanishes: its slot goes to the next new instance, not to one already overflowed.
         let cgs3 = vec![cg("b", 2, 2), cg("d", 4, 4)];
-        let s = agg.tick(&inputs(&cgs3), &readout(&[(2, 3, 2, 0), (4, 1, 4, 0)]), 1, SEC, SystemTime::UNIX_EPOCH);
+        let s =
+            agg.tick(&inputs(&cgs3), &readout(&[(2, 3, 2, 0), (4, 1, 4, 0)]), 1, SEC, SystemTime::UNIX_EPOCH);
         assert_eq!(s.instances.iter().map(|i| &*i.service).collect::<Vec<_>>(), vec!["d"]);
         assert_eq!(s.overflow.as_ref().unwrap().counters.minor_faults, 7);
     }

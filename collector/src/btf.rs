@@ -37,9 +37,11 @@ pub struct EnumType {
 
 impl EnumType {
     pub fn value(&self, member: &str) -> Result<i64, BtfError> {
-        self.members.iter().find(|(n, _)| n == member).map(|(_, v)| *v).ok_or_else(|| {
-            BtfError::NoMember { enum_name: self.name.clone(), member: member.to_string() }
-        })
+        self.members
+            .iter()
+            .find(|(n, _)| n == member)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| BtfError::NoMember { enum_name: self.name.clone(), member: member.to_string() })
     }
 }
 
@@ -50,12 +52,14 @@ pub fn read_enum(path: &Path, name: &str) -> Result<EnumType, BtfError> {
 }
 
 fn u16_at(data: &[u8], at: usize, what: &'static str) -> Result<u16, BtfError> {
-    let b = data.get(at..at + 2).ok_or(BtfError::Truncated { what, start: at, end: at + 2, len: data.len() })?;
+    let b =
+        data.get(at..at + 2).ok_or(BtfError::Truncated { what, start: at, end: at + 2, len: data.len() })?;
     Ok(u16::from_le_bytes([b[0], b[1]]))
 }
 
 fn u32_at(data: &[u8], at: usize, what: &'static str) -> Result<u32, BtfError> {
-    let b = data.get(at..at + 4).ok_or(BtfError::Truncated { what, start: at, end: at + 4, len: data.len() })?;
+    let b =
+        data.get(at..at + 4).ok_or(BtfError::Truncated { what, start: at, end: at + 4, len: data.len() })?;
     Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
@@ -93,12 +97,12 @@ pub fn find_enum(data: &[u8], name: &str) -> Result<EnumType, BtfError> {
         let kind = (info >> 24) & 0x1f;
         let body = at + TYPE_HEADER_LEN;
         let body_len = match kind {
-            1 | 14 | 17 => 4,            // INT, VAR, DECL_TAG
-            2 | 7..=12 | 16 | 18 => 0,   // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG
-            3 => 12,                     // ARRAY
-            4 | 5 | 15 => vlen * 12,     // STRUCT, UNION, DATASEC
-            6 | 13 => vlen * 8,          // ENUM, FUNC_PROTO
-            19 => vlen * 12,             // ENUM64
+            1 | 14 | 17 => 4,          // INT, VAR, DECL_TAG
+            2 | 7..=12 | 16 | 18 => 0, // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG
+            3 => 12,                   // ARRAY
+            4 | 5 | 15 => vlen * 12,   // STRUCT, UNION, DATASEC
+            6 | 13 => vlen * 8,        // ENUM, FUNC_PROTO
+            19 => vlen * 12,           // ENUM64
             _ => return Err(BtfError::UnknownKind { index, kind }),
         };
         if (kind == 6 || kind == 19) && string_at(strings, name_off) == name.as_bytes() {

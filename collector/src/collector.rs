@@ -56,7 +56,14 @@ struct MapJanitor {
 }
 
 impl MapJanitor {
-    fn sweep(&mut self, tick: u64, probes: &mut Probes, readout: &crate::probes::ProbeReadout, claimed_cg: &HashSet<u64>, claimed_mem: &HashSet<u64>) {
+    fn sweep(
+        &mut self,
+        tick: u64,
+        probes: &mut Probes,
+        readout: &crate::probes::ProbeReadout,
+        claimed_cg: &HashSet<u64>,
+        claimed_mem: &HashSet<u64>,
+    ) {
         let mut seen = HashSet::new();
         let v2_keys = readout.faults.keys().chain(readout.cpu.keys()).map(|k| (true, *k));
         let mem_keys = readout.memcg.keys().map(|k| (false, *k));
@@ -68,8 +75,12 @@ impl MapJanitor {
             }
         }
         self.unclaimed_since.retain(|k, _| seen.contains(k));
-        let expired: Vec<(bool, u64)> =
-            self.unclaimed_since.iter().filter(|(_, since)| tick - **since >= UNCLAIMED_TICKS).map(|(k, _)| *k).collect();
+        let expired: Vec<(bool, u64)> = self
+            .unclaimed_since
+            .iter()
+            .filter(|(_, since)| tick - **since >= UNCLAIMED_TICKS)
+            .map(|(k, _)| *k)
+            .collect();
         let cg: Vec<u64> = expired.iter().filter(|k| k.0).map(|k| k.1).collect();
         let mem: Vec<u64> = expired.iter().filter(|k| !k.0).map(|k| k.1).collect();
         probes.forget(&cg, &mem);
@@ -123,7 +134,10 @@ impl Collector {
                     let registry = registry.clone();
                     async move {
                         (
-                            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                            [(
+                                header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
                             export::render(&registry),
                         )
                     }
@@ -162,11 +176,17 @@ impl Drop for Collector {
 fn readiness(snap: &Snapshot, interval: Duration, now: SystemTime) -> (StatusCode, String) {
     let age = now.duration_since(snap.taken_at).unwrap_or_default();
     if snap.tick == 0 {
-        (StatusCode::SERVICE_UNAVAILABLE, "{\"error\":{\"code\":\"starting\",\"message\":\"no snapshot yet\"}}\n".into())
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{\"error\":{\"code\":\"starting\",\"message\":\"no snapshot yet\"}}\n".into(),
+        )
     } else if age > interval * 3 {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("{{\"error\":{{\"code\":\"stale\",\"message\":\"last snapshot is {:.1}s old\"}}}}\n", age.as_secs_f64()),
+            format!(
+                "{{\"error\":{{\"code\":\"stale\",\"message\":\"last snapshot is {:.1}s old\"}}}}\n",
+                age.as_secs_f64()
+            ),
         )
     } else {
         (StatusCode::OK, format!("ready: tick {}, {} instances\n", snap.tick, snap.instances.len()))
@@ -200,8 +220,10 @@ fn run(
             }
         };
         let layout = discovery.layout().clone();
-        let inputs: Vec<TickInput<'_>> =
-            cgroups.iter().map(|c| TickInput { cgroup: c, stats: cgroupfs::read_stats(&layout, &c.paths) }).collect();
+        let inputs: Vec<TickInput<'_>> = cgroups
+            .iter()
+            .map(|c| TickInput { cgroup: c, stats: cgroupfs::read_stats(&layout, &c.paths) })
+            .collect();
         let snapshot = aggregator.tick(&inputs, &readout, max_instances, elapsed, SystemTime::now());
         let tick = snapshot.tick;
         tx.send_replace(Arc::new(snapshot));
@@ -210,7 +232,10 @@ fn run(
         let claimed_mem: HashSet<u64> = cgroups.iter().filter_map(|c| c.memcg_id).collect();
         janitor.sweep(tick, &mut probes, &readout, &claimed_cg, &claimed_mem);
         if discovery.skipped() > 0 && tick % 60 == 1 {
-            tracing::warn!(skipped = discovery.skipped(), "more cgroups than watch.max_tracked; the rest are not watched");
+            tracing::warn!(
+                skipped = discovery.skipped(),
+                "more cgroups than watch.max_tracked; the rest are not watched"
+            );
         }
 
         let wait = interval.saturating_sub(started.elapsed());

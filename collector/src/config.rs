@@ -154,7 +154,11 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { data_dir: PathBuf::from("./.vigil"), http: HttpConfig::default(), collector: CollectorConfig::default() }
+        Self {
+            data_dir: PathBuf::from("./.vigil"),
+            http: HttpConfig::default(),
+            collector: CollectorConfig::default(),
+        }
     }
 }
 
@@ -198,14 +202,20 @@ impl Config {
             ));
         }
         if self.collector.max_instances.value == 0 {
-            issues.push(issue_at(&self.collector.max_instances, "collector.max_instances", "must be at least 1".into()));
+            issues.push(issue_at(
+                &self.collector.max_instances,
+                "collector.max_instances",
+                "must be at least 1".into(),
+            ));
         }
         let listen = self.http.listen.value;
         if !listen.ip().is_loopback() && self.http.token.as_deref().is_none_or(str::is_empty) {
             issues.push(issue_at(
                 &self.http.listen,
                 "http.listen",
-                format!("{listen} is not a loopback address: set http.token (a bearer token) to expose the API"),
+                format!(
+                    "{listen} is not a loopback address: set http.token (a bearer token) to expose the API"
+                ),
             ));
         }
         issues.sort_by_key(|i| (i.line, i.column));
@@ -218,7 +228,8 @@ fn saphyr_issue(path: String, e: &serde_saphyr::Error) -> ConfigIssue {
     // The rendered error repeats the position and may add a source snippet; keep its first line's message.
     let rendered = e.to_string();
     let first = rendered.lines().next().unwrap_or("").trim();
-    let message = first.split_once(" at line ").map(|(m, _)| m).unwrap_or(first).trim_start_matches("error: ");
+    let message =
+        first.split_once(" at line ").map(|(m, _)| m).unwrap_or(first).trim_start_matches("error: ");
     let path = if path == "." { String::new() } else { path };
     ConfigIssue { line, column, path, message: message.to_string() }
 }

@@ -20,7 +20,9 @@ const FIRST_EXPORTED_BUCKET: usize = 9; // 2^10 ns ≈ 1 µs
 pub fn runq_buckets(hist: &[u64; RUNQ_BUCKETS]) -> Vec<(f64, u64)> {
     let mut out = Vec::with_capacity(RUNQ_BUCKETS - FIRST_EXPORTED_BUCKET);
     let mut cumulative: u64 = hist[..FIRST_EXPORTED_BUCKET].iter().sum();
-    for (i, n) in hist.iter().enumerate().skip(FIRST_EXPORTED_BUCKET).take(RUNQ_BUCKETS - FIRST_EXPORTED_BUCKET - 1) {
+    for (i, n) in
+        hist.iter().enumerate().skip(FIRST_EXPORTED_BUCKET).take(RUNQ_BUCKETS - FIRST_EXPORTED_BUCKET - 1)
+    {
         cumulative += n;
         out.push(((1u64 << (i + 1)) as f64 / 1e9, cumulative));
     }
@@ -38,7 +40,8 @@ fn labels(i: &InstanceSnapshot) -> [(&'static str, &str); 2] {
 }
 
 fn psi_parts(p: &Option<Psi>) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-    p.iter().flat_map(|p| std::iter::once(("some", p.some.total_us)).chain(p.full.map(|f| ("full", f.total_us))))
+    p.iter()
+        .flat_map(|p| std::iter::once(("some", p.some.total_us)).chain(p.full.map(|f| ("full", f.total_us))))
 }
 
 impl PromCollector for SnapshotCollector {
@@ -67,9 +70,11 @@ impl PromCollector for SnapshotCollector {
             ("vigil_instance_swap_out_pages", "Pages swapped out of the instance's memory cgroup", |c| {
                 c.counters.swap_out_pages
             }),
-            ("vigil_instance_memcg_major_faults", "Major faults as the memory cgroup counts them (PGMAJFAULT)", |c| {
-                c.counters.memcg_major_faults
-            }),
+            (
+                "vigil_instance_memcg_major_faults",
+                "Major faults as the memory cgroup counts them (PGMAJFAULT)",
+                |c| c.counters.memcg_major_faults,
+            ),
         ] {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
             for i in &all {
@@ -82,13 +87,16 @@ impl PromCollector for SnapshotCollector {
                 "CPU time of the instance's tasks (sched_switch)",
                 (|c: &InstanceSnapshot| c.counters.cpu_ns) as fn(&InstanceSnapshot) -> u64,
             ),
-            ("vigil_instance_cpu_throttled_seconds", "Time the instance was throttled by its CPU quota", |c| {
-                c.counters.throttled_ns
-            }),
+            (
+                "vigil_instance_cpu_throttled_seconds",
+                "Time the instance was throttled by its CPU quota",
+                |c| c.counters.throttled_ns,
+            ),
         ] {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
             for i in &all {
-                m.encode_family(&labels(i))?.encode_counter::<NoLabelSet, _, f64>(&(get(i) as f64 / 1e9), None)?;
+                m.encode_family(&labels(i))?
+                    .encode_counter::<NoLabelSet, _, f64>(&(get(i) as f64 / 1e9), None)?;
             }
         }
 
@@ -114,7 +122,9 @@ impl PromCollector for SnapshotCollector {
                 "Memory charged to the instance's cgroup",
                 (|i: &InstanceSnapshot| i.memory.resident_bytes) as fn(&InstanceSnapshot) -> Option<u64>,
             ),
-            ("vigil_instance_memory_swap_bytes", "Swap used by the instance's cgroup", |i| i.memory.swap_bytes),
+            ("vigil_instance_memory_swap_bytes", "Swap used by the instance's cgroup", |i| {
+                i.memory.swap_bytes
+            }),
         ] {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for i in &all {
@@ -132,7 +142,9 @@ impl PromCollector for SnapshotCollector {
         )?;
         for i in &snap.instances {
             let [s, id] = labels(i);
-            for (resource, psi) in [("cpu", &i.pressure.cpu), ("memory", &i.pressure.memory), ("io", &i.pressure.io)] {
+            for (resource, psi) in
+                [("cpu", &i.pressure.cpu), ("memory", &i.pressure.memory), ("io", &i.pressure.io)]
+            {
                 for (kind, us) in psi_parts(psi) {
                     m.encode_family(&[s, id, ("resource", resource), ("kind", kind)])?
                         .encode_counter::<NoLabelSet, _, f64>(&(us as f64 / 1e6), None)?;
@@ -196,7 +208,13 @@ mod tests {
 
     fn snapshot() -> Snapshot {
         let mut s = Snapshot::empty();
-        let mut c = Counters { minor_faults: 7, major_faults: 2, cpu_ns: 1_500_000_000, runq_delays: 3, ..Default::default() };
+        let mut c = Counters {
+            minor_faults: 7,
+            major_faults: 2,
+            cpu_ns: 1_500_000_000,
+            runq_delays: 3,
+            ..Default::default()
+        };
         c.runq_delay_ns = 6_000;
         c.runq_hist[3] = 1; // 8..16 ns
         c.runq_hist[11] = 2; // 2048..4096 ns

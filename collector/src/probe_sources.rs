@@ -66,7 +66,8 @@ mod tests {
     #[test]
     fn prebuilt_object_matches_probe_sources() {
         let ws = workspace();
-        let recorded = std::fs::read_to_string(ws.join(PREBUILT_HASH)).expect("ebpf/prebuilt/vigil-probes.sha256");
+        let recorded =
+            std::fs::read_to_string(ws.join(PREBUILT_HASH)).expect("ebpf/prebuilt/vigil-probes.sha256");
         let current = sources_hash(&ws).expect("hash probe sources");
         assert_eq!(
             recorded.trim(),

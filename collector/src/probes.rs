@@ -65,7 +65,10 @@ pub struct Probes {
 }
 
 fn sum_faults(values: &[FaultCounts]) -> FaultCounts {
-    values.iter().fold(FaultCounts::default(), |a, v| FaultCounts { minor: a.minor + v.minor, major: a.major + v.major })
+    values.iter().fold(FaultCounts::default(), |a, v| FaultCounts {
+        minor: a.minor + v.minor,
+        major: a.major + v.major,
+    })
 }
 
 fn sum_memcg(values: &[MemcgCounts]) -> MemcgCounts {
@@ -97,7 +100,8 @@ impl Probes {
         tracefs::ensure_mounted()?;
         let root = Path::new(tracefs::TRACEFS);
         let memcg_off = tracefs::offsets(root, "memcg", "count_memcg_events", &["id", "item", "val"])?;
-        let switch_off = tracefs::offsets(root, "sched", "sched_switch", &["prev_pid", "prev_state", "next_pid"])?;
+        let switch_off =
+            tracefs::offsets(root, "sched", "sched_switch", &["prev_pid", "prev_state", "next_pid"])?;
         let wakeup_off = tracefs::offsets(root, "sched", "sched_wakeup", &["pid"])?;
 
         let mut ebpf = EbpfLoader::new()
@@ -115,9 +119,10 @@ impl Probes {
             .map_err(ProbeError::Load)?;
 
         let cpus = aya::util::online_cpus().map_err(|(file, source)| ProbeError::Cpus { file, source })?;
-        for (program, event) in
-            [("page_fault_minor", SoftwareEvent::PageFaultsMin), ("page_fault_major", SoftwareEvent::PageFaultsMaj)]
-        {
+        for (program, event) in [
+            ("page_fault_minor", SoftwareEvent::PageFaultsMin),
+            ("page_fault_major", SoftwareEvent::PageFaultsMaj),
+        ] {
             let prog: &mut PerfEvent = ebpf
                 .program_mut(program)
                 .ok_or(ProbeError::NoProgram(program))?
@@ -133,7 +138,11 @@ impl Probes {
                     SamplePolicy::Period(1),
                     false,
                 )
-                .map_err(|source| ProbeError::Attach { program, target: format!("cpu {cpu}"), source })?;
+                .map_err(|source| ProbeError::Attach {
+                    program,
+                    target: format!("cpu {cpu}"),
+                    source,
+                })?;
             }
         }
         for (program, targets) in [
@@ -148,8 +157,11 @@ impl Probes {
                 .map_err(|source| ProbeError::Program { program, source })?;
             prog.load().map_err(|source| ProbeError::Program { program, source })?;
             for (category, name) in targets {
-                prog.attach(category, name)
-                    .map_err(|source| ProbeError::Attach { program, target: format!("{category}:{name}"), source })?;
+                prog.attach(category, name).map_err(|source| ProbeError::Attach {
+                    program,
+                    target: format!("{category}:{name}"),
+                    source,
+                })?;
             }
         }
 
@@ -186,7 +198,10 @@ impl Probes {
             out.cpu.insert(k, sum_cpu(&v));
         }
         for (i, slot) in out.errors.iter_mut().enumerate() {
-            let v = self.errors.get(&(i as u32), 0).map_err(|source| ProbeError::Map { map: maps::ERRORS, source })?;
+            let v = self
+                .errors
+                .get(&(i as u32), 0)
+                .map_err(|source| ProbeError::Map { map: maps::ERRORS, source })?;
             *slot = v.iter().sum();
         }
         Ok(out)

@@ -34,7 +34,8 @@ pub fn field_offset(format: &str, field: &str) -> Option<u32> {
 /// Offsets of several fields of `category/event`.
 pub fn offsets(root: &Path, category: &str, event: &str, fields: &[&str]) -> Result<Vec<u32>, TracefsError> {
     let path = root.join("events").join(category).join(event).join("format");
-    let text = std::fs::read_to_string(&path).map_err(|source| TracefsError::Read { path: path.clone(), source })?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|source| TracefsError::Read { path: path.clone(), source })?;
     fields
         .iter()
         .map(|f| {

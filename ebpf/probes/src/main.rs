@@ -200,21 +200,22 @@ fn try_sched_switch(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: per-CPU slot.
     let state = unsafe { &mut *state };
 
-    if state.last_switch_ns != 0 || (state.pending_valid != 0 && state.pending_pid == prev_pid as u32) {
-        if let Some(v) = entry(&CPU, cg, Probe::SchedSwitch) {
-            // SAFETY: per-CPU value.
-            let v = unsafe { &mut *v };
-            if state.last_switch_ns != 0 && now > state.last_switch_ns {
-                v.on_cpu_ns += now - state.last_switch_ns;
-            }
-            if state.pending_valid != 0 && state.pending_pid == prev_pid as u32 {
-                let d = state.pending_delay_ns;
-                v.runq_delay_ns += d;
-                v.runq_count += 1;
-                let b = log2_bucket(d);
-                if b < RUNQ_BUCKETS {
-                    v.runq_hist[b] += 1;
-                }
+    let has_pending = state.pending_valid != 0 && state.pending_pid == prev_pid as u32;
+    if (state.last_switch_ns != 0 || has_pending)
+        && let Some(v) = entry(&CPU, cg, Probe::SchedSwitch)
+    {
+        // SAFETY: per-CPU value.
+        let v = unsafe { &mut *v };
+        if state.last_switch_ns != 0 && now > state.last_switch_ns {
+            v.on_cpu_ns += now - state.last_switch_ns;
+        }
+        if has_pending {
+            let d = state.pending_delay_ns;
+            v.runq_delay_ns += d;
+            v.runq_count += 1;
+            let b = log2_bucket(d);
+            if b < RUNQ_BUCKETS {
+                v.runq_hist[b] += 1;
             }
         }
     }
