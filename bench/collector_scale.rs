@@ -57,8 +57,10 @@ fn main() -> anyhow::Result<()> {
         std::fs::create_dir(root.join(format!("cg-{i}")))?;
         tree.1 = i + 1;
     }
-    let mut config = CollectorConfig::default();
-    config.watch = WatchConfig { include: vec![rel.clone()], ..WatchConfig::default() };
+    let config = CollectorConfig {
+        watch: WatchConfig { include: vec![rel.clone()], ..WatchConfig::default() },
+        ..CollectorConfig::default()
+    };
     let collector = Collector::start(&config)?;
     std::thread::sleep(Duration::from_secs(5));
     let seen = collector.snapshots().borrow().instances.len();

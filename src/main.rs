@@ -63,7 +63,9 @@ async fn shutdown_signal() {
 async fn run_collector(config: Config) -> anyhow::Result<()> {
     let collector = Collector::start(&config.collector)?;
     let otlp = if otlp::requested() {
-        let o = otlp::OtlpMetrics::start(collector.snapshots()).context("starting OTLP metric export")?;
+        let otlp_config = otlp::OtlpConfig::from_env()?.with_max_instances(config.collector.max_instances());
+        let o = otlp::OtlpMetrics::start_with(collector.snapshots(), otlp_config)
+            .context("starting OTLP metric export")?;
         tracing::info!("exporting metrics over OTLP");
         Some(o)
     } else {

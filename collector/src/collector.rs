@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::registry::Registry;
@@ -130,17 +130,9 @@ impl Collector {
         Router::new()
             .route(
                 "/metrics",
-                get(move || {
+                get(move |headers: HeaderMap| {
                     let registry = registry.clone();
-                    async move {
-                        (
-                            [(
-                                header::CONTENT_TYPE,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )],
-                            export::render(&registry),
-                        )
-                    }
+                    async move { metrics_response(&registry, &headers) }
                 }),
             )
             .route("/healthz", get(|| async { "ok\n" }))
@@ -169,6 +161,20 @@ impl Collector {
 impl Drop for Collector {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// OpenMetrics for scrapers that accept it (Prometheus does), the classic text format otherwise.
+fn metrics_response(registry: &Registry, headers: &HeaderMap) -> ([(header::HeaderName, &'static str); 1], String) {
+    let text = export::render(registry);
+    let accepts_openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    if accepts_openmetrics {
+        ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+    } else {
+        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], export::openmetrics_to_classic(&text))
     }
 }
 

@@ -84,7 +84,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "h" => n * 3600.0,
         _ => return Err(format!("`{text}` has no unit: write it as 500ms, 1s, 5m or 2h")),
     };
-    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
         return Err(format!("`{text}` is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
@@ -180,12 +180,12 @@ impl Config {
         if text.trim().is_empty() {
             return Ok(Config::default());
         }
-        let parsed: Result<Config, (String, serde_saphyr::Error)> =
-            serde_saphyr::with_deserializer_from_str(text, |de| {
-                Ok(serde_path_to_error::deserialize(de).map_err(|e| (e.path().to_string(), e.into_inner())))
-            })
-            .unwrap_or_else(|e| Err((String::new(), e)));
-        let config = parsed.map_err(|(path, e)| invalid(vec![saphyr_issue(path, &e)]))?;
+        let parsed: Result<Config, Box<ConfigIssue>> = serde_saphyr::with_deserializer_from_str(text, |de| {
+            Ok(serde_path_to_error::deserialize(de)
+                .map_err(|e| Box::new(saphyr_issue(e.path().to_string(), e.inner()))))
+        })
+        .unwrap_or_else(|e| Err(Box::new(saphyr_issue(String::new(), &e))));
+        let config = parsed.map_err(|issue| invalid(vec![*issue]))?;
         let issues = config.validate();
         if issues.is_empty() { Ok(config) } else { Err(invalid(issues)) }
     }

@@ -201,6 +201,41 @@ pub fn render(registry: &Registry) -> String {
     out
 }
 
+/// Converts OpenMetrics text to the classic Prometheus text format (0.0.4), for scrapers and tools that ask
+/// for it (`promtool check metrics`, older agents): counter families are named with their `_total` suffix,
+/// and the OpenMetrics-only `# UNIT` and `# EOF` lines go.
+pub fn openmetrics_to_classic(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut counter_help: Option<&str> = None;
+    for line in text.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            // Held back until the TYPE line says whether the family is a counter.
+            if let Some(prev) = counter_help.replace(rest) {
+                out.push_str("# HELP ");
+                out.push_str(prev);
+                out.push('\n');
+            }
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            let suffix = if kind == "counter" { "_total" } else { "" };
+            if let Some(help) = counter_help.take() {
+                let (hname, htext) = help.split_once(' ').unwrap_or((help, ""));
+                out.push_str(&format!("# HELP {hname}{suffix} {htext}\n"));
+            }
+            out.push_str(&format!("# TYPE {name}{suffix} {kind}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,6 +292,17 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
         }
         assert!(!text.contains("vigil_instance_memory_swap_bytes{"), "absent swap is not reported as 0");
+    }
+
+    #[test]
+    fn classic_text_names_counters_with_total() {
+        let om = "# HELP a_b Some help.\n# TYPE a_b counter\na_b_total{x=\"1\"} 3\n\
+                  # HELP g A gauge.\n# TYPE g gauge\n# UNIT g bytes\ng 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_classic(om),
+            "# HELP a_b_total Some help.\n# TYPE a_b_total counter\na_b_total{x=\"1\"} 3\n\
+             # HELP g A gauge.\n# TYPE g gauge\ng 1\n"
+        );
     }
 
     #[test]

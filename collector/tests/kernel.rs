@@ -3,158 +3,18 @@
 //! effect inside them, and compares what the collector reports with what the kernel reports. Needs root
 //! (CI is root); everything created is removed by `Drop`, also when an assertion fails.
 
-use std::io::{BufRead, BufReader, Write};
+mod support;
+
+use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vigil_collector::cgroupfs::Layout;
+use support::workload::{TestCgroup, Workload};
 use vigil_collector::config::CollectorConfig;
 use vigil_collector::discovery::WatchConfig;
 use vigil_collector::{Collector, InstanceSnapshot, Snapshot};
-
-/// A v2 cgroup (and, on hybrid hosts, a v1 memory cgroup) owned by one test.
-struct TestCgroup {
-    rel: String,
-    v2: PathBuf,
-    memory: Option<PathBuf>,
-    children: Vec<Child>,
-}
-
-fn own_v1_memory_cgroup() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    text.lines().find_map(|l| {
-        let mut parts = l.splitn(3, ':');
-        let _ = parts.next();
-        let controllers = parts.next()?;
-        let path = parts.next()?;
-        controllers.split(',').any(|c| c == "memory").then(|| path.to_string())
-    })
-}
-
-impl TestCgroup {
-    fn new(tag: &str) -> TestCgroup {
-        assert!(
-            std::fs::read_to_string("/proc/self/status").unwrap().lines().any(|l| l.starts_with("Uid:\t0\t")),
-            "these tests need root (CI runs them as root)"
-        );
-        let layout = Layout::detect().expect("cgroup layout");
-        let name = format!("vigil-test-{tag}-{}", std::process::id());
-        let rel = format!("/{name}");
-        let v2 = layout.v2_dir(&rel);
-        let _ = std::fs::remove_dir(&v2);
-        std::fs::create_dir(&v2).expect("create v2 cgroup");
-        let memory = layout.v1.as_ref().and_then(|v1| v1.memory.clone()).map(|root| {
-            let own = own_v1_memory_cgroup().unwrap_or_else(|| "/".into());
-            let dir = root.join(own.trim_start_matches('/')).join(&name);
-            let _ = std::fs::remove_dir(&dir);
-            std::fs::create_dir(&dir).expect("create v1 memory cgroup");
-            dir
-        });
-        TestCgroup { rel, v2, memory, children: Vec::new() }
-    }
-
-    /// The instance id the collector gives this cgroup.
-    fn instance_id(&self) -> String {
-        format!("cg:{}", self.rel)
-    }
-
-    fn set_memory_limit(&self, bytes: u64) {
-        match &self.memory {
-            Some(m) => std::fs::write(m.join("memory.limit_in_bytes"), bytes.to_string()).unwrap(),
-            None => std::fs::write(self.v2.join("memory.max"), bytes.to_string()).unwrap(),
-        }
-    }
-
-    fn memory_stat(&self, key: &str) -> u64 {
-        let dir = self.memory.as_ref().unwrap_or(&self.v2);
-        let text = std::fs::read_to_string(dir.join("memory.stat")).unwrap();
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(key).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())
-            })
-            .unwrap_or_else(|| panic!("memory.stat has no {key}"))
-    }
-
-    /// Starts `python3 -c script` inside the cgroups: a shell joins them, then execs, so the workload's every
-    /// fault and cycle is charged here.
-    fn spawn_python(&mut self, script: &str, cpu: Option<u32>) -> Workload {
-        let mut join = format!("echo $$ > {}/cgroup.procs", self.v2.display());
-        if let Some(m) = &self.memory {
-            join.push_str(&format!(" && echo $$ > {}/cgroup.procs", m.display()));
-        }
-        let pin = cpu.map(|c| format!("taskset -c {c} ")).unwrap_or_default();
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(format!("{join} && exec {pin}python3 -u -c \"$0\"",))
-            .arg(script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn workload");
-        let stdin = child.stdin.take();
-        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let pid = child.id();
-        self.children.push(child);
-        Workload { pid, stdin, stdout }
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for dir in [Some(self.v2.clone()), self.memory.clone()].into_iter().flatten() {
-            for _ in 0..50 {
-                if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
-}
-
-struct Workload {
-    pid: u32,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Workload {
-    /// The next line the workload prints.
-    fn line(&mut self) -> String {
-        let mut s = String::new();
-        self.stdout.read_line(&mut s).expect("read workload output");
-        assert!(!s.is_empty(), "workload exited early");
-        s.trim().to_string()
-    }
-
-    fn proceed(&mut self) {
-        if let Some(i) = self.stdin.as_mut() {
-            i.write_all(b"go\n").unwrap();
-            i.flush().unwrap();
-        }
-    }
-
-    /// Fields of /proc/PID/stat after the command name.
-    fn stat_field(&self, index_from_state: usize) -> u64 {
-        let text = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap();
-        let after = &text[text.rfind(')').unwrap() + 2..];
-        after.split(' ').nth(index_from_state).unwrap().parse().unwrap()
-    }
-
-    fn minflt(&self) -> u64 {
-        self.stat_field(7)
-    }
-
-    fn majflt(&self) -> u64 {
-        self.stat_field(9)
-    }
-}
 
 fn start_collector(cg: &TestCgroup) -> Collector {
     let mut config = CollectorConfig::default();
@@ -172,11 +32,12 @@ fn instance_after(c: &Collector, id: &str, since: Instant) -> (Arc<Snapshot>, In
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
         let s = rx.borrow().clone();
-        if s.tick >= start_tick + 2 && Instant::now() > since {
-            if let Some(i) = s.instance(id) {
-                let i = i.clone();
-                return (s, i);
-            }
+        if s.tick >= start_tick + 2
+            && Instant::now() > since
+            && let Some(i) = s.instance(id)
+        {
+            let i = i.clone();
+            return (s, i);
         }
     }
     panic!(
@@ -210,7 +71,12 @@ fn minor_faults_match_proc_stat() {
 fn major_faults_match_memcg_pgmajfault() {
     let mut cg = TestCgroup::new("major");
     let file = std::env::temp_dir().join(format!("vigil-test-major-{}", std::process::id()));
-    std::fs::write(&file, vec![7u8; 64 << 20]).unwrap();
+    {
+        // Clean pages only: the workload's DONTNEED cannot drop dirty ones.
+        let mut f = std::fs::File::create(&file).unwrap();
+        f.write_all(&vec![7u8; 64 << 20]).unwrap();
+        f.sync_all().unwrap();
+    }
     let _cleanup = scopeguard(file.clone());
     let collector = start_collector(&cg);
     // Drop the file from the page cache, then touch every page through a mapping: each miss is a major fault.
@@ -243,19 +109,51 @@ impl Drop for FileGuard {
     }
 }
 
+/// The next snapshot at least two ticks newer than now: it was read wholly after this call.
+fn fresh_snapshot(c: &Collector) -> Arc<Snapshot> {
+    let rx = c.snapshots();
+    let want = rx.borrow().tick + 2;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rx.borrow().tick < want {
+        assert!(Instant::now() < deadline, "collector stopped ticking");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    rx.borrow().clone()
+}
+
 #[test]
 fn cpu_seconds_of_a_pinned_busy_loop() {
     let mut cg = TestCgroup::new("cpu");
     let collector = start_collector(&cg);
     let secs = 4.0;
+    // Idle around the loop so two snapshots bracket exactly the loop's CPU time.
     let mut w = cg.spawn_python(
-        &format!("import time,sys\nend=time.time()+{secs}\nwhile time.time()<end: pass\nprint('done')\nsys.stdin.readline()"),
+        &format!(
+            "import time,sys\nprint('start')\ntime.sleep(1)\nend=time.time()+{secs}\n\
+             while time.time()<end: pass\nprint('done')\nsys.stdin.readline()"
+        ),
         Some(1),
     );
+    assert_eq!(w.line(), "start");
+    let before = fresh_snapshot(&collector);
     assert_eq!(w.line(), "done");
-    let (_, inst) = instance_after(&collector, &cg.instance_id(), Instant::now());
-    let cpu = inst.counters.cpu_ns as f64 / 1e9;
-    assert!((cpu - secs).abs() <= secs * 0.02, "busy loop of {secs} s measured {cpu:.3} s of CPU");
+    let after = fresh_snapshot(&collector);
+    let id = cg.instance_id();
+    let cpu_ns = |s: &Snapshot| s.instance(&id).map(|i| i.counters.cpu_ns).expect("instance in snapshot");
+    let loop_cpu = (cpu_ns(&after) - cpu_ns(&before)) as f64 / 1e9;
+    assert!((loop_cpu - secs).abs() <= secs * 0.02, "busy loop of {secs} s measured {loop_cpu:.3} s of CPU");
+    // And the whole life of the process against the kernel's own per-task clock. The probe measures wall time
+    // between context switches, which includes time stolen by the hypervisor or taken by interrupts while the
+    // task was current; the kernel's clock (PARAVIRT_TIME_ACCOUNTING here) leaves those out, so allow 2 %.
+    let schedstat = std::fs::read_to_string(format!("/proc/{}/schedstat", w.pid)).unwrap();
+    let kernel_ns: u64 = schedstat.split(' ').next().unwrap().parse().unwrap();
+    let ours = cpu_ns(&after);
+    let diff = ours.abs_diff(kernel_ns) as f64 / kernel_ns as f64;
+    assert!(
+        diff <= 0.02,
+        "cgroup CPU {ours} ns vs /proc schedstat {kernel_ns} ns: {:.2}% apart",
+        diff * 100.0
+    );
     w.proceed();
 }
 

@@ -5,3 +5,4 @@
 
 pub mod dashboard;
 pub mod prometheus;
+pub mod workload;
