@@ -22,10 +22,10 @@ pub enum BtfError {
     Truncated { what: &'static str, start: usize, end: usize, len: usize },
     #[error("BTF type {index} has unknown kind {kind}")]
     UnknownKind { index: usize, kind: u32 },
-    #[error("BTF has no enum `{name}`")]
-    NoEnum { name: String },
-    #[error("enum `{enum_name}` has no member `{member}`")]
-    NoMember { enum_name: String, member: String },
+    #[error("BTF has no type `{name}`")]
+    NoType { name: String },
+    #[error("`{type_name}` has no member `{member}`")]
+    NoMember { type_name: String, member: String },
 }
 
 /// The members of one enum, in declaration order.
@@ -41,7 +41,7 @@ impl EnumType {
             .iter()
             .find(|(n, _)| n == member)
             .map(|(_, v)| *v)
-            .ok_or_else(|| BtfError::NoMember { enum_name: self.name.clone(), member: member.to_string() })
+            .ok_or_else(|| BtfError::NoMember { type_name: self.name.clone(), member: member.to_string() })
     }
 }
 
@@ -71,6 +71,64 @@ fn string_at(strings: &[u8], off: u32) -> &[u8] {
 
 /// Finds the enum called `name` in raw little-endian BTF bytes.
 pub fn find_enum(data: &[u8], name: &str) -> Result<EnumType, BtfError> {
+    let idx = index(data)?;
+    let rec = idx
+        .records
+        .iter()
+        .find(|r| (r.kind == 6 || r.kind == 19) && string_at(idx.strings, r.name_off) == name.as_bytes())
+        .ok_or_else(|| BtfError::NoType { name: name.to_string() })?;
+    let signed = rec.info & (1 << 31) != 0;
+    let vlen = (rec.info & 0xffff) as usize;
+    let mut members = Vec::with_capacity(vlen);
+    for m in 0..vlen {
+        let (moff, value) = if rec.kind == 6 {
+            let at = rec.body + m * 8;
+            let raw = u32_at(idx.types, at + 4, "enum member")?;
+            let v = if signed { i64::from(raw as i32) } else { i64::from(raw) };
+            (u32_at(idx.types, at, "enum member")?, v)
+        } else {
+            let at = rec.body + m * 12;
+            let lo = u64::from(u32_at(idx.types, at + 4, "enum64 member")?);
+            let hi = u64::from(u32_at(idx.types, at + 8, "enum64 member")?);
+            (u32_at(idx.types, at, "enum64 member")?, ((hi << 32) | lo) as i64)
+        };
+        members.push((String::from_utf8_lossy(string_at(idx.strings, moff)).into_owned(), value));
+    }
+    Ok(EnumType { name: name.to_string(), members })
+}
+
+/// The `vm_event_item` numbers the memcg probe filters on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmEventItems {
+    pub pswpin: i32,
+    pub pswpout: i32,
+    pub pgmajfault: i32,
+}
+
+pub fn vm_event_items(path: &Path) -> Result<VmEventItems, BtfError> {
+    let e = read_enum(path, "vm_event_item")?;
+    let get = |m: &str| e.value(m).map(|v| v as i32);
+    Ok(VmEventItems { pswpin: get("PSWPIN")?, pswpout: get("PSWPOUT")?, pgmajfault: get("PGMAJFAULT")? })
+}
+
+/// One record of the type section: kind, name, `info`, and where its body starts in the type section.
+#[derive(Clone, Copy, Debug)]
+struct TypeRecord {
+    kind: u32,
+    name_off: u32,
+    info: u32,
+    body: usize,
+}
+
+/// The parsed sections of a BTF blob.
+struct Index<'a> {
+    types: &'a [u8],
+    strings: &'a [u8],
+    /// By type id; id 0 (void) has no record.
+    records: Vec<TypeRecord>,
+}
+
+fn index(data: &[u8]) -> Result<Index<'_>, BtfError> {
     let magic = u16_at(data, 0, "header")?;
     if magic != BTF_MAGIC {
         return Err(BtfError::BadMagic { magic });
@@ -87,9 +145,8 @@ pub fn find_enum(data: &[u8], name: &str) -> Result<EnumType, BtfError> {
     };
     let types = section(type_off, type_len, "type section")?;
     let strings = section(str_off, str_len, "string section")?;
-
+    let mut records = Vec::new();
     let mut at = 0;
-    let mut index = 1; // type id 0 is void
     while at < types.len() {
         let name_off = u32_at(types, at, "type header")?;
         let info = u32_at(types, at + 4, "type header")?;
@@ -103,45 +160,85 @@ pub fn find_enum(data: &[u8], name: &str) -> Result<EnumType, BtfError> {
             4 | 5 | 15 => vlen * 12,   // STRUCT, UNION, DATASEC
             6 | 13 => vlen * 8,        // ENUM, FUNC_PROTO
             19 => vlen * 12,           // ENUM64
-            _ => return Err(BtfError::UnknownKind { index, kind }),
+            _ => return Err(BtfError::UnknownKind { index: records.len() + 1, kind }),
         };
-        if (kind == 6 || kind == 19) && string_at(strings, name_off) == name.as_bytes() {
-            let signed = info & (1 << 31) != 0;
-            let mut members = Vec::with_capacity(vlen);
-            for m in 0..vlen {
-                let (moff, value) = if kind == 6 {
-                    let rec = body + m * 8;
-                    let raw = u32_at(types, rec + 4, "enum member")?;
-                    let v = if signed { i64::from(raw as i32) } else { i64::from(raw) };
-                    (u32_at(types, rec, "enum member")?, v)
-                } else {
-                    let rec = body + m * 12;
-                    let lo = u64::from(u32_at(types, rec + 4, "enum64 member")?);
-                    let hi = u64::from(u32_at(types, rec + 8, "enum64 member")?);
-                    (u32_at(types, rec, "enum64 member")?, ((hi << 32) | lo) as i64)
-                };
-                members.push((String::from_utf8_lossy(string_at(strings, moff)).into_owned(), value));
-            }
-            return Ok(EnumType { name: name.to_string(), members });
-        }
+        records.push(TypeRecord { kind, name_off, info, body });
         at = body + body_len;
-        index += 1;
     }
-    Err(BtfError::NoEnum { name: name.to_string() })
+    Ok(Index { types, strings, records })
 }
 
-/// The `vm_event_item` numbers the memcg probe filters on.
+impl Index<'_> {
+    fn record(&self, id: u32) -> Option<&TypeRecord> {
+        id.checked_sub(1).and_then(|i| self.records.get(i as usize))
+    }
+
+    /// Byte offset of `member` in the struct/union `id`, looking inside anonymous struct/union members.
+    fn member_offset(&self, id: u32, member: &str, depth: u32) -> Result<Option<u32>, BtfError> {
+        let Some(rec) = self.record(id) else { return Ok(None) };
+        if !(rec.kind == 4 || rec.kind == 5) || depth > 8 {
+            return Ok(None);
+        }
+        let bitfields = rec.info & (1 << 31) != 0;
+        for m in 0..(rec.info & 0xffff) as usize {
+            let at = rec.body + m * 12;
+            let name_off = u32_at(self.types, at, "struct member")?;
+            let ty = u32_at(self.types, at + 4, "struct member")?;
+            let raw = u32_at(self.types, at + 8, "struct member")?;
+            let bits = if bitfields { raw & 0xff_ffff } else { raw };
+            if name_off == 0 {
+                if let Some(inner) = self.member_offset(ty, member, depth + 1)? {
+                    return Ok(Some(bits / 8 + inner));
+                }
+            } else if string_at(self.strings, name_off) == member.as_bytes() {
+                return Ok(Some(bits / 8));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Byte offset of `member` in `struct struct_name` (the kernel's layout, for reading it with
+/// `bpf_probe_read_kernel` where CO-RE relocations are not available).
+pub fn struct_member_offset(data: &[u8], struct_name: &str, member: &str) -> Result<u32, BtfError> {
+    let idx = index(data)?;
+    for (i, rec) in idx.records.iter().enumerate() {
+        if rec.kind == 4 && string_at(idx.strings, rec.name_off) == struct_name.as_bytes() {
+            if let Some(off) = idx.member_offset(i as u32 + 1, member, 0)? {
+                return Ok(off);
+            }
+            return Err(BtfError::NoMember { type_name: struct_name.to_string(), member: member.to_string() });
+        }
+    }
+    Err(BtfError::NoType { name: struct_name.to_string() })
+}
+
+/// What the probes need from the kernel's BTF, read in one pass over the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VmEventItems {
-    pub pswpin: i32,
-    pub pswpout: i32,
-    pub pgmajfault: i32,
+pub struct KernelLayout {
+    pub items: VmEventItems,
+    /// `offsetof(struct task_struct, pid)`.
+    pub task_pid_offset: u32,
+    /// The chain `memcg->css.cgroup->kn->id`: offsets of `mem_cgroup.css`, `cgroup_subsys_state.cgroup`,
+    /// `cgroup.kn`, `kernfs_node.id`.
+    pub memcg_css_offset: u32,
+    pub css_cgroup_offset: u32,
+    pub cgroup_kn_offset: u32,
+    pub kn_id_offset: u32,
 }
 
-pub fn vm_event_items(path: &Path) -> Result<VmEventItems, BtfError> {
-    let e = read_enum(path, "vm_event_item")?;
+pub fn kernel_layout(path: &Path) -> Result<KernelLayout, BtfError> {
+    let data = std::fs::read(path).map_err(|source| BtfError::Read { path: path.to_path_buf(), source })?;
+    let e = find_enum(&data, "vm_event_item")?;
     let get = |m: &str| e.value(m).map(|v| v as i32);
-    Ok(VmEventItems { pswpin: get("PSWPIN")?, pswpout: get("PSWPOUT")?, pgmajfault: get("PGMAJFAULT")? })
+    Ok(KernelLayout {
+        items: VmEventItems { pswpin: get("PSWPIN")?, pswpout: get("PSWPOUT")?, pgmajfault: get("PGMAJFAULT")? },
+        task_pid_offset: struct_member_offset(&data, "task_struct", "pid")?,
+        memcg_css_offset: struct_member_offset(&data, "mem_cgroup", "css")?,
+        css_cgroup_offset: struct_member_offset(&data, "cgroup_subsys_state", "cgroup")?,
+        cgroup_kn_offset: struct_member_offset(&data, "cgroup", "kn")?,
+        kn_id_offset: struct_member_offset(&data, "kernfs_node", "id")?,
+    })
 }
 
 #[cfg(test)]
@@ -207,7 +304,7 @@ mod tests {
 
     #[test]
     fn missing_enum_and_bad_input_are_errors() {
-        assert!(matches!(find_enum(&sample(), "shade"), Err(BtfError::NoEnum { .. })));
+        assert!(matches!(find_enum(&sample(), "shade"), Err(BtfError::NoType { .. })));
         assert!(matches!(find_enum(b"\x00\x00", "x"), Err(BtfError::BadMagic { .. })));
         let mut cut = sample();
         cut.truncate(40);
@@ -223,10 +320,72 @@ mod tests {
         assert!(items.pswpin >= 0 && items.pswpout >= 0 && items.pgmajfault >= 0);
     }
 
+    #[test]
+    fn struct_member_offsets_follow_anonymous_members() {
+        // struct outer { int a; struct { int b; int c; }; } with the inner struct anonymous at bit 32.
+        let mut strings = b"\0int\0outer\0a\0b\0c\0".to_vec();
+        let off = |s: &str, strings: &[u8]| {
+            let needle = [s.as_bytes(), b"\0"].concat();
+            strings.windows(needle.len()).position(|w| w == needle.as_slice()).unwrap() as u32
+        };
+        let mut types = Vec::new();
+        let mut push = |v: u32| types.extend_from_slice(&v.to_le_bytes());
+        // 1: INT
+        push(off("int", &strings));
+        push(1 << 24);
+        push(4);
+        push(32);
+        // 2: anonymous STRUCT { b at 0, c at 32 bits }
+        push(0);
+        push((4 << 24) | 2);
+        push(8);
+        push(off("b", &strings));
+        push(1);
+        push(0);
+        push(off("c", &strings));
+        push(1);
+        push(32);
+        // 3: STRUCT outer { a at 0, <anon> at 32 bits }
+        push(off("outer", &strings));
+        push((4 << 24) | 2);
+        push(12);
+        push(off("a", &strings));
+        push(1);
+        push(0);
+        push(0);
+        push(2);
+        push(32);
+        strings.push(0);
+        let mut blob = Vec::new();
+        blob.extend_from_slice(&BTF_MAGIC.to_le_bytes());
+        blob.extend_from_slice(&[1, 0]);
+        for v in [24u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+            blob.extend_from_slice(&v.to_le_bytes());
+        }
+        blob.extend_from_slice(&types);
+        blob.extend_from_slice(&strings);
+        assert_eq!(struct_member_offset(&blob, "outer", "a").unwrap(), 0);
+        assert_eq!(struct_member_offset(&blob, "outer", "b").unwrap(), 4);
+        assert_eq!(struct_member_offset(&blob, "outer", "c").unwrap(), 8);
+        assert!(struct_member_offset(&blob, "outer", "d").is_err());
+        assert!(struct_member_offset(&blob, "inner", "b").is_err());
+    }
+
+    #[test]
+    fn kernel_task_pid_offset_is_plausible() {
+        let layout = kernel_layout(Path::new(VMLINUX_BTF)).expect("kernel BTF readable");
+        // pid sits well inside task_struct, after the scheduler and mm fields, and is 4-byte aligned.
+        assert!(layout.task_pid_offset > 512 && layout.task_pid_offset % 4 == 0, "{layout:?}");
+    }
+
     proptest::proptest! {
         #[test]
         fn never_panics_on_garbage(data in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
             let _ = find_enum(&data, "vm_event_item");
+        }
+        #[test]
+        fn member_lookup_never_panics(data in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = struct_member_offset(&data, "task_struct", "pid");
         }
         #[test]
         fn never_panics_with_valid_header(tail in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {

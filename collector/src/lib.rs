@@ -18,7 +18,6 @@ pub mod privilege;
 pub mod probe_sources;
 pub mod probes;
 pub mod snapshot;
-pub mod tracefs;
 
 pub use collector::{Collector, CollectorError};
 pub use config::{CollectorConfig, Config};

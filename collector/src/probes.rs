@@ -9,12 +9,11 @@ use std::path::Path;
 
 use aya::maps::{MapData, MapError, PerCpuArray, PerCpuHashMap};
 use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
-use aya::programs::{PerfEvent, ProgramError, TracePoint};
+use aya::programs::{PerfEvent, ProgramError, RawTracePoint};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use vigil_common::{CpuStats, FaultCounts, MemcgCounts, PROBE_COUNT, maps};
 
 use crate::btf::{self, BtfError, VmEventItems};
-use crate::tracefs::{self, TracefsError};
 
 /// The probe object, built by build.rs (from source, or the committed prebuilt object).
 static PROBES_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vigil-probes"));
@@ -23,8 +22,6 @@ static PROBES_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"
 pub enum ProbeError {
     #[error("reading the kernel's BTF: {0}")]
     Btf(#[from] BtfError),
-    #[error("reading tracepoint formats: {0}")]
-    Tracefs(#[from] TracefsError),
     #[error("loading the probe object into the kernel: {0}")]
     Load(#[source] EbpfError),
     #[error("probe object has no program `{0}`")]
@@ -96,25 +93,25 @@ impl Probes {
     /// Loads and attaches all probes: page faults on every online CPU, memcg events, scheduler switches and
     /// wake-ups.
     pub fn load() -> Result<Probes, ProbeError> {
-        let items = btf::vm_event_items(Path::new(btf::VMLINUX_BTF))?;
-        tracefs::ensure_mounted()?;
-        let root = Path::new(tracefs::TRACEFS);
-        let memcg_off = tracefs::offsets(root, "memcg", "count_memcg_events", &["id", "item", "val"])?;
-        let switch_off =
-            tracefs::offsets(root, "sched", "sched_switch", &["prev_pid", "prev_state", "next_pid"])?;
-        let wakeup_off = tracefs::offsets(root, "sched", "sched_wakeup", &["pid"])?;
-
+        let layout = btf::kernel_layout(Path::new(btf::VMLINUX_BTF))?;
+        let items = layout.items;
+        let as_i32 = |v: u32| v as i32;
+        let (pid_off, css_off, cg_off, kn_off, id_off) = (
+            as_i32(layout.task_pid_offset),
+            as_i32(layout.memcg_css_offset),
+            as_i32(layout.css_cgroup_offset),
+            as_i32(layout.cgroup_kn_offset),
+            as_i32(layout.kn_id_offset),
+        );
         let mut ebpf = EbpfLoader::new()
             .override_global("PSWPIN_ITEM", &items.pswpin, true)
             .override_global("PSWPOUT_ITEM", &items.pswpout, true)
             .override_global("PGMAJFAULT_ITEM", &items.pgmajfault, true)
-            .override_global("MEMCG_ID_OFF", &memcg_off[0], true)
-            .override_global("MEMCG_ITEM_OFF", &memcg_off[1], true)
-            .override_global("MEMCG_VAL_OFF", &memcg_off[2], true)
-            .override_global("SWITCH_PREV_PID_OFF", &switch_off[0], true)
-            .override_global("SWITCH_PREV_STATE_OFF", &switch_off[1], true)
-            .override_global("SWITCH_NEXT_PID_OFF", &switch_off[2], true)
-            .override_global("WAKEUP_PID_OFF", &wakeup_off[0], true)
+            .override_global("TASK_PID_OFF", &pid_off, true)
+            .override_global("MEMCG_CSS_OFF", &css_off, true)
+            .override_global("CSS_CGROUP_OFF", &cg_off, true)
+            .override_global("CGROUP_KN_OFF", &kn_off, true)
+            .override_global("KN_ID_OFF", &id_off, true)
             .load(PROBES_OBJECT)
             .map_err(ProbeError::Load)?;
 
@@ -145,21 +142,22 @@ impl Probes {
                 })?;
             }
         }
+        // Raw tracepoints: the program gets the tracepoint's arguments, no trace record is formatted.
         for (program, targets) in [
-            ("memcg_events", &[("memcg", "count_memcg_events")][..]),
-            ("sched_wakeup", &[("sched", "sched_wakeup"), ("sched", "sched_wakeup_new")][..]),
-            ("sched_switch", &[("sched", "sched_switch")][..]),
+            ("memcg_events", &["count_memcg_events"][..]),
+            ("sched_wakeup", &["sched_wakeup", "sched_wakeup_new"][..]),
+            ("sched_switch", &["sched_switch"][..]),
         ] {
-            let prog: &mut TracePoint = ebpf
+            let prog: &mut RawTracePoint = ebpf
                 .program_mut(program)
                 .ok_or(ProbeError::NoProgram(program))?
                 .try_into()
                 .map_err(|source| ProbeError::Program { program, source })?;
             prog.load().map_err(|source| ProbeError::Program { program, source })?;
-            for (category, name) in targets {
-                prog.attach(category, name).map_err(|source| ProbeError::Attach {
+            for name in targets {
+                prog.attach(name).map_err(|source| ProbeError::Attach {
                     program,
-                    target: format!("{category}:{name}"),
+                    target: (*name).to_string(),
                     source,
                 })?;
             }

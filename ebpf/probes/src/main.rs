@@ -2,16 +2,17 @@
 //! fault or per context switch: a ring-buffer record per fault nearly doubled a fault-heavy workload's time on
 //! these machines (DESIGN.md §3). Every failure is counted in `ERRORS`, never a panic.
 //!
-//! Offsets of tracepoint fields and the kernel's `vm_event_item` numbers are globals that the loader sets
-//! from tracefs formats and from BTF, so nothing kernel-version specific is compiled in.
+//! Offsets of kernel struct fields and the kernel's `vm_event_item` numbers are globals that the loader sets
+//! from the kernel's BTF, so nothing kernel-version specific is compiled in (aya has no CO-RE for Rust).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
-    macros::{map, perf_event, tracepoint},
+    helpers::bpf_probe_read_kernel,
+    macros::{map, perf_event, raw_tracepoint},
     maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
-    programs::{PerfEventContext, TracePointContext},
+    programs::{PerfEventContext, RawTracePointContext},
 };
 use vigil_common::{
     CpuStats, CpuSwitchState, FaultCounts, MAX_CGROUPS, MemcgCounts, PROBE_COUNT, Probe, RUNQ_BUCKETS,
@@ -26,25 +27,22 @@ static PSWPOUT_ITEM: i32 = -1;
 #[unsafe(no_mangle)]
 static PGMAJFAULT_ITEM: i32 = -1;
 
-/// Field offsets from `/sys/kernel/tracing/events/*/*/format`, set by the loader (defaults: kernel 6.x).
+/// Offsets along `memcg->css.cgroup->kn->id` (the memory cgroup's id as the classic tracepoint reports it),
+/// from BTF; -1 until the loader sets them.
 #[unsafe(no_mangle)]
-static MEMCG_ID_OFF: u32 = 8;
+static MEMCG_CSS_OFF: i32 = -1;
 #[unsafe(no_mangle)]
-static MEMCG_ITEM_OFF: u32 = 16;
+static CSS_CGROUP_OFF: i32 = -1;
 #[unsafe(no_mangle)]
-static MEMCG_VAL_OFF: u32 = 24;
+static CGROUP_KN_OFF: i32 = -1;
 #[unsafe(no_mangle)]
-static SWITCH_PREV_PID_OFF: u32 = 24;
-#[unsafe(no_mangle)]
-static SWITCH_PREV_STATE_OFF: u32 = 32;
-#[unsafe(no_mangle)]
-static SWITCH_NEXT_PID_OFF: u32 = 56;
-#[unsafe(no_mangle)]
-static WAKEUP_PID_OFF: u32 = 24;
+static KN_ID_OFF: i32 = -1;
 
-/// `prev_state` bits that mean "not runnable" (TASK_REPORT_MAX - 1); a preempted task reports
-/// TASK_REPORT_MAX alone and is still on the run queue.
-const STATE_NOT_RUNNABLE_MASK: i64 = 0xff;
+/// `offsetof(struct task_struct, pid)` from BTF. The scheduler probes are raw tracepoints (no trace record is
+/// built for them, which is what made the classic sched tracepoints expensive) and get `task_struct`
+/// pointers; -1 until the loader sets it.
+#[unsafe(no_mangle)]
+static TASK_PID_OFF: i32 = -1;
 
 #[map(name = "FAULTS")]
 static FAULTS: PerCpuHashMap<u64, FaultCounts> = PerCpuHashMap::with_max_entries(MAX_CGROUPS, 0);
@@ -118,27 +116,39 @@ pub fn page_fault_major(_ctx: PerfEventContext) -> u32 {
     0
 }
 
-#[tracepoint]
-pub fn memcg_events(ctx: TracePointContext) -> u32 {
+/// `count_memcg_events(struct mem_cgroup *memcg, int item, unsigned long val)`. It fires on every page fault
+/// (PGFAULT), so the item is checked first and the id is read only for the three items counted.
+#[raw_tracepoint(tracepoint = "count_memcg_events")]
+pub fn memcg_events(ctx: RawTracePointContext) -> i32 {
     if try_memcg_events(&ctx).is_err() {
         count_error(Probe::Memcg);
     }
     0
 }
 
-fn try_memcg_events(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: offsets come from the tracepoint's own format description.
-    let item: i32 = unsafe { ctx.read_at(global(&MEMCG_ITEM_OFF) as usize)? };
+#[inline(always)]
+fn read_at<T>(base: *const u8, off: i32) -> Result<T, i64> {
+    if off < 0 || base.is_null() {
+        return Err(-1);
+    }
+    // SAFETY: a probe read of kernel memory; failures come back as Err.
+    unsafe { bpf_probe_read_kernel(base.add(off as usize) as *const T).map_err(i64::from) }
+}
+
+fn try_memcg_events(ctx: &RawTracePointContext) -> Result<(), i64> {
+    let item = ctx.arg::<u64>(1) as i32;
     let is_in = item == global(&PSWPIN_ITEM);
     let is_out = item == global(&PSWPOUT_ITEM);
     let is_maj = item == global(&PGMAJFAULT_ITEM);
     if !(is_in || is_out || is_maj) {
         return Ok(());
     }
-    // SAFETY: as above.
-    let id: u64 = unsafe { ctx.read_at(global(&MEMCG_ID_OFF) as usize)? };
-    // SAFETY: as above.
-    let val: u64 = unsafe { ctx.read_at(global(&MEMCG_VAL_OFF) as usize)? };
+    let memcg: *const u8 = ctx.arg(0);
+    let val: u64 = ctx.arg(2);
+    let css = memcg.wrapping_add(global(&MEMCG_CSS_OFF).max(0) as usize);
+    let cgroup: *const u8 = read_at(css, global(&CSS_CGROUP_OFF))?;
+    let kn: *const u8 = read_at(cgroup, global(&CGROUP_KN_OFF))?;
+    let id: u64 = read_at(kn, global(&KN_ID_OFF))?;
     let v = match entry(&MEMCG, id, Probe::Memcg) {
         Some(v) => v,
         None => return Ok(()),
@@ -158,10 +168,16 @@ fn try_memcg_events(ctx: &TracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-#[tracepoint]
-pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
-    // SAFETY: offset from the format description.
-    let pid: i32 = match unsafe { ctx.read_at(global(&WAKEUP_PID_OFF) as usize) } {
+#[inline(always)]
+fn task_pid(task: *const u8) -> Result<u32, i64> {
+    read_at::<i32>(task, global(&TASK_PID_OFF)).map(|p| p as u32)
+}
+
+/// `sched_wakeup(struct task_struct *p)` and `sched_wakeup_new`: the task is runnable from now.
+#[raw_tracepoint(tracepoint = "sched_wakeup")]
+pub fn sched_wakeup(ctx: RawTracePointContext) -> i32 {
+    let task: *const u8 = ctx.arg(0);
+    let pid = match task_pid(task) {
         Ok(p) => p,
         Err(_) => {
             count_error(Probe::SchedWakeup);
@@ -170,27 +186,28 @@ pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
     };
     // SAFETY: helper with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if RUNNABLE_SINCE.insert(pid as u32, now, 0).is_err() {
+    if RUNNABLE_SINCE.insert(pid, now, 0).is_err() {
         count_error(Probe::SchedWakeup);
     }
     0
 }
 
-#[tracepoint]
-pub fn sched_switch(ctx: TracePointContext) -> u32 {
+/// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)`.
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
     if try_sched_switch(&ctx).is_err() {
         count_error(Probe::SchedSwitch);
     }
     0
 }
 
-fn try_sched_switch(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: offsets from the format description.
-    let prev_pid: i32 = unsafe { ctx.read_at(global(&SWITCH_PREV_PID_OFF) as usize)? };
-    // SAFETY: as above.
-    let prev_state: i64 = unsafe { ctx.read_at(global(&SWITCH_PREV_STATE_OFF) as usize)? };
-    // SAFETY: as above.
-    let next_pid: i32 = unsafe { ctx.read_at(global(&SWITCH_NEXT_PID_OFF) as usize)? };
+fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), i64> {
+    let preempt: u64 = ctx.arg(0);
+    let prev: *const u8 = ctx.arg(1);
+    let next: *const u8 = ctx.arg(2);
+    let prev_state: u64 = ctx.arg(3);
+    let prev_pid = task_pid(prev)?;
+    let next_pid = task_pid(next)?;
     // SAFETY: helpers with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: as above; `current` is still `prev` here.
@@ -200,7 +217,7 @@ fn try_sched_switch(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: per-CPU slot.
     let state = unsafe { &mut *state };
 
-    let has_pending = state.pending_valid != 0 && state.pending_pid == prev_pid as u32;
+    let has_pending = state.pending_valid != 0 && state.pending_pid == prev_pid;
     if (state.last_switch_ns != 0 || has_pending)
         && let Some(v) = entry(&CPU, cg, Probe::SchedSwitch)
     {
@@ -222,12 +239,12 @@ fn try_sched_switch(ctx: &TracePointContext) -> Result<(), i64> {
     state.last_switch_ns = now;
     state.pending_valid = 0;
 
-    // A preempted task stays runnable: its wait starts now.
-    if prev_pid != 0 && prev_state & STATE_NOT_RUNNABLE_MASK == 0 {
-        let _ = RUNNABLE_SINCE.insert(prev_pid as u32, now, 0);
+    // A preempted (or yielding, state TASK_RUNNING) task stays runnable: its wait starts now.
+    if prev_pid != 0 && (preempt & 1 != 0 || prev_state as u32 == 0) {
+        let _ = RUNNABLE_SINCE.insert(prev_pid, now, 0);
     }
     if next_pid != 0 {
-        let key = next_pid as u32;
+        let key = next_pid;
         // SAFETY: value copied out at once.
         if let Some(since) = unsafe { RUNNABLE_SINCE.get(key) } {
             let since = *since;
