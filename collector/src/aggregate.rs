@@ -92,6 +92,11 @@ impl Aggregator {
         Self::default()
     }
 
+    /// Ticks taken so far.
+    pub fn ticks(&self) -> u64 {
+        self.tick
+    }
+
     /// Builds the snapshot of this tick.
     pub fn tick(
         &mut self,

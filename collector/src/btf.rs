@@ -207,7 +207,10 @@ pub fn struct_member_offset(data: &[u8], struct_name: &str, member: &str) -> Res
             if let Some(off) = idx.member_offset(i as u32 + 1, member, 0)? {
                 return Ok(off);
             }
-            return Err(BtfError::NoMember { type_name: struct_name.to_string(), member: member.to_string() });
+            return Err(BtfError::NoMember {
+                type_name: struct_name.to_string(),
+                member: member.to_string(),
+            });
         }
     }
     Err(BtfError::NoType { name: struct_name.to_string() })
@@ -232,7 +235,11 @@ pub fn kernel_layout(path: &Path) -> Result<KernelLayout, BtfError> {
     let e = find_enum(&data, "vm_event_item")?;
     let get = |m: &str| e.value(m).map(|v| v as i32);
     Ok(KernelLayout {
-        items: VmEventItems { pswpin: get("PSWPIN")?, pswpout: get("PSWPOUT")?, pgmajfault: get("PGMAJFAULT")? },
+        items: VmEventItems {
+            pswpin: get("PSWPIN")?,
+            pswpout: get("PSWPOUT")?,
+            pgmajfault: get("PGMAJFAULT")?,
+        },
         task_pid_offset: struct_member_offset(&data, "task_struct", "pid")?,
         memcg_css_offset: struct_member_offset(&data, "mem_cgroup", "css")?,
         css_cgroup_offset: struct_member_offset(&data, "cgroup_subsys_state", "cgroup")?,

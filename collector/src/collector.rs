@@ -16,9 +16,9 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::aggregate::{Aggregator, TickInput};
-use crate::cgroupfs::{self, CgroupError, Layout};
+use crate::cgroupfs::{self, CgroupError, CgroupStats, Layout};
 use crate::config::CollectorConfig;
-use crate::discovery::Discovery;
+use crate::discovery::{DiscoveredCgroup, Discovery};
 use crate::export;
 use crate::privilege;
 use crate::probes::{ProbeError, Probes};
@@ -108,10 +108,11 @@ impl Collector {
         let (stop_tx, stop_rx) = mpsc::channel();
         let interval = config.interval();
         let max_instances = config.max_instances();
+        let stats_every = config.cgroupfs_every_ticks();
         let discovery = Discovery::new(layout, config.watch.clone());
         let thread = std::thread::Builder::new()
             .name("vigil-collector".into())
-            .spawn(move || run(probes, discovery, tx, stop_rx, interval, max_instances))
+            .spawn(move || run(probes, discovery, tx, stop_rx, interval, max_instances, stats_every))
             .map_err(CollectorError::Thread)?;
         let registry = Arc::new(export::registry(rx.clone()));
         Ok(Collector { snapshots: rx, registry, interval, stop: Some(stop_tx), thread: Some(thread) })
@@ -165,7 +166,10 @@ impl Drop for Collector {
 }
 
 /// OpenMetrics for scrapers that accept it (Prometheus does), the classic text format otherwise.
-fn metrics_response(registry: &Registry, headers: &HeaderMap) -> ([(header::HeaderName, &'static str); 1], String) {
+fn metrics_response(
+    registry: &Registry,
+    headers: &HeaderMap,
+) -> ([(header::HeaderName, &'static str); 1], String) {
     let text = export::render(registry);
     let accepts_openmetrics = headers
         .get(header::ACCEPT)
@@ -174,7 +178,10 @@ fn metrics_response(registry: &Registry, headers: &HeaderMap) -> ([(header::Head
     if accepts_openmetrics {
         ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
     } else {
-        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], export::openmetrics_to_classic(&text))
+        (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            export::openmetrics_to_classic(&text),
+        )
     }
 }
 
@@ -199,6 +206,38 @@ fn readiness(snap: &Snapshot, interval: Duration, now: SystemTime) -> (StatusCod
     }
 }
 
+/// cgroupfs readings spread over `every` ticks: each cgroup is read in the tick its stable slot comes up
+/// (and at once when new), and the last reading stands in between.
+#[derive(Default)]
+struct StatsCache {
+    by_cgroup: HashMap<(Option<u64>, Option<u64>), CgroupStats>,
+    buf: Vec<u8>,
+}
+
+impl StatsCache {
+    fn key(c: &DiscoveredCgroup) -> (Option<u64>, Option<u64>) {
+        (c.cgroup_id, c.memcg_id)
+    }
+
+    fn refresh(&mut self, layout: &Layout, cgroups: &[DiscoveredCgroup], tick: u64, every: u64) {
+        let live: HashSet<_> = cgroups.iter().map(Self::key).collect();
+        self.by_cgroup.retain(|k, _| live.contains(k));
+        for c in cgroups {
+            let key = Self::key(c);
+            // The id is random enough to spread the reads evenly over the round.
+            let slot = key.0.or(key.1).unwrap_or(0) % every;
+            if slot == tick % every || !self.by_cgroup.contains_key(&key) {
+                let s = cgroupfs::read_stats_with(layout, &c.paths, &mut self.buf);
+                self.by_cgroup.insert(key, s);
+            }
+        }
+    }
+
+    fn get(&self, c: &DiscoveredCgroup) -> CgroupStats {
+        self.by_cgroup.get(&Self::key(c)).copied().unwrap_or_default()
+    }
+}
+
 fn run(
     mut probes: Probes,
     mut discovery: Discovery,
@@ -206,8 +245,10 @@ fn run(
     stop: mpsc::Receiver<()>,
     interval: Duration,
     max_instances: usize,
+    stats_every: u64,
 ) {
     let mut aggregator = Aggregator::new();
+    let mut stats = StatsCache::default();
     let mut janitor = MapJanitor::default();
     let mut last = Instant::now();
     let mut first = true;
@@ -225,13 +266,11 @@ fn run(
                 Default::default()
             }
         };
-        let layout = discovery.layout().clone();
-        let inputs: Vec<TickInput<'_>> = cgroups
-            .iter()
-            .map(|c| TickInput { cgroup: c, stats: cgroupfs::read_stats(&layout, &c.paths) })
-            .collect();
+        let tick = aggregator.ticks() + 1;
+        stats.refresh(discovery.layout(), &cgroups, tick, stats_every);
+        let inputs: Vec<TickInput<'_>> =
+            cgroups.iter().map(|c| TickInput { cgroup: c, stats: stats.get(c) }).collect();
         let snapshot = aggregator.tick(&inputs, &readout, max_instances, elapsed, SystemTime::now());
-        let tick = snapshot.tick;
         tx.send_replace(Arc::new(snapshot));
 
         let claimed_cg: HashSet<u64> = cgroups.iter().filter_map(|c| c.cgroup_id).collect();

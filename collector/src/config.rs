@@ -21,6 +21,7 @@ http:
 collector:
   interval: 1s                # one snapshot per tick
   max_instances: 2000         # instances exported one by one; the rest are summed into one overflow series
+  cgroupfs_interval: 10s      # memory, swap, throttling, pressure from cgroupfs: each cgroup read this often
   watch:
     include: [\"/\"]            # v2 cgroup path prefixes to watch
     exclude: []
@@ -122,6 +123,9 @@ pub struct CollectorConfig {
     pub interval: Spanned<HumanDuration>,
     /// Instances exported one by one; the rest are summed into one overflow series.
     pub max_instances: Spanned<usize>,
+    /// How often each cgroup's cgroupfs files (memory, swap, throttling, pressure) are read. Reads are spread
+    /// over the ticks of this period, since each file costs ~15 µs of kernel time and a host has thousands.
+    pub cgroupfs_interval: Spanned<HumanDuration>,
     pub watch: WatchConfig,
 }
 
@@ -130,6 +134,7 @@ impl Default for CollectorConfig {
         Self {
             interval: spanned(HumanDuration(Duration::from_secs(1))),
             max_instances: spanned(2000),
+            cgroupfs_interval: spanned(HumanDuration(Duration::from_secs(10))),
             watch: WatchConfig::default(),
         }
     }
@@ -141,6 +146,11 @@ impl CollectorConfig {
     }
     pub fn max_instances(&self) -> usize {
         self.max_instances.value
+    }
+    /// Ticks per cgroupfs round: each cgroup's files are read once every this many ticks (at least 1).
+    pub fn cgroupfs_every_ticks(&self) -> u64 {
+        let ratio = self.cgroupfs_interval.value.0.as_secs_f64() / self.interval().as_secs_f64();
+        (ratio.round() as u64).max(1)
     }
 }
 
@@ -201,6 +211,13 @@ impl Config {
                 format!("{} is outside 100ms..1h", self.collector.interval.value),
             ));
         }
+        if self.collector.cgroupfs_interval.value.0 < interval {
+            issues.push(issue_at(
+                &self.collector.cgroupfs_interval,
+                "collector.cgroupfs_interval",
+                format!("{} is shorter than collector.interval", self.collector.cgroupfs_interval.value),
+            ));
+        }
         if self.collector.max_instances.value == 0 {
             issues.push(issue_at(
                 &self.collector.max_instances,
@@ -244,6 +261,7 @@ mod tests {
         let d = Config::default();
         assert_eq!(c.collector.interval(), d.collector.interval());
         assert_eq!(c.collector.max_instances(), d.collector.max_instances());
+        assert_eq!(c.collector.cgroupfs_every_ticks(), 10);
         assert_eq!(c.collector.watch, d.collector.watch);
         assert_eq!(c.http.listen.value, d.http.listen.value);
         assert_eq!(c.data_dir, d.data_dir);

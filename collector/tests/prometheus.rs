@@ -75,7 +75,9 @@ fn prometheus_scrapes_the_collector_and_every_node_panel_has_data() {
     );
 
     let prometheus = Prometheus::start(addr).expect("start prometheus");
-    prometheus.wait_until_up(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", prometheus.log_tail()));
+    prometheus
+        .wait_until_up(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", prometheus.log_tail()));
 
     // The workload is idle now, so its fault count is settled: Prometheus must return exactly our number.
     let id = cg.instance_id();

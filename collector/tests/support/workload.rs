@@ -160,4 +160,3 @@ impl Workload {
         self.stat_field(9) + self.stat_field(10)
     }
 }
-

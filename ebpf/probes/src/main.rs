@@ -8,8 +8,8 @@
 #![no_main]
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
     helpers::bpf_probe_read_kernel,
+    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
     macros::{map, perf_event, raw_tracepoint},
     maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::{PerfEventContext, RawTracePointContext},
