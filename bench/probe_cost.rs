@@ -1,8 +1,13 @@
 //! Probe cost: the same workloads with Vigil's probes detached and attached, alternating, in one run.
 //! Prints the slowdown of each workload as a ratio (target ≤ 1.03).
 //!
-//! Workloads: touch 1 GiB of fresh anonymous memory (262,144 minor faults), and a context-switch-heavy
-//! ping-pong of two threads over a pipe. Run: `cargo bench -p vigil-collector --bench probe_cost` (root).
+//! Workloads:
+//! - touch 1 GiB of fresh anonymous memory (262,144 minor faults);
+//! - a swap-in pass: this process joins a memory cgroup limited to 256 MiB (with a swapfile made for the run),
+//!   writes 768 MiB, then reads it all back, and the read pass (swap-ins and major faults) is timed;
+//! - a context-switch-heavy ping-pong of two threads over a socket pair.
+//!
+//! Run: `cargo bench -p vigil-collector --bench probe_cost` (root).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -47,6 +52,66 @@ fn ping_pong(rounds: usize) -> Duration {
     start.elapsed()
 }
 
+/// A swapfile and a memory cgroup holding this process, for the run; `Drop` undoes both.
+struct SwapSetup {
+    swapfile: std::path::PathBuf,
+    cgroup: std::path::PathBuf,
+    home: std::path::PathBuf,
+}
+
+fn sh(cmd: &str) {
+    let ok =
+        std::process::Command::new("sh").arg("-c").arg(cmd).status().map(|s| s.success()).unwrap_or(false);
+    assert!(ok, "`{cmd}` failed");
+}
+
+impl SwapSetup {
+    fn new() -> SwapSetup {
+        let pid = std::process::id();
+        let swapfile = std::path::PathBuf::from(format!("/var/tmp/vigil-bench-swap-{pid}"));
+        sh(&format!(
+            "dd if=/dev/zero of={0} bs=1M count=2048 status=none && chmod 600 {0} && mkswap -q {0} && swapon {0}",
+            swapfile.display()
+        ));
+        let own = std::fs::read_to_string("/proc/self/cgroup")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
+            .unwrap_or_else(|| "/".into());
+        let home = std::path::PathBuf::from("/sys/fs/cgroup/memory").join(own.trim_start_matches('/'));
+        let cgroup = home.join(format!("vigil-bench-{pid}"));
+        std::fs::create_dir(&cgroup).expect("create memory cgroup (v1 memory controller needed)");
+        std::fs::write(cgroup.join("memory.limit_in_bytes"), (256u64 << 20).to_string()).expect("limit");
+        std::fs::write(cgroup.join("cgroup.procs"), pid.to_string()).expect("join memory cgroup");
+        SwapSetup { swapfile, cgroup, home }
+    }
+}
+
+impl Drop for SwapSetup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.home.join("cgroup.procs"), std::process::id().to_string());
+        let _ = std::fs::remove_dir(&self.cgroup);
+        let _ = std::process::Command::new("swapoff").arg(&self.swapfile).status();
+        let _ = std::fs::remove_file(&self.swapfile);
+    }
+}
+
+fn swap_in_pass() -> Duration {
+    const LEN: usize = 768 << 20;
+    let mut v = vec![0u8; LEN];
+    for i in (0..LEN).step_by(4096) {
+        v[i] = 1;
+    }
+    std::hint::black_box(&mut v);
+    let start = Instant::now();
+    let mut sum = 0u64;
+    for i in (0..LEN).step_by(4096) {
+        sum += u64::from(std::hint::black_box(&v)[i]);
+    }
+    std::hint::black_box(sum);
+    start.elapsed()
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -78,4 +143,7 @@ fn main() {
     println!("probe cost, median of {ROUNDS} alternating rounds");
     measure("touch 1 GiB (minor faults)", touch_1gib);
     measure("ping-pong 200k (ctx switch)", || ping_pong(200_000));
+    let swap = SwapSetup::new();
+    measure("swap-in pass, 768 MiB", swap_in_pass);
+    drop(swap);
 }

@@ -190,12 +190,15 @@ impl Config {
         if text.trim().is_empty() {
             return Ok(Config::default());
         }
-        let parsed: Result<Config, Box<ConfigIssue>> = serde_saphyr::with_deserializer_from_str(text, |de| {
-            Ok(serde_path_to_error::deserialize(de)
-                .map_err(|e| Box::new(saphyr_issue(e.path().to_string(), e.inner()))))
+        // serde_path_to_error knows where in the document an error arose; serde-saphyr knows the position.
+        let mut path = String::new();
+        let config: Config = serde_saphyr::with_deserializer_from_str(text, |de| {
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                path = e.path().to_string();
+                e.into_inner()
+            })
         })
-        .unwrap_or_else(|e| Err(Box::new(saphyr_issue(String::new(), &e))));
-        let config = parsed.map_err(|issue| invalid(vec![*issue]))?;
+        .map_err(|e| invalid(vec![saphyr_issue(std::mem::take(&mut path), &e)]))?;
         let issues = config.validate();
         if issues.is_empty() { Ok(config) } else { Err(invalid(issues)) }
     }
@@ -242,12 +245,16 @@ impl Config {
 
 fn saphyr_issue(path: String, e: &serde_saphyr::Error) -> ConfigIssue {
     let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
-    // The rendered error repeats the position and may add a source snippet; keep its first line's message.
+    // The rendered error repeats the position ("line 2 column 3: ...") and may add a source snippet; keep
+    // the first line's message only.
     let rendered = e.to_string();
-    let first = rendered.lines().next().unwrap_or("").trim();
-    let message =
-        first.split_once(" at line ").map(|(m, _)| m).unwrap_or(first).trim_start_matches("error: ");
-    let path = if path == "." { String::new() } else { path };
+    let first = rendered.lines().next().unwrap_or("").trim().trim_start_matches("error: ");
+    let message = match first.strip_prefix("line ").and_then(|r| r.split_once(": ")) {
+        Some((_, m)) => m,
+        None => first,
+    };
+    // `Spanned<T>` fields add a `.value` step of their own to the path.
+    let path = if path == "." { String::new() } else { path.trim_end_matches(".value").to_string() };
     ConfigIssue { line, column, path, message: message.to_string() }
 }
 

@@ -10,23 +10,27 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use vigil_common::{Probe, RUNQ_BUCKETS};
 
-use crate::snapshot::{InstanceSnapshot, Psi, Snapshot, SnapshotReceiver};
+use crate::metrics::{
+    COUNTS, GAUGES, Metric, NANOSECOND_TOTALS, PAGE_FAULTS, PAGE_FAULTS_HELP, PRESSURE, PRESSURE_HELP,
+    RUNQUEUE_DELAY, RUNQUEUE_DELAY_HELP, SNAPSHOT_TOTALS, psi_totals, seconds_from_ns,
+};
+use crate::snapshot::{InstanceSnapshot, Snapshot, SnapshotReceiver};
 
 /// Histogram bounds of `vigil_instance_runqueue_delay_seconds`: the probe's log2 buckets from 1 µs up
 /// (bucket `i` holds delays below 2^(i+1) ns; finer buckets are folded into the first bound).
 const FIRST_EXPORTED_BUCKET: usize = 9; // 2^10 ns ≈ 1 µs
 
-/// `(le, cumulative count)` pairs from the probe's log2 histogram.
+/// `(upper bound, count in that bucket)` pairs from the probe's log2 histogram, ending with +Inf; the
+/// encoder accumulates them into Prometheus's cumulative `le` buckets.
 pub fn runq_buckets(hist: &[u64; RUNQ_BUCKETS]) -> Vec<(f64, u64)> {
-    let mut out = Vec::with_capacity(RUNQ_BUCKETS - FIRST_EXPORTED_BUCKET);
-    let mut cumulative: u64 = hist[..FIRST_EXPORTED_BUCKET].iter().sum();
-    for (i, n) in
-        hist.iter().enumerate().skip(FIRST_EXPORTED_BUCKET).take(RUNQ_BUCKETS - FIRST_EXPORTED_BUCKET - 1)
-    {
-        cumulative += n;
-        out.push(((1u64 << (i + 1)) as f64 / 1e9, cumulative));
+    let upper = |i: usize| (1u64 << (i + 1)) as f64 / 1e9;
+    let mut out = Vec::with_capacity(RUNQ_BUCKETS - FIRST_EXPORTED_BUCKET + 1);
+    out.push((upper(FIRST_EXPORTED_BUCKET), hist[..=FIRST_EXPORTED_BUCKET].iter().sum()));
+    for (i, n) in hist.iter().enumerate().take(RUNQ_BUCKETS - 1).skip(FIRST_EXPORTED_BUCKET + 1) {
+        out.push((upper(i), *n));
     }
-    // The last probe bucket is open-ended: it only appears in +Inf, which the encoder adds from `count`.
+    // The last probe bucket is open-ended.
+    out.push((f64::INFINITY, hist[RUNQ_BUCKETS - 1]));
     out
 }
 
@@ -39,93 +43,45 @@ fn labels(i: &InstanceSnapshot) -> [(&'static str, &str); 2] {
     [("service", &*i.service), ("instance_id", &*i.instance_id)]
 }
 
-fn psi_parts(p: &Option<Psi>) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-    p.iter()
-        .flat_map(|p| std::iter::once(("some", p.some.total_us)).chain(p.full.map(|f| ("full", f.total_us))))
-}
-
 impl PromCollector for SnapshotCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snap: Arc<Snapshot> = self.snapshots.borrow().clone();
-        let all: Vec<&InstanceSnapshot> = snap.instances.iter().chain(snap.overflow.iter()).collect();
+        let all: Vec<&InstanceSnapshot> = snap.exported().collect();
 
-        let mut m = enc.encode_descriptor(
-            "vigil_instance_page_faults",
-            "Page faults taken by the instance's tasks (perf software events, exact)",
-            None,
-            MetricType::Counter,
-        )?;
+        let mut m = enc.encode_descriptor(PAGE_FAULTS, PAGE_FAULTS_HELP, None, MetricType::Counter)?;
         for i in &all {
             let [s, id] = labels(i);
             for (kind, v) in [("minor", i.counters.minor_faults), ("major", i.counters.major_faults)] {
                 m.encode_family(&[s, id, ("kind", kind)])?.encode_counter::<NoLabelSet, _, f64>(&v, None)?;
             }
         }
-        for (name, help, get) in [
-            (
-                "vigil_instance_swap_in_pages",
-                "Pages swapped in for the instance's memory cgroup",
-                (|c: &InstanceSnapshot| c.counters.swap_in_pages) as fn(&InstanceSnapshot) -> u64,
-            ),
-            ("vigil_instance_swap_out_pages", "Pages swapped out of the instance's memory cgroup", |c| {
-                c.counters.swap_out_pages
-            }),
-            (
-                "vigil_instance_memcg_major_faults",
-                "Major faults as the memory cgroup counts them (PGMAJFAULT)",
-                |c| c.counters.memcg_major_faults,
-            ),
-        ] {
+        for Metric { name, help, get, .. } in COUNTS {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
             for i in &all {
-                m.encode_family(&labels(i))?.encode_counter::<NoLabelSet, _, f64>(&get(i), None)?;
+                m.encode_family(&labels(i))?.encode_counter::<NoLabelSet, _, f64>(&get(&i.counters), None)?;
             }
         }
-        for (name, help, get) in [
-            (
-                "vigil_instance_cpu_seconds",
-                "CPU time of the instance's tasks (sched_switch)",
-                (|c: &InstanceSnapshot| c.counters.cpu_ns) as fn(&InstanceSnapshot) -> u64,
-            ),
-            (
-                "vigil_instance_cpu_throttled_seconds",
-                "Time the instance was throttled by its CPU quota",
-                |c| c.counters.throttled_ns,
-            ),
-        ] {
+        for Metric { name, help, get, .. } in NANOSECOND_TOTALS {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
             for i in &all {
                 m.encode_family(&labels(i))?
-                    .encode_counter::<NoLabelSet, _, f64>(&(get(i) as f64 / 1e9), None)?;
+                    .encode_counter::<NoLabelSet, _, f64>(&seconds_from_ns(get(&i.counters)), None)?;
             }
         }
 
-        let mut m = enc.encode_descriptor(
-            "vigil_instance_runqueue_delay_seconds",
-            "Time the instance's tasks waited runnable before running",
-            None,
-            MetricType::Histogram,
-        )?;
+        let mut m =
+            enc.encode_descriptor(RUNQUEUE_DELAY, RUNQUEUE_DELAY_HELP, None, MetricType::Histogram)?;
         for i in &all {
             let c = &i.counters;
             m.encode_family(&labels(i))?.encode_histogram::<NoLabelSet>(
-                c.runq_delay_ns as f64 / 1e9,
+                seconds_from_ns(c.runq_delay_ns),
                 c.runq_delays,
                 &runq_buckets(&c.runq_hist),
                 None,
             )?;
         }
 
-        for (name, help, get) in [
-            (
-                "vigil_instance_memory_resident_bytes",
-                "Memory charged to the instance's cgroup",
-                (|i: &InstanceSnapshot| i.memory.resident_bytes) as fn(&InstanceSnapshot) -> Option<u64>,
-            ),
-            ("vigil_instance_memory_swap_bytes", "Swap used by the instance's cgroup", |i| {
-                i.memory.swap_bytes
-            }),
-        ] {
+        for Metric { name, help, get, .. } in GAUGES {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for i in &all {
                 if let Some(v) = get(i) {
@@ -134,18 +90,13 @@ impl PromCollector for SnapshotCollector {
             }
         }
 
-        let mut m = enc.encode_descriptor(
-            "vigil_instance_pressure_seconds",
-            "Pressure stall time of the instance's cgroup (PSI totals)",
-            None,
-            MetricType::Counter,
-        )?;
+        let mut m = enc.encode_descriptor(PRESSURE, PRESSURE_HELP, None, MetricType::Counter)?;
         for i in &snap.instances {
             let [s, id] = labels(i);
             for (resource, psi) in
                 [("cpu", &i.pressure.cpu), ("memory", &i.pressure.memory), ("io", &i.pressure.io)]
             {
-                for (kind, us) in psi_parts(psi) {
+                for (kind, us) in psi_totals(psi) {
                     m.encode_family(&[s, id, ("resource", resource), ("kind", kind)])?
                         .encode_counter::<NoLabelSet, _, f64>(&(us as f64 / 1e6), None)?;
                 }
@@ -159,13 +110,10 @@ impl PromCollector for SnapshotCollector {
             MetricType::Gauge,
         )?;
         m.encode_gauge(&(snap.instances.len() as i64))?;
-        let mut m = enc.encode_descriptor(
-            "vigil_instances_dropped",
-            "Instances folded into the overflow series because the export cap was reached",
-            None,
-            MetricType::Counter,
-        )?;
-        m.encode_counter::<NoLabelSet, _, f64>(&snap.dropped_total, None)?;
+        for Metric { name, help, get, .. } in SNAPSHOT_TOTALS {
+            enc.encode_descriptor(name, help, None, MetricType::Counter)?
+                .encode_counter::<NoLabelSet, _, f64>(&get(&snap), None)?;
+        }
         let mut m = enc.encode_descriptor(
             "vigil_probe_errors",
             "Errors counted inside the kernel probes (map full, failed reads)",
@@ -175,13 +123,6 @@ impl PromCollector for SnapshotCollector {
         for (p, v) in Probe::ALL.iter().zip(snap.probe_errors.iter()) {
             m.encode_family(&[("probe", p.name())])?.encode_counter::<NoLabelSet, _, f64>(v, None)?;
         }
-        let mut m = enc.encode_descriptor(
-            "vigil_collector_ticks",
-            "Snapshots taken by the collector",
-            None,
-            MetricType::Counter,
-        )?;
-        m.encode_counter::<NoLabelSet, _, f64>(&snap.tick, None)?;
         Ok(())
     }
 }
@@ -239,7 +180,7 @@ pub fn openmetrics_to_classic(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::{Counters, InstanceKind, Memory, Pressure, PsiLine, Rates};
+    use crate::snapshot::{Counters, InstanceKind, Memory, Pressure, Psi, PsiLine, Rates};
 
     fn snapshot() -> Snapshot {
         let mut s = Snapshot::empty();
@@ -284,6 +225,7 @@ mod tests {
             "vigil_instance_runqueue_delay_seconds_count{service=\"echo\",instance_id=\"echo-0\"} 3",
             "vigil_instance_runqueue_delay_seconds_bucket{le=\"0.000001024\",service=\"echo\",instance_id=\"echo-0\"} 1",
             "vigil_instance_runqueue_delay_seconds_bucket{le=\"0.000004096\",service=\"echo\",instance_id=\"echo-0\"} 3",
+            "vigil_instance_runqueue_delay_seconds_bucket{le=\"+Inf\",service=\"echo\",instance_id=\"echo-0\"} 3",
             "vigil_instance_pressure_seconds_total{service=\"echo\",instance_id=\"echo-0\",resource=\"cpu\",kind=\"some\"} 2.0",
             "vigil_instances 1",
             "vigil_instances_dropped_total 0",
@@ -306,14 +248,25 @@ mod tests {
     }
 
     #[test]
-    fn buckets_are_cumulative_and_increasing() {
+    fn buckets_fold_small_delays_and_end_at_infinity() {
         let mut h = [0u64; RUNQ_BUCKETS];
         h[0] = 5;
+        h[9] = 1;
         h[20] = 1;
         h[31] = 4;
         let b = runq_buckets(&h);
-        assert_eq!(b.first(), Some(&(1024.0 / 1e9, 5)));
-        assert!(b.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1));
-        assert_eq!(b.last().map(|x| x.1), Some(6), "the open-ended bucket only counts in +Inf");
+        assert_eq!(
+            b.first(),
+            Some(&(1024.0 / 1e9, 6)),
+            "everything below 1.024 µs lands in the first bucket"
+        );
+        assert_eq!(b.last(), Some(&(f64::INFINITY, 4)));
+        assert!(b.windows(2).all(|w| w[0].0 < w[1].0));
+        assert_eq!(
+            b.iter().map(|x| x.1).sum::<u64>(),
+            h.iter().sum::<u64>(),
+            "no delay lost or counted twice"
+        );
+        assert_eq!(b.iter().find(|x| x.0 == (1u64 << 21) as f64 / 1e9).map(|x| x.1), Some(1));
     }
 }

@@ -13,6 +13,7 @@ pub mod collector;
 pub mod config;
 pub mod discovery;
 pub mod export;
+pub mod metrics;
 pub mod otlp;
 pub mod privilege;
 pub mod probe_sources;

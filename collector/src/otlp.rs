@@ -28,7 +28,11 @@ use opentelemetry_sdk::error::OTelSdkError;
 use opentelemetry_sdk::metrics::{Instrument, PeriodicReader, SdkMeterProvider, Stream};
 use vigil_common::Probe;
 
-use crate::snapshot::{Counters, InstanceSnapshot, Psi, Snapshot, SnapshotReceiver};
+use crate::metrics::{
+    COUNTS, FromCounters, GAUGES, Metric, NANOSECOND_TOTALS, PAGE_FAULTS, PAGE_FAULTS_HELP, PRESSURE,
+    PRESSURE_HELP, RUNQUEUE_DELAY_HELP, SNAPSHOT_TOTALS, psi_totals, seconds_from_ns,
+};
+use crate::snapshot::{InstanceSnapshot, Snapshot, SnapshotReceiver};
 
 const OTEL_SDK_DISABLED: &str = "OTEL_SDK_DISABLED";
 const OTEL_METRICS_EXPORTER: &str = "OTEL_METRICS_EXPORTER";
@@ -190,8 +194,8 @@ fn resource(lookup: impl Fn(&str) -> Option<String>) -> Resource {
 /// them, or a full snapshot would be partly folded into an `otel.metric.overflow` series.
 fn series_per_instance(metric: &str) -> usize {
     match metric {
-        PAGE_FAULTS => 2,          // kind=minor|major
-        PRESSURE_SECONDS => 3 * 2, // resource=cpu|memory|io × kind=some|full
+        PAGE_FAULTS => 2,  // kind=minor|major
+        PRESSURE => 3 * 2, // resource=cpu|memory|io × kind=some|full
         _ => 1,
     }
 }
@@ -277,18 +281,10 @@ impl OtlpMetrics {
     }
 }
 
-const PAGE_FAULTS: &str = "vigil_instance_page_faults";
-const PRESSURE_SECONDS: &str = "vigil_instance_pressure_seconds";
-
 /// The latest snapshot. The Arc is cloned and the watch lock released at once, so an export never holds
 /// up the collector's next send.
 fn latest(snapshots: &SnapshotReceiver) -> Arc<Snapshot> {
     Arc::clone(&snapshots.borrow())
-}
-
-/// Every exported instance, the overflow series last.
-fn exported(snapshot: &Snapshot) -> impl Iterator<Item = &InstanceSnapshot> {
-    snapshot.instances.iter().chain(snapshot.overflow.iter())
 }
 
 fn instance_attrs(i: &InstanceSnapshot) -> [KeyValue; 2] {
@@ -298,38 +294,16 @@ fn instance_attrs(i: &InstanceSnapshot) -> [KeyValue; 2] {
     ]
 }
 
-fn seconds_from_ns(ns: u64) -> f64 {
-    ns as f64 / 1e9
-}
-
-fn psi_totals(psi: &Option<Psi>) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-    psi.iter()
-        .flat_map(|p| std::iter::once(("some", p.some.total_us)).chain(p.full.map(|f| ("full", f.total_us))))
-}
-
-/// One row of a table of similar metrics.
-struct Spec<Get> {
-    name: &'static str,
-    description: &'static str,
-    unit: &'static str,
-    /// Reads the value from the snapshot (a plain `fn`, so every row of a table has the same type).
-    get: Get,
-}
-
-type FromCounters = fn(&Counters) -> u64;
-type FromInstance = fn(&InstanceSnapshot) -> Option<u64>;
-type FromSnapshot = fn(&Snapshot) -> u64;
-
 /// Registers every instrument; the meter provider keeps the callbacks, so nothing is returned.
 fn register_instruments(meter: &Meter, snapshots: &SnapshotReceiver) {
     let rx = snapshots.clone();
     meter
         .u64_observable_counter(PAGE_FAULTS)
-        .with_description("Page faults taken by the instance's tasks (perf software events, exact)")
+        .with_description(PAGE_FAULTS_HELP)
         .with_unit("{fault}")
         .with_callback(move |o: &dyn AsyncInstrument<u64>| {
             let snap = latest(&rx);
-            for i in exported(&snap) {
+            for i in snap.exported() {
                 let [service, id] = instance_attrs(i);
                 for (kind, v) in [("minor", i.counters.minor_faults), ("major", i.counters.major_faults)] {
                     o.observe(v, &[service.clone(), id.clone(), KeyValue::new("kind", kind)]);
@@ -338,106 +312,61 @@ fn register_instruments(meter: &Meter, snapshots: &SnapshotReceiver) {
         })
         .build();
 
-    let counts: [Spec<FromCounters>; 4] = [
-        Spec {
-            name: "vigil_instance_swap_in_pages",
-            description: "Pages swapped in for the instance's memory cgroup",
-            unit: "{page}",
-            get: |c| c.swap_in_pages,
-        },
-        Spec {
-            name: "vigil_instance_swap_out_pages",
-            description: "Pages swapped out of the instance's memory cgroup",
-            unit: "{page}",
-            get: |c| c.swap_out_pages,
-        },
-        Spec {
-            name: "vigil_instance_memcg_major_faults",
-            description: "Major faults as the memory cgroup counts them (PGMAJFAULT)",
-            unit: "{fault}",
-            get: |c| c.memcg_major_faults,
-        },
-        Spec {
-            name: "vigil_instance_runqueue_delay_seconds_count",
-            description: "Waits of the instance's tasks between becoming runnable and running",
-            unit: "{wait}",
-            get: |c| c.runq_delays,
-        },
-    ];
-    for Spec { name, description, unit, get } in counts {
+    // OpenTelemetry has no asynchronous histogram: the run-queue delay goes out as its `_sum` and `_count`.
+    let runq_count: Metric<FromCounters> = Metric {
+        name: "vigil_instance_runqueue_delay_seconds_count",
+        help: RUNQUEUE_DELAY_HELP,
+        unit: "{wait}",
+        get: |c| c.runq_delays,
+    };
+    let runq_sum: Metric<FromCounters> = Metric {
+        name: "vigil_instance_runqueue_delay_seconds_sum",
+        help: RUNQUEUE_DELAY_HELP,
+        unit: "s",
+        get: |c| c.runq_delay_ns,
+    };
+    let counts = COUNTS.into_iter().chain(std::iter::once(runq_count));
+    for Metric { name, help, unit, get } in counts {
         let rx = snapshots.clone();
         meter
             .u64_observable_counter(name)
-            .with_description(description)
+            .with_description(help)
             .with_unit(unit)
             .with_callback(move |o: &dyn AsyncInstrument<u64>| {
                 let snap = latest(&rx);
-                for i in exported(&snap) {
+                for i in snap.exported() {
                     o.observe(get(&i.counters), &instance_attrs(i));
                 }
             })
             .build();
     }
 
-    let nanosecond_totals: [Spec<FromCounters>; 3] = [
-        Spec {
-            name: "vigil_instance_cpu_seconds",
-            description: "CPU time of the instance's tasks (sched_switch)",
-            unit: "s",
-            get: |c| c.cpu_ns,
-        },
-        Spec {
-            name: "vigil_instance_cpu_throttled_seconds",
-            description: "Time the instance was throttled by its CPU quota",
-            unit: "s",
-            get: |c| c.throttled_ns,
-        },
-        Spec {
-            name: "vigil_instance_runqueue_delay_seconds_sum",
-            description: "Time the instance's tasks waited runnable before running",
-            unit: "s",
-            get: |c| c.runq_delay_ns,
-        },
-    ];
-    for Spec { name, description, unit, get } in nanosecond_totals {
+    let nanosecond_totals = NANOSECOND_TOTALS.into_iter().chain(std::iter::once(runq_sum));
+    for Metric { name, help, unit, get } in nanosecond_totals {
         let rx = snapshots.clone();
         meter
             .f64_observable_counter(name)
-            .with_description(description)
+            .with_description(help)
             .with_unit(unit)
             .with_callback(move |o: &dyn AsyncInstrument<f64>| {
                 let snap = latest(&rx);
-                for i in exported(&snap) {
+                for i in snap.exported() {
                     o.observe(seconds_from_ns(get(&i.counters)), &instance_attrs(i));
                 }
             })
             .build();
     }
 
-    let memory: [Spec<FromInstance>; 2] = [
-        Spec {
-            name: "vigil_instance_memory_resident_bytes",
-            description: "Memory charged to the instance's cgroup",
-            unit: "By",
-            get: |i| i.memory.resident_bytes,
-        },
-        Spec {
-            name: "vigil_instance_memory_swap_bytes",
-            description: "Swap used by the instance's cgroup",
-            unit: "By",
-            get: |i| i.memory.swap_bytes,
-        },
-    ];
-    for Spec { name, description, unit, get } in memory {
+    for Metric { name, help, unit, get } in GAUGES {
         let rx = snapshots.clone();
         meter
             .u64_observable_gauge(name)
-            .with_description(description)
+            .with_description(help)
             .with_unit(unit)
             .with_callback(move |o: &dyn AsyncInstrument<u64>| {
                 let snap = latest(&rx);
                 // Absent means the host does not offer it, which must not read as 0 bytes.
-                for i in exported(&snap) {
+                for i in snap.exported() {
                     if let Some(v) = get(i) {
                         o.observe(v, &instance_attrs(i));
                     }
@@ -448,8 +377,8 @@ fn register_instruments(meter: &Meter, snapshots: &SnapshotReceiver) {
 
     let rx = snapshots.clone();
     meter
-        .f64_observable_counter(PRESSURE_SECONDS)
-        .with_description("Pressure stall time of the instance's cgroup (PSI totals)")
+        .f64_observable_counter(PRESSURE)
+        .with_description(PRESSURE_HELP)
         .with_unit("s")
         .with_callback(move |o: &dyn AsyncInstrument<f64>| {
             let snap = latest(&rx);
@@ -482,25 +411,11 @@ fn register_instruments(meter: &Meter, snapshots: &SnapshotReceiver) {
         })
         .build();
 
-    let totals: [Spec<FromSnapshot>; 2] = [
-        Spec {
-            name: "vigil_instances_dropped",
-            description: "Instances folded into the overflow series because the export cap was reached",
-            unit: "{instance}",
-            get: |s| s.dropped_total,
-        },
-        Spec {
-            name: "vigil_collector_ticks",
-            description: "Snapshots taken by the collector",
-            unit: "{tick}",
-            get: |s| s.tick,
-        },
-    ];
-    for Spec { name, description, unit, get } in totals {
+    for Metric { name, help, unit, get } in SNAPSHOT_TOTALS {
         let rx = snapshots.clone();
         meter
             .u64_observable_counter(name)
-            .with_description(description)
+            .with_description(help)
             .with_unit(unit)
             .with_callback(move |o: &dyn AsyncInstrument<u64>| {
                 o.observe(get(&latest(&rx)), &[]);
@@ -619,7 +534,7 @@ mod tests {
     #[test]
     fn series_limit_covers_a_full_snapshot() {
         assert_eq!(series_limit(PAGE_FAULTS, 2000), Some(4002));
-        assert_eq!(series_limit(PRESSURE_SECONDS, 2000), Some(12_006));
+        assert_eq!(series_limit(PRESSURE, 2000), Some(12_006));
         assert_eq!(series_limit("vigil_instance_cpu_seconds", 2000), Some(2001));
         assert_eq!(series_limit("vigil_probe_errors", 2000), None);
         // Extreme caps must not produce a limit the SDK rejects.

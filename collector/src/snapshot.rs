@@ -192,6 +192,11 @@ impl Snapshot {
         }
     }
 
+    /// Every exported series: the instances within the cap, then the overflow sum.
+    pub fn exported(&self) -> impl Iterator<Item = &InstanceSnapshot> {
+        self.instances.iter().chain(self.overflow.iter())
+    }
+
     /// The instance with this id, if it is within the cap.
     pub fn instance(&self, instance_id: &str) -> Option<&InstanceSnapshot> {
         self.instances.iter().find(|i| &*i.instance_id == instance_id)
