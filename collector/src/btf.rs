@@ -382,7 +382,7 @@ mod tests {
     fn kernel_task_pid_offset_is_plausible() {
         let layout = kernel_layout(Path::new(VMLINUX_BTF)).expect("kernel BTF readable");
         // pid sits well inside task_struct, after the scheduler and mm fields, and is 4-byte aligned.
-        assert!(layout.task_pid_offset > 512 && layout.task_pid_offset % 4 == 0, "{layout:?}");
+        assert!(layout.task_pid_offset > 512 && layout.task_pid_offset.is_multiple_of(4), "{layout:?}");
     }
 
     proptest::proptest! {

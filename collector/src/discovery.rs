@@ -1,27 +1,44 @@
 //! Finding the instances on this host. An instance is a cgroup: one Vigil started under its managed root, a
 //! Kubernetes or docker container, a systemd unit, or any other cgroup that holds processes of its own.
 //!
-//! [`Discovery::scan`] walks the cgroup trees as they are now and names every instance with [`identify`], a
-//! pure function of its path. Each instance carries both ids the probes report: the v2 directory's inode
-//! (`bpf_get_current_cgroup_id()`) and its memory cgroup's id (the v1 memory directory's inode on hybrid
-//! hosts, found through one of the instance's processes and cached, so that a scan every tick stays cheap).
-//! Walking never fails: cgroups come and go while the walk runs, and a vanished directory is just skipped.
+//! A full walk of the cgroup trees names every instance with [`identify`], a pure function of its path. Each
+//! instance carries both ids the probes report: the v2 directory's inode (`bpf_get_current_cgroup_id()`) and
+//! its memory cgroup's id (the v1 memory directory's inode on hybrid hosts, found through one of the
+//! instance's processes and cached). Walking never fails: cgroups come and go while the walk runs, and a
+//! vanished directory is just skipped.
+//!
+//! Walking a thousand cgroups takes milliseconds, too much for every tick, so [`Discovery::scan`] walks
+//! only when inotify says something changed: every walked directory is watched, and a mkdir or rmdir below
+//! it, a process moved in by a write to its `cgroup.procs`, or its `cgroup.events` (populated) changing
+//! makes the next scan walk again. Otherwise a scan answers from the last walk. Events are queued by the
+//! syscall that causes them, so a cgroup created or removed before a scan is in or out of that scan. A
+//! walk every [`FULL_SCAN_EVERY_SCANS`] scans catches what no event reports (a non-leaf cgroup gaining its
+//! own processes by a fork); without inotify every scan walks.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{DirEntryExt, MetadataExt};
 use std::path::Path;
 
+use inotify::{Event, EventMask, Inotify, WatchDescriptor, WatchMask};
 use serde::Deserialize;
 
 use crate::cgroupfs::{self, CgroupPaths, Layout};
 use crate::snapshot::InstanceKind;
 
-/// How many scans a process-derived v2 → v1 mapping is trusted before it is looked up again. Processes
-/// rarely change cgroups, but re-resolving now and then catches those that do.
+/// How many scans a process-derived v2 → v1 mapping is trusted before the next walk looks it up again.
+/// Processes rarely change cgroups, but re-resolving now and then catches those that do.
 const RESOLVE_EVERY_SCANS: u64 = 10;
+
+/// A scan walks the trees at least this often, even when no event said anything changed.
+const FULL_SCAN_EVERY_SCANS: u64 = 30;
+
+/// How often instances whose v1 cgroups are still unknown are looked up again between walks: processes
+/// joining a v1 hierarchy are not always reported (a fork does not touch `cgroup.procs`).
+const RETRY_UNRESOLVED_EVERY_SCANS: u64 = 5;
 
 /// Which cgroups to watch.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -210,6 +227,18 @@ pub struct Discovery {
     skipped: u64,
     links: HashMap<String, V1Link>,
     owners: HashMap<String, V1Owner>,
+    /// `None` once inotify failed: then every scan walks.
+    watcher: Option<Watcher>,
+    /// What the last walk found, handed out by scans until something changes.
+    found: Vec<DiscoveredCgroup>,
+    full_scans: u64,
+    last_full_scan: u64,
+    /// The scan that last looked up unresolved v1 links (a walk or a retry).
+    last_resolve: u64,
+    /// The inodes of `starts` in the v2 and the v1 memory tree at the last walk (`None`: missing). A start's
+    /// own parent is not watched, so its creation or removal is noticed by comparing these.
+    v2_starts: Vec<Option<u64>>,
+    memory_v1_starts: Vec<Option<u64>>,
 }
 
 impl Discovery {
@@ -242,6 +271,14 @@ impl Discovery {
             (includes, None)
         };
 
+        let watcher = match Watcher::new() {
+            Ok(watcher) => Some(watcher),
+            Err(error) => {
+                tracing::warn!(%error, "cannot use inotify; walking the cgroup trees every tick instead");
+                None
+            }
+        };
+
         Self {
             layout,
             managed_root,
@@ -253,22 +290,128 @@ impl Discovery {
             skipped: 0,
             links: HashMap::new(),
             owners: HashMap::new(),
+            watcher,
+            found: Vec::new(),
+            full_scans: 0,
+            last_full_scan: 0,
+            last_resolve: 0,
+            v2_starts: Vec::new(),
+            memory_v1_starts: Vec::new(),
         }
     }
 
-    /// Walks the trees now. Cgroups created since the last scan appear, removed ones are gone.
+    /// The instances now. Cgroups created since the last scan appear, removed ones are gone; the trees are
+    /// walked again only if something may have changed since the last walk.
     pub fn scan(&mut self) -> Vec<DiscoveredCgroup> {
         self.scans += 1;
+        if self.walk_due() || (self.retry_due() && self.retry_unresolved()) {
+            self.full_scan();
+        }
+        self.found.clone()
+    }
+
+    /// Cgroups skipped in the last scan because max_tracked was reached.
+    pub fn skipped(&self) -> u64 {
+        self.skipped
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// How often the trees were walked; every other scan was answered from the last walk.
+    pub fn full_scans(&self) -> u64 {
+        self.full_scans
+    }
+
+    /// Whether this scan must walk: first of all, it reads every queued event, so that a walk is not
+    /// followed by another for the changes it already saw.
+    fn walk_due(&mut self) -> bool {
+        let Some(watcher) = self.watcher.as_mut() else {
+            return true;
+        };
+        let changed = match watcher.drain() {
+            Ok(changed) => changed,
+            Err(error) => {
+                self.stop_watching(&error);
+                return true;
+            }
+        };
+        changed
+            || self.full_scans == 0
+            || self.scans - self.last_full_scan >= FULL_SCAN_EVERY_SCANS
+            || self.starts_changed()
+    }
+
+    /// Whether a start appeared, vanished or was re-created since the last walk.
+    fn starts_changed(&self) -> bool {
+        let changed = |root: &Path, recorded: &[Option<u64>]| {
+            self.starts.iter().zip(recorded).any(|(start, &ino)| start_inode(root, start) != ino)
+        };
+        if changed(&self.layout.v2_root, &self.v2_starts) {
+            return true;
+        }
+        match self.layout.v1.as_ref().and_then(|v1| v1.memory.as_deref()) {
+            Some(memory_root) if self.layout.is_hybrid() => changed(memory_root, &self.memory_v1_starts),
+            _ => false,
+        }
+    }
+
+    fn retry_due(&self) -> bool {
+        self.scans - self.last_resolve >= RETRY_UNRESOLVED_EVERY_SCANS
+    }
+
+    /// Looks up the v1 cgroups of the instances that had no process to find them through at their last
+    /// look. True if one of them was found now: then the cached result is out of date.
+    fn retry_unresolved(&mut self) -> bool {
+        let scans = self.scans;
+        self.last_resolve = scans;
+        let mut resolved_any = false;
+        for (rel, link) in self.links.iter_mut().filter(|(_, link)| !link.resolved) {
+            let fresh = resolve_link(&self.layout, rel, link.v2_ino, scans);
+            if fresh.resolved {
+                *link = fresh;
+                resolved_any = true;
+            }
+        }
+        resolved_any
+    }
+
+    fn stop_watching(&mut self, error: &io::Error) {
+        if let Some(watcher) = self.watcher.take() {
+            tracing::warn!(
+                %error,
+                watched = watcher.len(),
+                "cannot watch the cgroup trees with inotify (fs.inotify.max_user_watches?); \
+                 walking them every tick instead"
+            );
+        }
+    }
+
+    /// Walks the trees now, watching every directory walked and no other.
+    fn full_scan(&mut self) {
+        self.full_scans += 1;
+        self.last_full_scan = self.scans;
+        self.last_resolve = self.scans;
+        if let Some(watcher) = self.watcher.as_mut() {
+            watcher.begin_walk();
+        }
         let cap = self.max_tracked;
         let mut skipped = 0u64;
 
         let mut v2_instances: Vec<Dir> = Vec::new();
         let managed_root = self.managed_root.as_str();
-        walk(
+        let watcher = &mut self.watcher;
+        self.v2_starts = walk(
             &self.layout.v2_root,
             &self.starts,
             &self.exclude,
             self.prune.as_deref(),
+            |dir, abs| {
+                if let Some(watcher) = watcher.as_mut() {
+                    watcher.watch(Tree::V2, dir, abs);
+                }
+            },
             |dir, abs, has_children| {
                 let role =
                     classify_v2(&dir.rel, managed_root, has_children, || cgroupfs::first_pid(abs).is_some());
@@ -308,16 +451,11 @@ impl Discovery {
             skipped += self.add_v1_only(&mut found);
         }
         self.skipped = skipped;
-        found
-    }
+        self.found = found;
 
-    /// Cgroups skipped in the last scan because max_tracked was reached.
-    pub fn skipped(&self) -> u64 {
-        self.skipped
-    }
-
-    pub fn layout(&self) -> &Layout {
-        &self.layout
+        if let Some(error) = self.watcher.as_mut().and_then(Watcher::end_walk) {
+            self.stop_watching(&error);
+        }
     }
 
     /// The v1 cgroups of the v2 instance `dir`, from the cache while it is fresh.
@@ -332,11 +470,11 @@ impl Discovery {
                     && link.resolved
                     && scans.saturating_sub(link.checked_at) < RESOLVE_EVERY_SCANS;
                 if !fresh {
-                    *link = resolve_link(layout, dir, scans);
+                    *link = resolve_link(layout, &dir.rel, dir.ino, scans);
                 }
                 link
             }
-            Entry::Vacant(entry) => entry.insert(resolve_link(layout, dir, scans)),
+            Entry::Vacant(entry) => entry.insert(resolve_link(layout, &dir.rel, dir.ino, scans)),
         };
         link.seen_at = scans;
         link
@@ -351,8 +489,15 @@ impl Discovery {
         let scans = self.scans;
         let owner_cap = self.max_tracked;
         let owners = &mut self.owners;
+        let watcher = &mut self.watcher;
         let mut candidates: Vec<(Dir, Option<String>)> = Vec::new();
-        walk(&memory_root, &self.starts, &self.exclude, self.prune.as_deref(), |dir, abs, _| {
+        let enter = |dir: &Dir, abs: &Path| {
+            if let Some(watcher) = watcher.as_mut() {
+                watcher.watch(Tree::MemoryV1, dir, abs);
+            }
+        };
+        let (starts, exclude, prune) = (&self.starts, &self.exclude, self.prune.as_deref());
+        let start_inodes = walk(&memory_root, starts, exclude, prune, enter, |dir, abs, _| {
             if dir.rel == "/" {
                 return true;
             }
@@ -369,7 +514,7 @@ impl Discovery {
                         owners.remove(&dir.rel);
                         return true;
                     };
-                    // Bounded like the instances themselves; past it, owners are looked up every scan.
+                    // Bounded like the instances themselves; past it, owners are looked up every walk.
                     if owners.len() < owner_cap || owners.contains_key(&dir.rel) {
                         owners.insert(dir.rel.clone(), owner.clone());
                     }
@@ -381,6 +526,7 @@ impl Discovery {
             }
             true
         });
+        self.memory_v1_starts = start_inodes;
         owners.retain(|_, owner| owner.seen_at == scans);
 
         if candidates.is_empty() {
@@ -415,10 +561,10 @@ impl Discovery {
     }
 }
 
-/// Looks up the v1 cgroups of the v2 cgroup `dir` through its first process.
-fn resolve_link(layout: &Layout, dir: &Dir, scans: u64) -> V1Link {
+/// Looks up the v1 cgroups of the v2 cgroup `rel` (inode `ino`) through its first process.
+fn resolve_link(layout: &Layout, rel: &str, ino: u64, scans: u64) -> V1Link {
     let mut link = V1Link {
-        v2_ino: dir.ino,
+        v2_ino: ino,
         checked_at: scans,
         seen_at: scans,
         resolved: false,
@@ -427,7 +573,7 @@ fn resolve_link(layout: &Layout, dir: &Dir, scans: u64) -> V1Link {
         memcg_id: None,
     };
     let Some(paths) =
-        cgroupfs::first_pid(&layout.v2_dir(&dir.rel)).and_then(|pid| cgroupfs::pid_cgroups(pid).ok())
+        cgroupfs::first_pid(&layout.v2_dir(rel)).and_then(|pid| cgroupfs::pid_cgroups(pid).ok())
     else {
         return link;
     };
@@ -443,7 +589,7 @@ fn resolve_link(layout: &Layout, dir: &Dir, scans: u64) -> V1Link {
         .and_then(|dir| fs::symlink_metadata(dir).ok())
         .map(|meta| meta.ino());
     if link.memory_v1.is_some() && link.memcg_id.is_none() {
-        // The v1 cgroup vanished after the process was read: try again next scan.
+        // The v1 cgroup vanished after the process was read: unresolved, so it is tried again soon.
         link.memory_v1 = None;
         link.resolved = false;
     }
@@ -491,31 +637,30 @@ fn classify_v2(
 }
 
 /// Depth-first walk of the cgroup directories below `root`, starting at each of `starts` (relative paths),
-/// skipping `exclude`d subtrees and `prune`. `visit` gets each directory, its absolute path and whether
-/// it has child cgroups, and says whether to descend into them. Symlinks are never followed; directories
-/// that vanish mid-walk are skipped.
+/// skipping `exclude`d subtrees and `prune`. `enter` gets each directory and its absolute path before its
+/// entries are read (so a watch it adds sees every later change); `visit` gets it after, with whether it
+/// has child cgroups, and says whether to descend into them. Symlinks are never followed; directories that
+/// vanish mid-walk are skipped. Returns the inode of each start (`None` where there is no directory).
 fn walk(
     root: &Path,
     starts: &[String],
     exclude: &[String],
     prune: Option<&str>,
+    mut enter: impl FnMut(&Dir, &Path),
     mut visit: impl FnMut(&Dir, &Path, bool) -> bool,
-) {
+) -> Vec<Option<u64>> {
     let mut stack: Vec<Dir> = Vec::new();
     let mut children: Vec<Dir> = Vec::new();
+    let mut start_inodes = Vec::with_capacity(starts.len());
     for start in starts {
-        let abs = root.join(start.trim_start_matches('/'));
-        match fs::symlink_metadata(&abs) {
-            Ok(meta) if meta.is_dir() => stack.push(Dir { rel: start.clone(), ino: meta.ino() }),
-            Ok(_) => continue,
-            Err(e) => {
-                log_unexpected(&abs, &e);
-                continue;
-            }
-        }
+        let ino = start_inode(root, start);
+        start_inodes.push(ino);
+        let Some(ino) = ino else { continue };
+        stack.push(Dir { rel: start.clone(), ino });
 
         while let Some(dir) = stack.pop() {
             let abs = root.join(dir.rel.trim_start_matches('/'));
+            enter(&dir, &abs);
             let entries = match fs::read_dir(&abs) {
                 Ok(entries) => entries,
                 Err(e) => {
@@ -551,6 +696,218 @@ fn walk(
             }
         }
     }
+    start_inodes
+}
+
+/// The inode of the directory `start` below `root`; `None` if there is none (or a symlink).
+fn start_inode(root: &Path, start: &str) -> Option<u64> {
+    let abs = root.join(start.trim_start_matches('/'));
+    match fs::symlink_metadata(&abs) {
+        Ok(meta) if meta.is_dir() => Some(meta.ino()),
+        Ok(_) => None,
+        Err(e) => {
+            log_unexpected(&abs, &e);
+            None
+        }
+    }
+}
+
+/// The hierarchy a watched directory belongs to: the same relative path can exist in both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tree {
+    V2,
+    MemoryV1,
+}
+
+/// What makes a watched directory worth walking again: a child cgroup made, removed or renamed (v1), a
+/// write to a file below, the directory itself going away.
+const DIR_EVENTS: WatchMask = WatchMask::CREATE
+    .union(WatchMask::DELETE)
+    .union(WatchMask::MOVED_FROM)
+    .union(WatchMask::MOVED_TO)
+    .union(WatchMask::MODIFY)
+    .union(WatchMask::DELETE_SELF)
+    .union(WatchMask::MOVE_SELF)
+    .union(WatchMask::ONLYDIR)
+    .union(WatchMask::DONT_FOLLOW);
+
+/// The files whose modification can change which cgroups are instances or what their processes say:
+/// `populated` in `cgroup.events`, processes (threads, in v1 `tasks`) moved in by a write. Writes to any
+/// other file (limits Vigil or systemd set) change nothing a walk sees.
+const MEMBERSHIP_FILES: [&str; 4] = ["cgroup.events", "cgroup.procs", "cgroup.threads", "tasks"];
+
+/// One buffer holds at least one event with the longest name (16 + 256 bytes); a few hundred usually.
+const EVENT_BUFFER_BYTES: usize = 4096;
+
+/// An inotify watch on every walked directory, which tells [`Discovery::scan`] whether a walk could find
+/// anything new.
+struct Watcher {
+    inotify: Inotify,
+    buffer: Vec<u8>,
+    v2: HashMap<String, Watched>,
+    memory_v1: HashMap<String, Watched>,
+    /// The directory watches held now; events from any other (one just removed, a pin) say nothing new.
+    live: HashSet<i32>,
+    /// Counts walks, to find the watches of directories the last walk did not meet.
+    walk: u64,
+    /// The first error adding a watch met during this walk, other than the directory having vanished.
+    failed: Option<io::Error>,
+}
+
+struct Watched {
+    ino: u64,
+    dir: WatchDescriptor,
+    /// A watch on the directory's `cgroup.events` (v2), held only to keep the file's inode in memory: the
+    /// kernel reports a change of `populated` (kernfs_notify) only for a file inode it has in memory, and
+    /// then also to the directory's watch, which is where it is read. It listens for an event kernfs never
+    /// sends, so it adds nothing to the queue.
+    pin: Option<WatchDescriptor>,
+    walk: u64,
+}
+
+impl Watcher {
+    fn new() -> io::Result<Self> {
+        Ok(Self {
+            inotify: Inotify::init()?,
+            buffer: vec![0; EVENT_BUFFER_BYTES],
+            v2: HashMap::new(),
+            memory_v1: HashMap::new(),
+            live: HashSet::new(),
+            walk: 0,
+            failed: None,
+        })
+    }
+
+    /// How many directories are watched.
+    fn len(&self) -> usize {
+        self.v2.len() + self.memory_v1.len()
+    }
+
+    /// Reads every queued event without blocking; true if any of them may change what a walk finds.
+    fn drain(&mut self) -> io::Result<bool> {
+        let mut changed = false;
+        loop {
+            match self.inotify.read_events(&mut self.buffer) {
+                Ok(events) => {
+                    for event in events {
+                        changed |= is_change(&event, &self.live);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(changed),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn begin_walk(&mut self) {
+        self.walk += 1;
+    }
+
+    /// Watches `dir` (at `abs`) unless it is watched already. Called before the walk reads the directory.
+    fn watch(&mut self, tree: Tree, dir: &Dir, abs: &Path) {
+        if self.failed.is_some() {
+            return;
+        }
+        let walk = self.walk;
+        let watched = match tree {
+            Tree::V2 => &mut self.v2,
+            Tree::MemoryV1 => &mut self.memory_v1,
+        };
+        match watched.get_mut(&dir.rel) {
+            Some(known) if known.ino == dir.ino => {
+                known.walk = walk;
+                return;
+            }
+            // Re-created under the same name: a new inode, which the old watch does not see.
+            Some(_) => {
+                if let Some(old) = watched.remove(&dir.rel) {
+                    unwatch(&self.inotify, &mut self.live, &old);
+                }
+            }
+            None => {}
+        }
+
+        let mut watches = self.inotify.watches();
+        let dir_watch = match watches.add(abs, DIR_EVENTS) {
+            Ok(wd) => wd,
+            // Gone since it was listed: its parent's watch (a start's inode check) reports that.
+            Err(e) if vanished(&e) => return,
+            Err(e) => {
+                self.failed = Some(e);
+                return;
+            }
+        };
+        let pin = match tree {
+            Tree::V2 => match watches.add(abs.join("cgroup.events"), WatchMask::DELETE_SELF) {
+                Ok(wd) => Some(wd),
+                // The root cgroup has no cgroup.events.
+                Err(e) if vanished(&e) => None,
+                Err(e) => {
+                    let _ = watches.remove(dir_watch);
+                    self.failed = Some(e);
+                    return;
+                }
+            },
+            Tree::MemoryV1 => None,
+        };
+        self.live.insert(dir_watch.get_watch_descriptor_id());
+        watched.insert(dir.rel.clone(), Watched { ino: dir.ino, dir: dir_watch, pin, walk });
+    }
+
+    /// Drops the watches of directories this walk did not meet (removed, or no longer walked). Returns the
+    /// error that stopped a watch from being added, if one did: the caller gives up on inotify then.
+    fn end_walk(&mut self) -> Option<io::Error> {
+        let walk = self.walk;
+        let (inotify, live) = (&self.inotify, &mut self.live);
+        for watched in [&mut self.v2, &mut self.memory_v1] {
+            watched.retain(|_, w| {
+                let met = w.walk == walk;
+                if !met {
+                    unwatch(inotify, live, w);
+                }
+                met
+            });
+        }
+        self.failed.take()
+    }
+}
+
+/// Removes the watches of one directory. The kernel may have removed them already (an unmount); and a
+/// removed cgroup's watch lingers until removed here, as kernfs reports no IN_DELETE_SELF.
+fn unwatch(inotify: &Inotify, live: &mut HashSet<i32>, watched: &Watched) {
+    live.remove(&watched.dir.get_watch_descriptor_id());
+    let mut watches = inotify.watches();
+    let _ = watches.remove(watched.dir.clone());
+    if let Some(pin) = &watched.pin {
+        let _ = watches.remove(pin.clone());
+    }
+}
+
+/// Whether an inotify event may change what a walk finds. Events of watches no longer `live` are about
+/// directories the last walk did not meet, or the IN_IGNORED that follows removing a watch.
+fn is_change(event: &Event<&OsStr>, live: &HashSet<i32>) -> bool {
+    let mask = event.mask;
+    if mask.contains(EventMask::Q_OVERFLOW) {
+        // Events were lost: only a walk knows what they said.
+        return true;
+    }
+    if !live.contains(&event.wd.get_watch_descriptor_id()) {
+        return false;
+    }
+    if mask.intersects(EventMask::CREATE | EventMask::DELETE | EventMask::MOVED_FROM | EventMask::MOVED_TO) {
+        return mask.contains(EventMask::ISDIR);
+    }
+    if mask.contains(EventMask::MODIFY) {
+        return event.name.is_some_and(|name| MEMBERSHIP_FILES.iter().any(|file| name == *file));
+    }
+    // The directory itself went away or moved, or the kernel dropped the watch (IN_IGNORED, unmount).
+    mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::IGNORED | EventMask::UNMOUNT)
+}
+
+/// Whether adding a watch failed because the path is gone (or was replaced by a non-directory).
+fn vanished(error: &io::Error) -> bool {
+    matches!(error.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory)
 }
 
 fn log_unexpected(path: &Path, error: &io::Error) {
@@ -838,6 +1195,75 @@ mod tests {
         fs::remove_dir_all(&root).unwrap();
         assert_eq!(capped.scan(), vec![]);
         assert_eq!(capped.skipped(), 0);
+    }
+
+    #[test]
+    fn scans_walk_again_only_after_a_change() {
+        let root = std::env::temp_dir().join(format!("vigil-discovery-watch-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        for dir in ["a", "b/c"] {
+            fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        let paths = |found: &[DiscoveredCgroup]| -> Vec<String> {
+            found.iter().filter_map(|c| c.paths.v2.clone()).collect()
+        };
+        let layout = Layout { v2_root: root.clone(), v1: None };
+        let mut discovery = Discovery::new(layout, WatchConfig::default());
+        assert!(discovery.watcher.is_some(), "inotify is available");
+
+        let found = discovery.scan();
+        assert_eq!(paths(&found), ["/a", "/b/c"]);
+        for _ in 0..5 {
+            assert_eq!(discovery.scan(), found);
+        }
+        assert_eq!(discovery.full_scans(), 1, "nothing changed, so nothing was walked again");
+
+        fs::create_dir(root.join("b/d")).unwrap();
+        let found = discovery.scan();
+        assert_eq!(paths(&found), ["/a", "/b/c", "/b/d"]);
+        assert_eq!(discovery.scan(), found);
+        assert_eq!(discovery.full_scans(), 2, "a mkdir makes exactly one walk");
+
+        // A limit written changes nothing a walk sees; a process moved in may.
+        fs::write(root.join("a/memory.high"), "1\n").unwrap();
+        discovery.scan();
+        assert_eq!(discovery.full_scans(), 2);
+        fs::write(root.join("a/cgroup.procs"), "1\n").unwrap();
+        discovery.scan();
+        assert_eq!(discovery.full_scans(), 3);
+
+        fs::remove_dir(root.join("b/c")).unwrap();
+        fs::remove_dir(root.join("b/d")).unwrap();
+        let found = discovery.scan();
+        assert_eq!(paths(&found), ["/a", "/b"], "an emptied parent is a leaf, so an instance");
+        assert_eq!(discovery.scan(), found, "removing the watches of removed directories is no change");
+        assert_eq!(discovery.full_scans(), 4);
+
+        // The safety net: a walk every FULL_SCAN_EVERY_SCANS scans, events or not (one scan since the last).
+        let before = discovery.full_scans();
+        for _ in 2..FULL_SCAN_EVERY_SCANS {
+            discovery.scan();
+        }
+        assert_eq!(discovery.full_scans(), before);
+        discovery.scan();
+        assert_eq!(discovery.full_scans(), before + 1);
+
+        // No watch sees the root go (its parent is not watched); its inode is checked every scan.
+        fs::remove_dir_all(&root).unwrap();
+        assert_eq!(discovery.scan(), vec![]);
+        fs::create_dir_all(root.join("e")).unwrap();
+        assert_eq!(paths(&discovery.scan()), ["/e"]);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn without_inotify_every_scan_walks() {
+        let mut discovery = Discovery::new(pure_v2(), WatchConfig::default());
+        discovery.watcher = None;
+        for _ in 0..3 {
+            assert_eq!(discovery.scan(), vec![]);
+        }
+        assert_eq!(discovery.full_scans(), 3);
     }
 
     #[test]

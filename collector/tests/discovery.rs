@@ -249,3 +249,63 @@ fn v1_memory_cgroup_of_processes_in_the_v2_root_is_an_instance() {
     let found = discovery.scan();
     assert!(!found.iter().any(|c| c.paths.memory_v1.as_deref() == Some(v1_rel.as_str())));
 }
+
+#[test]
+fn scans_walk_again_only_when_cgroups_change() {
+    require_root();
+    let layout = Layout::detect().expect("detect cgroup layout");
+    let mut cleanup = Cleanup::default();
+    // A tree of its own, so that the other tests' cgroups are no change to it.
+    let top_rel = format!("/{}", unique_name());
+    cleanup.mkdir(layout.v2_dir(&top_rel));
+    let a_rel = join_rel(&top_rel, "a");
+    let a = cleanup.mkdir(layout.v2_dir(&a_rel));
+    let watch = WatchConfig { include: vec![top_rel.clone()], ..WatchConfig::default() };
+    let mut discovery = Discovery::new(layout.clone(), watch);
+
+    let found = discovery.scan();
+    assert!(find(&found, &a_rel).is_some(), "{a_rel} not discovered in {found:#?}");
+    for _ in 0..4 {
+        assert_eq!(discovery.scan(), found);
+    }
+    assert_eq!(discovery.full_scans(), 1, "nothing changed, so nothing was walked again");
+
+    let b_rel = join_rel(&top_rel, "b");
+    let b = cleanup.mkdir(layout.v2_dir(&b_rel));
+    let found = discovery.scan();
+    assert!(find(&found, &b_rel).is_some(), "{b_rel} not discovered after creation");
+    assert_eq!(discovery.scan(), found);
+    assert_eq!(discovery.full_scans(), 2, "a mkdir makes exactly one walk");
+
+    // A process moved in: a write to cgroup.procs, and `populated` in cgroup.events, which the kernel
+    // reports from a work queue a moment later.
+    spawn_sleeper_in(&mut cleanup, &[a.as_path()]);
+    thread::sleep(Duration::from_millis(100));
+    discovery.scan();
+    discovery.scan();
+    assert_eq!(discovery.full_scans(), 3, "a process moving in makes one walk");
+
+    // A process exiting touches no file: only `populated` in cgroup.events says the cgroup emptied.
+    let mut child = cleanup.child.take().expect("the sleeper");
+    child.kill().expect("kill the sleeper");
+    child.wait().expect("reap the sleeper");
+    // Fewer scans than FULL_SCAN_EVERY_SCANS, so the walk is not the periodic one.
+    for _ in 0..20 {
+        if discovery.full_scans() > 3 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+        discovery.scan();
+    }
+    assert_eq!(discovery.full_scans(), 4, "the cgroup emptying made no walk");
+
+    rmdir_patiently(&b).expect("remove b");
+    let found = discovery.scan();
+    assert!(find(&found, &b_rel).is_none(), "{b_rel} still discovered after removal");
+    assert_eq!(discovery.scan(), found);
+    assert_eq!(discovery.full_scans(), 5, "an rmdir makes exactly one walk");
+
+    // The start itself has no watched parent: its removal is seen by its inode, in the next scan.
+    cleanup.remove_all();
+    assert_eq!(discovery.scan(), vec![]);
+}
