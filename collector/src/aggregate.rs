@@ -43,7 +43,7 @@ fn counters_of(input: &TickInput<'_>, probes: &ProbeReadout) -> Counters {
     let mut c = Counters::default();
     if let Some(id) = input.cgroup.cgroup_id {
         if let Some(f) = probes.faults.get(&id) {
-            c.minor_faults = f.minor;
+            c.minor_faults = f.minor();
             c.major_faults = f.major;
         }
         if let Some(s) = probes.cpu.get(&id) {
@@ -237,7 +237,7 @@ mod tests {
         // (cgroup id, minor faults, memcg id, swap-in pages)
         let mut r = ProbeReadout::default();
         for &(id, minor, memcg, swapin) in entries {
-            r.faults.insert(id, FaultCounts { minor, major: 1 });
+            r.faults.insert(id, FaultCounts { all: minor + 1, major: 1 });
             r.memcg.insert(memcg, MemcgCounts { swap_in_pages: swapin, swap_out_pages: 0, major_faults: 1 });
             r.cpu.insert(id, CpuStats { on_cpu_ns: minor * 1_000_000, ..Default::default() });
         }

@@ -45,12 +45,6 @@ impl EnumType {
     }
 }
 
-/// Reads `path` and returns the enum called `name`.
-pub fn read_enum(path: &Path, name: &str) -> Result<EnumType, BtfError> {
-    let data = std::fs::read(path).map_err(|source| BtfError::Read { path: path.to_path_buf(), source })?;
-    find_enum(&data, name)
-}
-
 fn u16_at(data: &[u8], at: usize, what: &'static str) -> Result<u16, BtfError> {
     let b =
         data.get(at..at + 2).ok_or(BtfError::Truncated { what, start: at, end: at + 2, len: data.len() })?;
@@ -103,12 +97,19 @@ pub struct VmEventItems {
     pub pswpin: i32,
     pub pswpout: i32,
     pub pgmajfault: i32,
+    pub pgfault: i32,
 }
 
-pub fn vm_event_items(path: &Path) -> Result<VmEventItems, BtfError> {
-    let e = read_enum(path, "vm_event_item")?;
+/// The items in raw BTF bytes.
+pub fn vm_event_items(data: &[u8]) -> Result<VmEventItems, BtfError> {
+    let e = find_enum(data, "vm_event_item")?;
     let get = |m: &str| e.value(m).map(|v| v as i32);
-    Ok(VmEventItems { pswpin: get("PSWPIN")?, pswpout: get("PSWPOUT")?, pgmajfault: get("PGMAJFAULT")? })
+    Ok(VmEventItems {
+        pswpin: get("PSWPIN")?,
+        pswpout: get("PSWPOUT")?,
+        pgmajfault: get("PGMAJFAULT")?,
+        pgfault: get("PGFAULT")?,
+    })
 }
 
 /// One record of the type section: kind, name, `info`, and where its body starts in the type section.
@@ -232,14 +233,8 @@ pub struct KernelLayout {
 
 pub fn kernel_layout(path: &Path) -> Result<KernelLayout, BtfError> {
     let data = std::fs::read(path).map_err(|source| BtfError::Read { path: path.to_path_buf(), source })?;
-    let e = find_enum(&data, "vm_event_item")?;
-    let get = |m: &str| e.value(m).map(|v| v as i32);
     Ok(KernelLayout {
-        items: VmEventItems {
-            pswpin: get("PSWPIN")?,
-            pswpout: get("PSWPOUT")?,
-            pgmajfault: get("PGMAJFAULT")?,
-        },
+        items: vm_event_items(&data)?,
         task_pid_offset: struct_member_offset(&data, "task_struct", "pid")?,
         memcg_css_offset: struct_member_offset(&data, "mem_cgroup", "css")?,
         css_cgroup_offset: struct_member_offset(&data, "cgroup_subsys_state", "cgroup")?,
@@ -321,7 +316,8 @@ mod tests {
     #[test]
     fn kernel_vm_event_items_are_distinct() {
         // The running kernel's BTF: the three items exist and differ (their values vary by config).
-        let items = vm_event_items(Path::new(VMLINUX_BTF)).expect("kernel BTF readable");
+        let items = kernel_layout(Path::new(VMLINUX_BTF)).expect("kernel BTF readable").items;
+        assert_ne!(items.pgfault, items.pgmajfault);
         assert_ne!(items.pswpin, items.pswpout);
         assert_ne!(items.pswpin, items.pgmajfault);
         assert!(items.pswpin >= 0 && items.pswpout >= 0 && items.pgmajfault >= 0);

@@ -8,8 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use aya::maps::{MapData, MapError, PerCpuArray, PerCpuHashMap};
-use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
-use aya::programs::{PerfEvent, ProgramError, RawTracePoint};
+use aya::programs::{ProgramError, RawTracePoint};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use vigil_common::{CpuStats, FaultCounts, MemcgCounts, PROBE_COUNT, maps};
 
@@ -34,8 +33,6 @@ pub enum ProbeError {
     Attach { program: &'static str, target: String, source: ProgramError },
     #[error("map `{map}`: {source}")]
     Map { map: &'static str, source: MapError },
-    #[error("listing online CPUs from {file}: {source}")]
-    Cpus { file: &'static str, source: std::io::Error },
 }
 
 /// Everything the probes counted, summed over CPUs.
@@ -62,10 +59,9 @@ pub struct Probes {
 }
 
 fn sum_faults(values: &[FaultCounts]) -> FaultCounts {
-    values.iter().fold(FaultCounts::default(), |a, v| FaultCounts {
-        minor: a.minor + v.minor,
-        major: a.major + v.major,
-    })
+    values
+        .iter()
+        .fold(FaultCounts::default(), |a, v| FaultCounts { all: a.all + v.all, major: a.major + v.major })
 }
 
 fn sum_memcg(values: &[MemcgCounts]) -> MemcgCounts {
@@ -90,8 +86,7 @@ fn sum_cpu(values: &[CpuStats]) -> CpuStats {
 }
 
 impl Probes {
-    /// Loads and attaches all probes: page faults on every online CPU, memcg events, scheduler switches and
-    /// wake-ups.
+    /// Loads and attaches all probes: memcg events (page faults, swap), scheduler switches and wake-ups.
     pub fn load() -> Result<Probes, ProbeError> {
         let layout = btf::kernel_layout(Path::new(btf::VMLINUX_BTF))?;
         let items = layout.items;
@@ -107,6 +102,7 @@ impl Probes {
             .override_global("PSWPIN_ITEM", &items.pswpin, true)
             .override_global("PSWPOUT_ITEM", &items.pswpout, true)
             .override_global("PGMAJFAULT_ITEM", &items.pgmajfault, true)
+            .override_global("PGFAULT_ITEM", &items.pgfault, true)
             .override_global("TASK_PID_OFF", &pid_off, true)
             .override_global("MEMCG_CSS_OFF", &css_off, true)
             .override_global("CSS_CGROUP_OFF", &cg_off, true)
@@ -115,33 +111,6 @@ impl Probes {
             .load(PROBES_OBJECT)
             .map_err(ProbeError::Load)?;
 
-        let cpus = aya::util::online_cpus().map_err(|(file, source)| ProbeError::Cpus { file, source })?;
-        for (program, event) in [
-            ("page_fault_minor", SoftwareEvent::PageFaultsMin),
-            ("page_fault_major", SoftwareEvent::PageFaultsMaj),
-        ] {
-            let prog: &mut PerfEvent = ebpf
-                .program_mut(program)
-                .ok_or(ProbeError::NoProgram(program))?
-                .try_into()
-                .map_err(|source| ProbeError::Program { program, source })?;
-            prog.load().map_err(|source| ProbeError::Program { program, source })?;
-            for &cpu in &cpus {
-                // Period 1: every fault runs the program once, so counts are exact and never throttled
-                // (the kernel throttles only the second and later overflows of one event batch).
-                prog.attach(
-                    PerfEventConfig::Software(event),
-                    PerfEventScope::AllProcessesOneCpu { cpu },
-                    SamplePolicy::Period(1),
-                    false,
-                )
-                .map_err(|source| ProbeError::Attach {
-                    program,
-                    target: format!("cpu {cpu}"),
-                    source,
-                })?;
-            }
-        }
         // Raw tracepoints: the program gets the tracepoint's arguments, no trace record is formatted.
         for (program, targets) in [
             ("memcg_events", &["count_memcg_events"][..]),

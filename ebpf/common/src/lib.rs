@@ -3,12 +3,19 @@
 //! `user` feature adds the `aya::Pod` markers user space needs to read them.
 #![no_std]
 
-/// Page faults of one cgroup as counted by the perf_event probes (per CPU; user space sums the CPUs).
+/// Page faults taken by the tasks of one v2 cgroup (per CPU; user space sums the CPUs): every fault
+/// (PGFAULT) and the major ones among them (PGMAJFAULT); minor = all − major.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FaultCounts {
-    pub minor: u64,
+    pub all: u64,
     pub major: u64,
+}
+
+impl FaultCounts {
+    pub const fn minor(&self) -> u64 {
+        self.all.saturating_sub(self.major)
+    }
 }
 
 /// Memory-cgroup events counted from the `memcg:count_memcg_events` tracepoint, keyed by the memory
@@ -60,24 +67,22 @@ pub struct CpuSwitchState {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Probe {
-    FaultMinor = 0,
-    FaultMajor = 1,
-    Memcg = 2,
-    SchedSwitch = 3,
-    SchedWakeup = 4,
+    Faults = 0,
+    Memcg = 1,
+    SchedSwitch = 2,
+    SchedWakeup = 3,
 }
 
-pub const PROBE_COUNT: u32 = 5;
+pub const PROBE_COUNT: u32 = 4;
 
 impl Probe {
     pub const ALL: [Probe; PROBE_COUNT as usize] =
-        [Probe::FaultMinor, Probe::FaultMajor, Probe::Memcg, Probe::SchedSwitch, Probe::SchedWakeup];
+        [Probe::Faults, Probe::Memcg, Probe::SchedSwitch, Probe::SchedWakeup];
 
     /// The `probe` label of `vigil_probe_errors_total`.
     pub const fn name(self) -> &'static str {
         match self {
-            Probe::FaultMinor => "page_fault_minor",
-            Probe::FaultMajor => "page_fault_major",
+            Probe::Faults => "page_faults",
             Probe::Memcg => "memcg_events",
             Probe::SchedSwitch => "sched_switch",
             Probe::SchedWakeup => "sched_wakeup",

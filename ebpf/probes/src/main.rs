@@ -10,22 +10,25 @@
 use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
     helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
-    macros::{map, perf_event, raw_tracepoint},
+    macros::{map, raw_tracepoint},
     maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
-    programs::{PerfEventContext, RawTracePointContext},
+    programs::RawTracePointContext,
 };
 use vigil_common::{
     CpuStats, CpuSwitchState, FaultCounts, MAX_CGROUPS, MemcgCounts, PROBE_COUNT, Probe, RUNQ_BUCKETS,
     log2_bucket,
 };
 
-/// `vm_event_item` numbers of PSWPIN, PSWPOUT and PGMAJFAULT, read from BTF by the loader; -1 matches nothing.
+/// `vm_event_item` numbers of PSWPIN, PSWPOUT, PGMAJFAULT and PGFAULT, read from BTF by the loader; -1 matches
+/// nothing.
 #[unsafe(no_mangle)]
 static PSWPIN_ITEM: i32 = -1;
 #[unsafe(no_mangle)]
 static PSWPOUT_ITEM: i32 = -1;
 #[unsafe(no_mangle)]
 static PGMAJFAULT_ITEM: i32 = -1;
+#[unsafe(no_mangle)]
+static PGFAULT_ITEM: i32 = -1;
 
 /// Offsets along `memcg->css.cgroup->kn->id` (the memory cgroup's id as the classic tracepoint reports it),
 /// from BTF; -1 until the loader sets them.
@@ -94,30 +97,12 @@ fn entry<V: Default>(map: &PerCpuHashMap<u64, V>, key: u64, probe: Probe) -> Opt
     v
 }
 
-#[perf_event]
-pub fn page_fault_minor(_ctx: PerfEventContext) -> u32 {
-    // SAFETY: helper with no arguments.
-    let cg = unsafe { bpf_get_current_cgroup_id() };
-    if let Some(v) = entry(&FAULTS, cg, Probe::FaultMinor) {
-        // SAFETY: per-CPU value.
-        unsafe { (*v).minor += 1 };
-    }
-    0
-}
-
-#[perf_event]
-pub fn page_fault_major(_ctx: PerfEventContext) -> u32 {
-    // SAFETY: helper with no arguments.
-    let cg = unsafe { bpf_get_current_cgroup_id() };
-    if let Some(v) = entry(&FAULTS, cg, Probe::FaultMajor) {
-        // SAFETY: per-CPU value.
-        unsafe { (*v).major += 1 };
-    }
-    0
-}
-
-/// `count_memcg_events(struct mem_cgroup *memcg, int item, unsigned long val)`. It fires on every page fault
-/// (PGFAULT), so the item is checked first and the id is read only for the three items counted.
+/// `count_memcg_events(struct mem_cgroup *memcg, int item, unsigned long val)`.
+///
+/// It fires in the faulting task for every page fault (PGFAULT, and PGMAJFAULT when the fault needed I/O),
+/// which makes it the page-fault probe too: faults are counted for the current task's v2 cgroup, and swap
+/// and major-fault events for the memory cgroup named in the arguments. A perf_event program with period 1
+/// counted the same faults but nearly doubled the cost of a fault on these machines (bench/probe_cost.rs).
 #[raw_tracepoint(tracepoint = "count_memcg_events")]
 pub fn memcg_events(ctx: RawTracePointContext) -> i32 {
     if try_memcg_events(&ctx).is_err() {
@@ -137,14 +122,32 @@ fn read_at<T>(base: *const u8, off: i32) -> Result<T, i64> {
 
 fn try_memcg_events(ctx: &RawTracePointContext) -> Result<(), i64> {
     let item = ctx.arg::<u64>(1) as i32;
+    let is_fault = item == global(&PGFAULT_ITEM);
+    let is_maj = item == global(&PGMAJFAULT_ITEM);
     let is_in = item == global(&PSWPIN_ITEM);
     let is_out = item == global(&PSWPOUT_ITEM);
-    let is_maj = item == global(&PGMAJFAULT_ITEM);
-    if !(is_in || is_out || is_maj) {
+    if !(is_fault || is_maj || is_in || is_out) {
         return Ok(());
     }
-    let memcg: *const u8 = ctx.arg(0);
     let val: u64 = ctx.arg(2);
+    if is_fault || is_maj {
+        // SAFETY: helper with no arguments; the event is raised in the faulting task.
+        let cg = unsafe { bpf_get_current_cgroup_id() };
+        if let Some(v) = entry(&FAULTS, cg, Probe::Faults) {
+            // SAFETY: per-CPU value.
+            unsafe {
+                if is_fault {
+                    (*v).all += val;
+                } else {
+                    (*v).major += val;
+                }
+            }
+        }
+        if is_fault {
+            return Ok(());
+        }
+    }
+    let memcg: *const u8 = ctx.arg(0);
     let css = memcg.wrapping_add(global(&MEMCG_CSS_OFF).max(0) as usize);
     let cgroup: *const u8 = read_at(css, global(&CSS_CGROUP_OFF))?;
     let kn: *const u8 = read_at(cgroup, global(&CGROUP_KN_OFF))?;
