@@ -223,6 +223,10 @@ pub struct KernelLayout {
     pub items: VmEventItems,
     /// `offsetof(struct task_struct, pid)`.
     pub task_pid_offset: u32,
+    /// `offsetof(struct task_struct, se.sum_exec_runtime)`.
+    pub task_exec_runtime_offset: u32,
+    /// `offsetof(struct task_struct, sched_info.run_delay)` (needs CONFIG_SCHED_INFO).
+    pub task_run_delay_offset: u32,
     /// The chain `memcg->css.cgroup->kn->id`: offsets of `mem_cgroup.css`, `cgroup_subsys_state.cgroup`,
     /// `cgroup.kn`, `kernfs_node.id`.
     pub memcg_css_offset: u32,
@@ -236,6 +240,10 @@ pub fn kernel_layout(path: &Path) -> Result<KernelLayout, BtfError> {
     Ok(KernelLayout {
         items: vm_event_items(&data)?,
         task_pid_offset: struct_member_offset(&data, "task_struct", "pid")?,
+        task_exec_runtime_offset: struct_member_offset(&data, "task_struct", "se")?
+            + struct_member_offset(&data, "sched_entity", "sum_exec_runtime")?,
+        task_run_delay_offset: struct_member_offset(&data, "task_struct", "sched_info")?
+            + struct_member_offset(&data, "sched_info", "run_delay")?,
         memcg_css_offset: struct_member_offset(&data, "mem_cgroup", "css")?,
         css_cgroup_offset: struct_member_offset(&data, "cgroup_subsys_state", "cgroup")?,
         cgroup_kn_offset: struct_member_offset(&data, "cgroup", "kn")?,

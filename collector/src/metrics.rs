@@ -52,7 +52,7 @@ pub const COUNTS: [Metric<FromCounters>; 3] = [
 pub const NANOSECOND_TOTALS: [Metric<FromCounters>; 2] = [
     Metric {
         name: "vigil_instance_cpu_seconds",
-        help: "CPU time of the instance's tasks (sched_switch)",
+        help: "CPU time of the instance's tasks (the kernel's per-task sum_exec_runtime, read at sched_switch)",
         unit: "s",
         get: |c| c.cpu_ns,
     },

@@ -86,11 +86,13 @@ fn sum_cpu(values: &[CpuStats]) -> CpuStats {
 }
 
 impl Probes {
-    /// Loads and attaches all probes: memcg events (page faults, swap), scheduler switches and wake-ups.
+    /// Loads and attaches all probes: memcg events (page faults, swap) and scheduler switches.
     pub fn load() -> Result<Probes, ProbeError> {
         let layout = btf::kernel_layout(Path::new(btf::VMLINUX_BTF))?;
         let items = layout.items;
         let as_i32 = |v: u32| v as i32;
+        let (exec_off, delay_off) =
+            (as_i32(layout.task_exec_runtime_offset), as_i32(layout.task_run_delay_offset));
         let (pid_off, css_off, cg_off, kn_off, id_off) = (
             as_i32(layout.task_pid_offset),
             as_i32(layout.memcg_css_offset),
@@ -104,6 +106,8 @@ impl Probes {
             .override_global("PGMAJFAULT_ITEM", &items.pgmajfault, true)
             .override_global("PGFAULT_ITEM", &items.pgfault, true)
             .override_global("TASK_PID_OFF", &pid_off, true)
+            .override_global("TASK_EXEC_RUNTIME_OFF", &exec_off, true)
+            .override_global("TASK_RUN_DELAY_OFF", &delay_off, true)
             .override_global("MEMCG_CSS_OFF", &css_off, true)
             .override_global("CSS_CGROUP_OFF", &cg_off, true)
             .override_global("CGROUP_KN_OFF", &kn_off, true)
@@ -112,11 +116,9 @@ impl Probes {
             .map_err(ProbeError::Load)?;
 
         // Raw tracepoints: the program gets the tracepoint's arguments, no trace record is formatted.
-        for (program, targets) in [
-            ("memcg_events", &["count_memcg_events"][..]),
-            ("sched_wakeup", &["sched_wakeup", "sched_wakeup_new"][..]),
-            ("sched_switch", &["sched_switch"][..]),
-        ] {
+        for (program, targets) in
+            [("memcg_events", &["count_memcg_events"][..]), ("sched_switch", &["sched_switch"][..])]
+        {
             let prog: &mut RawTracePoint = ebpf
                 .program_mut(program)
                 .ok_or(ProbeError::NoProgram(program))?

@@ -51,16 +51,15 @@ impl Default for CpuStats {
     }
 }
 
-/// What the sched_switch probe remembers about one CPU between two switches: when the running task
-/// started, and the queueing delay of that task, attributed to its cgroup at its own switch-out (the
-/// only point where `bpf_get_current_cgroup_id()` names its cgroup without reading `task_struct`).
+/// What the sched_switch probe remembers about one CPU between two switches: which task it switched in, and
+/// that task's `sum_exec_runtime` and `sched_info.run_delay` at that moment.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CpuSwitchState {
-    pub last_switch_ns: u64,
-    pub pending_delay_ns: u64,
-    pub pending_pid: u32,
-    pub pending_valid: u32,
+    pub exec_runtime_ns: u64,
+    pub run_delay_ns: u64,
+    pub pid: u32,
+    pub valid: u32,
 }
 
 /// Index of each probe in the per-CPU `ERRORS` array.
@@ -70,14 +69,12 @@ pub enum Probe {
     Faults = 0,
     Memcg = 1,
     SchedSwitch = 2,
-    SchedWakeup = 3,
 }
 
-pub const PROBE_COUNT: u32 = 4;
+pub const PROBE_COUNT: u32 = 3;
 
 impl Probe {
-    pub const ALL: [Probe; PROBE_COUNT as usize] =
-        [Probe::Faults, Probe::Memcg, Probe::SchedSwitch, Probe::SchedWakeup];
+    pub const ALL: [Probe; PROBE_COUNT as usize] = [Probe::Faults, Probe::Memcg, Probe::SchedSwitch];
 
     /// The `probe` label of `vigil_probe_errors_total`.
     pub const fn name(self) -> &'static str {
@@ -85,7 +82,6 @@ impl Probe {
             Probe::Faults => "page_faults",
             Probe::Memcg => "memcg_events",
             Probe::SchedSwitch => "sched_switch",
-            Probe::SchedWakeup => "sched_wakeup",
         }
     }
 }

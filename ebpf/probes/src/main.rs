@@ -8,10 +8,10 @@
 #![no_main]
 
 use aya_ebpf::{
+    helpers::bpf_get_current_cgroup_id,
     helpers::bpf_probe_read_kernel,
-    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
     macros::{map, raw_tracepoint},
-    maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{PerCpuArray, PerCpuHashMap},
     programs::RawTracePointContext,
 };
 use vigil_common::{
@@ -46,6 +46,12 @@ static KN_ID_OFF: i32 = -1;
 /// pointers; -1 until the loader sets it.
 #[unsafe(no_mangle)]
 static TASK_PID_OFF: i32 = -1;
+/// `offsetof(task_struct, se.sum_exec_runtime)` and `offsetof(task_struct, sched_info.run_delay)`: the
+/// kernel's own per-task CPU time and run-queue wait, so the probe agrees with /proc/PID/schedstat.
+#[unsafe(no_mangle)]
+static TASK_EXEC_RUNTIME_OFF: i32 = -1;
+#[unsafe(no_mangle)]
+static TASK_RUN_DELAY_OFF: i32 = -1;
 
 #[map(name = "FAULTS")]
 static FAULTS: PerCpuHashMap<u64, FaultCounts> = PerCpuHashMap::with_max_entries(MAX_CGROUPS, 0);
@@ -58,10 +64,6 @@ static CPU: PerCpuHashMap<u64, CpuStats> = PerCpuHashMap::with_max_entries(MAX_C
 
 #[map(name = "ERRORS")]
 static ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(PROBE_COUNT, 0);
-
-/// When each runnable task became runnable (by pid). LRU so a task that exits never fills it.
-#[map(name = "RUNNABLE_SINCE")]
-static RUNNABLE_SINCE: LruHashMap<u32, u64> = LruHashMap::with_max_entries(65_536, 0);
 
 #[map(name = "SWITCH_STATE")]
 static SWITCH_STATE: PerCpuArray<CpuSwitchState> = PerCpuArray::with_max_entries(1, 0);
@@ -176,25 +178,6 @@ fn task_pid(task: *const u8) -> Result<u32, i64> {
     read_at::<i32>(task, global(&TASK_PID_OFF)).map(|p| p as u32)
 }
 
-/// `sched_wakeup(struct task_struct *p)` and `sched_wakeup_new`: the task is runnable from now.
-#[raw_tracepoint(tracepoint = "sched_wakeup")]
-pub fn sched_wakeup(ctx: RawTracePointContext) -> i32 {
-    let task: *const u8 = ctx.arg(0);
-    let pid = match task_pid(task) {
-        Ok(p) => p,
-        Err(_) => {
-            count_error(Probe::SchedWakeup);
-            return 0;
-        }
-    };
-    // SAFETY: helper with no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if RUNNABLE_SINCE.insert(pid, now, 0).is_err() {
-        count_error(Probe::SchedWakeup);
-    }
-    0
-}
-
 /// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)`.
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
@@ -204,60 +187,45 @@ pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// The slice that ends here belongs to `prev` (still `current`, so `bpf_get_current_cgroup_id()` names its
+/// cgroup). What `prev` ran and waited for is the growth of its own `sum_exec_runtime` and
+/// `sched_info.run_delay` since it was switched in on this CPU, when the values were stashed; the kernel
+/// adds the wait before a slice to `run_delay` just after this tracepoint, at the switch-in.
 fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), i64> {
-    let preempt: u64 = ctx.arg(0);
     let prev: *const u8 = ctx.arg(1);
     let next: *const u8 = ctx.arg(2);
-    let prev_state: u64 = ctx.arg(3);
     let prev_pid = task_pid(prev)?;
-    let next_pid = task_pid(next)?;
-    // SAFETY: helpers with no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: as above; `current` is still `prev` here.
-    let cg = unsafe { bpf_get_current_cgroup_id() };
-
     let state = SWITCH_STATE.get_ptr_mut(0).ok_or(-1i64)?;
-    // SAFETY: per-CPU slot.
+    // SAFETY: per-CPU slot; programs do not nest on one CPU.
     let state = unsafe { &mut *state };
 
-    let has_pending = state.pending_valid != 0 && state.pending_pid == prev_pid;
-    if (state.last_switch_ns != 0 || has_pending)
-        && let Some(v) = entry(&CPU, cg, Probe::SchedSwitch)
-    {
-        // SAFETY: per-CPU value.
-        let v = unsafe { &mut *v };
-        if state.last_switch_ns != 0 && now > state.last_switch_ns {
-            v.on_cpu_ns += now - state.last_switch_ns;
-        }
-        if has_pending {
-            let d = state.pending_delay_ns;
-            v.runq_delay_ns += d;
+    if state.valid != 0 && state.pid == prev_pid {
+        let exec: u64 = read_at(prev, global(&TASK_EXEC_RUNTIME_OFF))?;
+        let delay: u64 = read_at(prev, global(&TASK_RUN_DELAY_OFF))?;
+        // SAFETY: helper with no arguments.
+        let cg = unsafe { bpf_get_current_cgroup_id() };
+        if let Some(v) = entry(&CPU, cg, Probe::SchedSwitch) {
+            // SAFETY: per-CPU value.
+            let v = unsafe { &mut *v };
+            v.on_cpu_ns += exec.saturating_sub(state.exec_runtime_ns);
+            let waited = delay.saturating_sub(state.run_delay_ns);
+            v.runq_delay_ns += waited;
             v.runq_count += 1;
-            let b = log2_bucket(d);
+            let b = log2_bucket(waited);
             if b < RUNQ_BUCKETS {
                 v.runq_hist[b] += 1;
             }
         }
     }
-    state.last_switch_ns = now;
-    state.pending_valid = 0;
 
-    // A preempted (or yielding, state TASK_RUNNING) task stays runnable: its wait starts now.
-    if prev_pid != 0 && (preempt & 1 != 0 || prev_state as u32 == 0) {
-        let _ = RUNNABLE_SINCE.insert(prev_pid, now, 0);
-    }
+    state.valid = 0;
+    let next_pid = task_pid(next)?;
+    // The idle task (pid 0) is not accounted like a task; nothing to stash.
     if next_pid != 0 {
-        let key = next_pid;
-        // SAFETY: value copied out at once.
-        if let Some(since) = unsafe { RUNNABLE_SINCE.get(key) } {
-            let since = *since;
-            if now >= since {
-                state.pending_delay_ns = now - since;
-                state.pending_pid = key;
-                state.pending_valid = 1;
-            }
-            let _ = RUNNABLE_SINCE.remove(key);
-        }
+        state.exec_runtime_ns = read_at(next, global(&TASK_EXEC_RUNTIME_OFF))?;
+        state.run_delay_ns = read_at(next, global(&TASK_RUN_DELAY_OFF))?;
+        state.pid = next_pid;
+        state.valid = 1;
     }
     Ok(())
 }
