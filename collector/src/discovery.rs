@@ -190,6 +190,9 @@ struct V1Link {
     seen_at: u64,
     /// False while the cgroup had no process to look up.
     resolved: bool,
+    /// The cgroup was empty at the last look. Retrying is pointless: a process joining it is reported by
+    /// inotify (a `cgroup.procs` write or a `cgroup.events` change), which brings a walk anyway.
+    empty: bool,
     memory_v1: Option<String>,
     cpu_v1: Option<String>,
     memcg_id: Option<u64>,
@@ -367,7 +370,7 @@ impl Discovery {
         let scans = self.scans;
         self.last_resolve = scans;
         let mut resolved_any = false;
-        for (rel, link) in self.links.iter_mut().filter(|(_, link)| !link.resolved) {
+        for (rel, link) in self.links.iter_mut().filter(|(_, link)| !link.resolved && !link.empty) {
             let fresh = resolve_link(&self.layout, rel, link.v2_ino, scans);
             if fresh.resolved {
                 *link = fresh;
@@ -568,13 +571,16 @@ fn resolve_link(layout: &Layout, rel: &str, ino: u64, scans: u64) -> V1Link {
         checked_at: scans,
         seen_at: scans,
         resolved: false,
+        empty: false,
         memory_v1: None,
         cpu_v1: None,
         memcg_id: None,
     };
-    let Some(paths) =
-        cgroupfs::first_pid(&layout.v2_dir(rel)).and_then(|pid| cgroupfs::pid_cgroups(pid).ok())
-    else {
+    let Some(pid) = cgroupfs::first_pid(&layout.v2_dir(rel)) else {
+        link.empty = true;
+        return link;
+    };
+    let Some(paths) = cgroupfs::pid_cgroups(pid).ok() else {
         return link;
     };
     link.resolved = true;
