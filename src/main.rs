@@ -80,10 +80,10 @@ async fn run_collector(config: Config) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("HTTP server")?;
-    if let Some(o) = otlp {
-        if let Err(e) = o.shutdown() {
-            tracing::warn!(error = %e, "flushing OTLP metrics failed");
-        }
+    if let Some(o) = otlp
+        && let Err(e) = o.shutdown()
+    {
+        tracing::warn!(error = %e, "flushing OTLP metrics failed");
     }
     collector.stop();
     Ok(())
