@@ -162,7 +162,7 @@ fn first_snapshot() -> Snapshot {
     let mut s = Snapshot::empty();
     s.tick = 9;
     s.dropped_total = 3;
-    s.probe_errors[2] = 2; // memcg_events
+    s.probe_errors[vigil_common::Probe::Memcg as usize] = 2;
     let cpu_psi = Psi { some: PsiLine { total_us: 1_500_000, ..PsiLine::default() }, full: None };
     s.instances.push(instance(
         "echo",
