@@ -177,7 +177,10 @@ fn runqueue_delay_when_sharing_a_cpu() {
     let shared = runq_delay_of(2, "rq2");
     // Two loops on one CPU for 2 s each wait about half the time: ~1 s of delay each.
     assert!(shared >= 1.0, "two busy loops sharing a CPU waited only {shared:.3} s in total");
-    assert!(alone <= 0.1, "a busy loop alone on its CPU waited {alone:.3} s");
+    // Alone it waits only for whatever else the host runs on that CPU: under 10 % of its 2 s (a quiet CI
+    // machine measures a few ms), and far less than when sharing.
+    assert!(alone <= 0.2, "a busy loop alone on its CPU waited {alone:.3} s");
+    assert!(alone * 4.0 <= shared, "alone {alone:.3} s is not far below shared {shared:.3} s");
 }
 
 #[test]
