@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use vigil_collector::{Collector, Config, otlp};
+use vigil_healer::rules;
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +35,54 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Validate rule files or run their own test cases.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Report every mistake in the files (`file:line:column: key.path: message`).
+    Check {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// Run each file's own test cases.
+    Test {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+}
+
+/// Checks (and with `run_tests`, tests) each file; prints one line per file and case. Err when any fails.
+fn rules_command(files: &[PathBuf], run_tests: bool) -> anyhow::Result<()> {
+    let mut failed = 0usize;
+    for file in files {
+        match rules::check_file(file) {
+            Err(e) => {
+                eprintln!("{e}");
+                failed += 1;
+            }
+            Ok(set) if !run_tests => println!("ok: {} ({} rules)", file.display(), set.rules.len()),
+            Ok(set) => {
+                for outcome in rules::run_tests(&set) {
+                    match &outcome.failure {
+                        None => println!("ok: {}: {}", file.display(), outcome.name),
+                        Some(why) => {
+                            println!("FAILED: {}: {}\n{why}", file.display(), outcome.name);
+                            failed += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} failed");
+    }
+    Ok(())
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -98,6 +147,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
+        Command::Rules { command: RulesCommand::Check { files } } => rules_command(&files, false),
+        Command::Rules { command: RulesCommand::Test { files } } => rules_command(&files, true),
         Command::DefaultConfig => {
             print!("{}", vigil_collector::config::DEFAULT_YAML);
             Ok(())

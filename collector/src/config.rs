@@ -44,11 +44,12 @@ pub struct ConfigIssue {
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("{}", render(file, issues))]
+    #[error("{}", render_issues(file, issues))]
     Invalid { file: String, issues: Vec<ConfigIssue> },
 }
 
-fn render(file: &str, issues: &[ConfigIssue]) -> String {
+/// One line per issue: `file:line:column: key.path: message`.
+pub fn render_issues(file: &str, issues: &[ConfigIssue]) -> String {
     issues
         .iter()
         .map(|i| {
@@ -190,15 +191,7 @@ impl Config {
         if text.trim().is_empty() {
             return Ok(Config::default());
         }
-        // serde_path_to_error knows where in the document an error arose; serde-saphyr knows the position.
-        let mut path = String::new();
-        let config: Config = serde_saphyr::with_deserializer_from_str(text, |de| {
-            serde_path_to_error::deserialize(de).map_err(|e| {
-                path = e.path().to_string();
-                e.into_inner()
-            })
-        })
-        .map_err(|e| invalid(vec![saphyr_issue(std::mem::take(&mut path), &e)]))?;
+        let config: Config = from_yaml(text).map_err(|issue| invalid(vec![issue]))?;
         let issues = config.validate();
         if issues.is_empty() { Ok(config) } else { Err(invalid(issues)) }
     }
@@ -243,6 +236,20 @@ impl Config {
     }
 }
 
+/// Deserializes a YAML document; the first syntax or type error comes back with its position and key path.
+/// Shared by every YAML file Vigil reads (config, rules), so all report mistakes the same way.
+pub fn from_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigIssue> {
+    // serde_path_to_error knows where in the document an error arose; serde-saphyr knows the position.
+    let mut path = String::new();
+    serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            path = e.path().to_string();
+            e.into_inner()
+        })
+    })
+    .map_err(|e| saphyr_issue(std::mem::take(&mut path), &e))
+}
+
 fn saphyr_issue(path: String, e: &serde_saphyr::Error) -> ConfigIssue {
     let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
     // The rendered error repeats the position ("line 2 column 3: ...") and may add a source snippet; keep
@@ -253,8 +260,12 @@ fn saphyr_issue(path: String, e: &serde_saphyr::Error) -> ConfigIssue {
         Some((_, m)) => m,
         None => first,
     };
-    // `Spanned<T>` fields add a `.value` step of their own to the path.
-    let path = if path == "." { String::new() } else { path.trim_end_matches(".value").to_string() };
+    // `Spanned<T>` fields add a `value` step of their own to the path (also inside lists).
+    let path = if path == "." {
+        String::new()
+    } else {
+        path.split('.').filter(|step| *step != "value").collect::<Vec<_>>().join(".")
+    };
     ConfigIssue { line, column, path, message: message.to_string() }
 }
 

@@ -1,0 +1,6 @@
+//! `vigil-healer`: Vigil's decision and execution layer. It reads the collector's snapshots, evaluates the
+//! rule files over windows of them, passes proposed actions through the safety gate, and executes them:
+//! today the mechanics of the low-power standby (`standby`) on the cgroups a `CgroupDriver` manages, and
+//! the rule language (`rules`).
+
+pub mod rules;
