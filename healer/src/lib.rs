@@ -3,4 +3,8 @@
 //! today the mechanics of the low-power standby (`standby`) on the cgroups a `CgroupDriver` manages, and
 //! the rule language (`rules`).
 
+pub mod audit;
+pub mod cgroup;
+pub mod engine;
 pub mod rules;
+pub mod standby;

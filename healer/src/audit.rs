@@ -1,0 +1,74 @@
+//! The durable audit log: every decision and its outcome, appended to an embedded redb database under the
+//! data directory, so the record survives restarts and crashes (redb commits are atomic).
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::Serialize;
+
+/// Sequence number → the decision as JSON.
+const DECISIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("decisions");
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("creating the data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("opening the audit log {path}: {source}")]
+    Open { path: PathBuf, source: Box<redb::DatabaseError> },
+    #[error("audit log {path}: {source}")]
+    Store { path: PathBuf, source: Box<redb::Error> },
+    #[error("encoding a decision: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// An append-only log of JSON records numbered from 1.
+pub struct AuditLog {
+    db: Database,
+    path: PathBuf,
+}
+
+impl AuditLog {
+    /// Opens (or creates) `<data_dir>/audit.redb`.
+    pub fn open(data_dir: &Path) -> Result<AuditLog, AuditError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|source| AuditError::DataDir { path: data_dir.to_path_buf(), source })?;
+        let path = data_dir.join("audit.redb");
+        let db = Database::create(&path)
+            .map_err(|source| AuditError::Open { path: path.clone(), source: Box::new(source) })?;
+        Ok(AuditLog { db, path })
+    }
+
+    fn store_err(&self, e: impl Into<redb::Error>) -> AuditError {
+        AuditError::Store { path: self.path.clone(), source: Box::new(e.into()) }
+    }
+
+    /// Appends one record durably; returns its sequence number.
+    pub fn append<T: Serialize>(&self, record: &T) -> Result<u64, AuditError> {
+        let bytes = serde_json::to_vec(record)?;
+        let tx = self.db.begin_write().map_err(|e| self.store_err(e))?;
+        let seq = {
+            let mut table = tx.open_table(DECISIONS).map_err(|e| self.store_err(e))?;
+            let last = table.last().map_err(|e| self.store_err(e))?.map(|(k, _)| k.value()).unwrap_or(0);
+            table.insert(last + 1, bytes.as_slice()).map_err(|e| self.store_err(e))?;
+            last + 1
+        };
+        tx.commit().map_err(|e| self.store_err(e))?;
+        Ok(seq)
+    }
+
+    /// The newest `limit` records, newest first, as JSON values.
+    pub fn recent(&self, limit: usize) -> Result<Vec<(u64, serde_json::Value)>, AuditError> {
+        let tx = self.db.begin_read().map_err(|e| self.store_err(e))?;
+        let table = match tx.open_table(DECISIONS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.store_err(e)),
+        };
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| self.store_err(e))?.rev().take(limit) {
+            let (k, v) = entry.map_err(|e| self.store_err(e))?;
+            out.push((k.value(), serde_json::from_slice(v.value())?));
+        }
+        Ok(out)
+    }
+}
