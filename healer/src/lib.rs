@@ -6,5 +6,6 @@
 pub mod audit;
 pub mod cgroup;
 pub mod engine;
+pub mod executor;
 pub mod rules;
 pub mod standby;
