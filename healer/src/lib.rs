@@ -3,6 +3,7 @@
 //! today the mechanics of the low-power standby (`standby`) on the cgroups a `CgroupDriver` manages, and
 //! the rule language (`rules`).
 
+pub mod api;
 pub mod audit;
 pub mod cgroup;
 pub mod engine;
