@@ -4,6 +4,7 @@
 //! executor and hand-made snapshots; the same code drives the real standby executor and, later, Kubernetes.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -11,6 +12,9 @@ use vigil_collector::Snapshot;
 
 use crate::audit::{AuditError, AuditLog};
 use crate::rules::{Action, Evaluator, ProposedAction, Signals};
+
+/// The `rule` of decisions asked for by hand.
+pub const MANUAL_RULE: &str = "manual";
 
 /// Carries out actions on instances. Implementations must be idempotent: hibernating a hibernated instance
 /// succeeds and changes nothing.
@@ -118,7 +122,7 @@ pub struct Engine<E: Executor> {
     evaluator: Evaluator,
     gate: Gate,
     executor: E,
-    audit: AuditLog,
+    audit: Arc<AuditLog>,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -126,7 +130,7 @@ fn unix_ms(t: SystemTime) -> u64 {
 }
 
 impl<E: Executor> Engine<E> {
-    pub fn new(evaluator: Evaluator, gate: Gate, executor: E, audit: AuditLog) -> Self {
+    pub fn new(evaluator: Evaluator, gate: Gate, executor: E, audit: Arc<AuditLog>) -> Self {
         Self { evaluator, gate, executor, audit }
     }
 
@@ -141,22 +145,47 @@ impl<E: Executor> Engine<E> {
         signals: &Signals,
     ) -> Result<Vec<Decision>, EngineError> {
         let proposals = self.evaluator.observe(at, snapshot, signals);
-        let mut decisions = Vec::with_capacity(proposals.len());
-        for p in proposals {
-            let outcome = self.decide(at, &p);
-            let decision = Decision {
-                unix_ms: unix_ms(now),
-                rule: p.rule.to_string(),
-                action: p.action.as_str(),
-                service: p.service.to_string(),
-                instance_id: p.instance_id.to_string(),
-                held_seconds: p.held_for.as_secs_f64(),
-                outcome,
-            };
-            self.audit.append(&decision)?;
-            decisions.push(decision);
-        }
-        Ok(decisions)
+        proposals.into_iter().map(|p| self.carry_out(at, now, p)).collect()
+    }
+
+    /// An action asked for by hand (API, `vigil ctl`): no rule, but the same gate, executor and audit.
+    pub fn manual(
+        &mut self,
+        at: Duration,
+        now: SystemTime,
+        action: Action,
+        service: &str,
+        instance_id: &str,
+    ) -> Result<Decision, EngineError> {
+        let p = ProposedAction {
+            rule: Arc::from(MANUAL_RULE),
+            action,
+            service: Arc::from(service),
+            instance_id: Arc::from(instance_id),
+            at,
+            held_for: Duration::ZERO,
+        };
+        self.carry_out(at, now, p)
+    }
+
+    fn carry_out(
+        &mut self,
+        at: Duration,
+        now: SystemTime,
+        p: ProposedAction,
+    ) -> Result<Decision, EngineError> {
+        let outcome = self.decide(at, &p);
+        let decision = Decision {
+            unix_ms: unix_ms(now),
+            rule: p.rule.to_string(),
+            action: p.action.as_str(),
+            service: p.service.to_string(),
+            instance_id: p.instance_id.to_string(),
+            held_seconds: p.held_for.as_secs_f64(),
+            outcome,
+        };
+        self.audit.append(&decision)?;
+        Ok(decision)
     }
 
     fn decide(&mut self, at: Duration, p: &ProposedAction) -> Outcome {
@@ -176,8 +205,12 @@ impl<E: Executor> Engine<E> {
         }
     }
 
-    pub fn audit(&self) -> &AuditLog {
+    pub fn audit(&self) -> &Arc<AuditLog> {
         &self.audit
+    }
+
+    pub fn executor(&self) -> &E {
+        &self.executor
     }
 }
 
@@ -237,7 +270,12 @@ mod tests {
 
     fn engine(gate: GateConfig, exec: Recorder, dir: &Path) -> Engine<Recorder> {
         let set = check_str(RULES, "test.yaml").expect("rules parse");
-        Engine::new(Evaluator::new(set.rules), Gate::new(gate), exec, AuditLog::open(dir).expect("audit"))
+        Engine::new(
+            Evaluator::new(set.rules),
+            Gate::new(gate),
+            exec,
+            Arc::new(AuditLog::open(dir).expect("audit")),
+        )
     }
 
     fn temp_dir(tag: &str) -> std::path::PathBuf {
@@ -313,6 +351,21 @@ mod tests {
             other => panic!("expected a failure, got {other:?}"),
         }
         assert_eq!(e.audit().recent(1).unwrap()[0].1["error"], "cannot hibernate echo-0: no such process");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn manual_actions_pass_the_gate_and_are_audited() {
+        let dir = temp_dir("manual");
+        let exec = Recorder::default();
+        let mut e =
+            engine(GateConfig { max_actions_per_minute: 1, ..GateConfig::default() }, exec.clone(), &dir);
+        let d = e.manual(Duration::ZERO, UNIX_EPOCH, Action::Wake, "echo", "echo-3").unwrap();
+        assert_eq!((d.rule.as_str(), d.action), (MANUAL_RULE, "wake"));
+        assert!(matches!(d.outcome, Outcome::Succeeded { .. }));
+        let d = e.manual(Duration::from_secs(1), UNIX_EPOCH, Action::Wake, "echo", "echo-4").unwrap();
+        assert_eq!(d.outcome, Outcome::Refused { reason: Refusal::RateLimited });
+        assert_eq!(e.audit().recent(10).unwrap().len(), 2);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
