@@ -53,7 +53,10 @@ pub fn render_issues(file: &str, issues: &[ConfigIssue]) -> String {
     issues
         .iter()
         .map(|i| {
-            if i.path.is_empty() {
+            if i.line == 0 {
+                // No position known (a check over a whole list entry): the key path locates it.
+                format!("{file}: {}: {}", i.path, i.message)
+            } else if i.path.is_empty() {
                 format!("{file}:{}:{}: {}", i.line, i.column, i.message)
             } else {
                 format!("{file}:{}:{}: {}: {}", i.line, i.column, i.path, i.message)
@@ -161,6 +164,15 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub http: HttpConfig,
     pub collector: CollectorConfig,
+    // The healer's sections, parsed and validated by vigil-healer from the same text.
+    #[serde(rename = "dry_run")]
+    _dry_run: serde::de::IgnoredAny,
+    #[serde(rename = "rules")]
+    _rules: serde::de::IgnoredAny,
+    #[serde(rename = "services")]
+    _services: serde::de::IgnoredAny,
+    #[serde(rename = "healer")]
+    _healer: serde::de::IgnoredAny,
 }
 
 impl Default for Config {
@@ -169,6 +181,10 @@ impl Default for Config {
             data_dir: PathBuf::from("./.vigil"),
             http: HttpConfig::default(),
             collector: CollectorConfig::default(),
+            _dry_run: serde::de::IgnoredAny,
+            _rules: serde::de::IgnoredAny,
+            _services: serde::de::IgnoredAny,
+            _healer: serde::de::IgnoredAny,
         }
     }
 }

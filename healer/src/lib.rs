@@ -6,7 +6,9 @@
 pub mod api;
 pub mod audit;
 pub mod cgroup;
+pub mod config;
 pub mod engine;
 pub mod executor;
 pub mod rules;
 pub mod standby;
+pub mod supervisor;
