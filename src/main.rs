@@ -4,11 +4,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use vigil_collector::{Collector, Config, otlp};
+use vigil_healer::config::HealerConfig;
 use vigil_healer::rules;
+use vigil_healer::run::{ConnectionTraffic, Healer};
 
 #[derive(Parser)]
 #[command(
@@ -23,7 +26,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run everything on this host with the embedded defaults (or --config).
+    /// Run everything on this host: collector, managed services, healer and API (embedded defaults, or --config).
     Up {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
@@ -92,6 +95,13 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     }
 }
 
+fn load_healer_config(path: Option<&PathBuf>) -> anyhow::Result<HealerConfig> {
+    match path {
+        Some(p) => Ok(HealerConfig::load(p)?),
+        None => Ok(HealerConfig::default()),
+    }
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let term = async {
@@ -109,7 +119,7 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-async fn run_collector(config: Config) -> anyhow::Result<()> {
+async fn run_collector(config: Config, healer_config: Option<HealerConfig>) -> anyhow::Result<()> {
     let collector = Collector::start(&config.collector)?;
     let otlp = if otlp::requested() {
         let otlp_config = otlp::OtlpConfig::from_env()?.with_max_instances(config.collector.max_instances());
@@ -120,15 +130,32 @@ async fn run_collector(config: Config) -> anyhow::Result<()> {
     } else {
         None
     };
+    let healer = match healer_config {
+        Some(hc) => {
+            let h = Healer::start(&hc, collector.snapshots(), Arc::new(ConnectionTraffic::default()))?;
+            tracing::info!(services = hc.services.len(), dry_run = hc.dry_run, "healer started");
+            Some(h)
+        }
+        None => None,
+    };
+    let mut router = collector.router();
+    if let Some(h) = &healer {
+        router = router.merge(h.router(collector.snapshots(), config.http.token.clone()));
+    }
     let listen: SocketAddr = config.http.listen.value;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen} (http.listen)"))?;
-    tracing::info!(%listen, "serving /metrics, /healthz, /readyz");
-    axum::serve(listener, collector.router())
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("HTTP server")?;
+    let served = async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen} (http.listen)"))?;
+        tracing::info!(%listen, "serving /metrics, /healthz, /readyz, /api/v1/");
+        axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await.context("HTTP server")
+    }
+    .await;
+    // Managed instances are stopped and their cgroups removed even when serving failed.
+    if let Some(h) = healer {
+        h.shutdown().await;
+    }
+    served?;
     if let Some(o) = otlp
         && let Err(e) = o.shutdown()
     {
@@ -136,6 +163,14 @@ async fn run_collector(config: Config) -> anyhow::Result<()> {
     }
     collector.stop();
     Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 fn main() -> ExitCode {
@@ -153,15 +188,12 @@ fn main() -> ExitCode {
             print!("{}", vigil_collector::config::DEFAULT_YAML);
             Ok(())
         }
-        Command::Up { config } | Command::Collector { config } => {
-            load_config(config.as_ref()).and_then(|c| {
-                tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .context("starting the async runtime")?
-                    .block_on(run_collector(c))
-            })
+        Command::Up { config } => load_config(config.as_ref()).and_then(|c| {
+            let hc = load_healer_config(config.as_ref())?;
+            runtime()?.block_on(run_collector(c, Some(hc)))
+        }),
+        Command::Collector { config } => {
+            load_config(config.as_ref()).and_then(|c| runtime()?.block_on(run_collector(c, None)))
         }
     };
     match result {

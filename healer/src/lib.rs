@@ -10,5 +10,6 @@ pub mod config;
 pub mod engine;
 pub mod executor;
 pub mod rules;
+pub mod run;
 pub mod standby;
 pub mod supervisor;

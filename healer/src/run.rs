@@ -1,0 +1,316 @@
+//! The healer at run time: starts the managed services, then on every collector tick turns the snapshot,
+//! the instances' states and their traffic into signals, steps the engine (rules → gate → standby executor
+//! → audit) and serves the REST API. Until the broker supplies traffic (issue 4), [`ConnectionTraffic`]
+//! reads it from the kernel's TCP table.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::Router;
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use vigil_collector::SnapshotReceiver;
+use vigil_collector::cgroupfs::{CgroupError, Layout};
+
+use crate::api::{self, ApiError, Control, ManagedInstance};
+use crate::audit::{AuditError, AuditLog};
+use crate::cgroup::{CgroupDriverError, DriverConfig, driver_for};
+use crate::config::{HealerConfig, HealerConfigError};
+use crate::engine::{Engine, Gate, GateConfig, Outcome, Refusal};
+use crate::executor::StandbyExecutor;
+use crate::rules::{self, Action, Evaluator, InstanceState, RulesError, Signal, Signals};
+use crate::supervisor::{InstanceInfo, Supervisor, SupervisorError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HealerError {
+    #[error("{0}")]
+    Config(#[from] HealerConfigError),
+    #[error("{0}")]
+    Rules(#[from] RulesError),
+    #[error("finding the cgroup hierarchies: {0}")]
+    Layout(#[from] CgroupError),
+    #[error("preparing Vigil's cgroups: {0}")]
+    Driver(#[from] CgroupDriverError),
+    #[error("starting the managed services: {0}")]
+    Supervisor(#[from] SupervisorError),
+    #[error("{0}")]
+    Audit(#[from] AuditError),
+}
+
+/// Per-instance traffic, until the broker reports it.
+pub trait TrafficSource: Send + Sync {
+    /// Adds what it knows about `instances` to `signals`.
+    fn observe(&self, instances: &[InstanceInfo], elapsed: Duration, signals: &mut Signals);
+}
+
+/// Traffic from `/proc/net/tcp{,6}`: established connections to an instance's port. On an active instance
+/// they are in-flight requests and new ones give the request rate; on a hibernated one the kernel has
+/// accepted them on the instance's behalf, so they are requests waiting for it: wake on demand.
+#[derive(Default)]
+pub struct ConnectionTraffic {
+    seen: Mutex<HashMap<u16, HashSet<String>>>,
+}
+
+/// `(local port, remote address:port)` of every ESTABLISHED connection in a `/proc/net/tcp` text.
+pub fn established(text: &str) -> Vec<(u16, String)> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let local = f.nth(1)?;
+            let remote = f.next()?;
+            let state = f.next()?;
+            if state != "01" {
+                return None;
+            }
+            let port = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
+            Some((port, remote.to_string()))
+        })
+        .collect()
+}
+
+impl TrafficSource for ConnectionTraffic {
+    fn observe(&self, instances: &[InstanceInfo], elapsed: Duration, signals: &mut Signals) {
+        let mut conns: Vec<(u16, String)> = Vec::new();
+        for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            if let Ok(text) = std::fs::read_to_string(file) {
+                conns.extend(established(&text));
+            }
+        }
+        let Ok(mut seen) = self.seen.lock() else { return };
+        let secs = elapsed.as_secs_f64().max(0.001);
+        for inst in instances {
+            let now: HashSet<String> =
+                conns.iter().filter(|(p, _)| *p == inst.port).map(|(_, r)| r.clone()).collect();
+            let before = seen.get(&inst.port);
+            let new = now.iter().filter(|r| before.is_none_or(|b| !b.contains(*r))).count();
+            let count = now.len() as f64;
+            if inst.state == InstanceState::Hibernated {
+                signals.set(&inst.id, Signal::QueuedRequests, count);
+                signals.set(&inst.id, Signal::InflightRequests, 0.0);
+            } else {
+                signals.set(&inst.id, Signal::QueuedRequests, 0.0);
+                signals.set(&inst.id, Signal::InflightRequests, count);
+            }
+            signals.set(&inst.id, Signal::RequestsPerS, new as f64 / secs);
+            seen.insert(inst.port, now);
+        }
+    }
+}
+
+type StandbyEngine = Engine<StandbyExecutor<Supervisor>>;
+
+/// The running healer.
+pub struct Healer {
+    supervisor: Supervisor,
+    engine: Arc<Mutex<StandbyEngine>>,
+    audit: Arc<AuditLog>,
+    rules: Value,
+    started: Instant,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    grace: Duration,
+}
+
+impl Healer {
+    /// Loads the rules, starts the services, and begins stepping on every snapshot. Needs a tokio runtime.
+    pub fn start(
+        config: &HealerConfig,
+        snapshots: SnapshotReceiver,
+        traffic: Arc<dyn TrafficSource>,
+    ) -> Result<Healer, HealerError> {
+        let mut rule_list = Vec::new();
+        let mut files = Vec::new();
+        for file in config.rule_files()? {
+            let set = rules::check_file(&file)?;
+            files.push(json!({
+                "file": file.display().to_string(),
+                "status": "ok",
+                "rules": set.rules.iter().map(|r| json!({"name": &*r.name, "action": r.action.as_str()})).collect::<Vec<_>>(),
+            }));
+            rule_list.extend(set.rules);
+        }
+        if files.is_empty() {
+            tracing::warn!("no rule files found; the healer decides nothing until rules are configured");
+        }
+        let audit = Arc::new(AuditLog::open(&config.data_dir)?);
+        let driver: Arc<dyn crate::cgroup::CgroupDriver> =
+            Arc::from(driver_for(&Layout::detect()?, &DriverConfig::default())?);
+        let supervisor = Supervisor::start(config.services.clone(), driver.clone())?;
+        let executor = StandbyExecutor::new(Arc::new(supervisor.clone()), driver, config.healer.policy());
+        let gate = Gate::new(GateConfig {
+            dry_run: config.dry_run,
+            max_actions_per_minute: config.healer.max_actions_per_minute,
+        });
+        let engine =
+            Arc::new(Mutex::new(Engine::new(Evaluator::new(rule_list), gate, executor, audit.clone())));
+        let (stop, stop_rx) = watch::channel(false);
+        let started = Instant::now();
+        let task =
+            tokio::spawn(step_loop(snapshots, stop_rx, engine.clone(), supervisor.clone(), traffic, started));
+        Ok(Healer {
+            supervisor,
+            engine,
+            audit,
+            rules: json!({ "files": files, "dry_run": config.dry_run }),
+            started,
+            stop,
+            task,
+            grace: config.healer.stop_grace.0,
+        })
+    }
+
+    /// `/api/v1/...`.
+    pub fn router(&self, snapshots: SnapshotReceiver, token: Option<String>) -> Router {
+        let control = Arc::new(HealerControl {
+            supervisor: self.supervisor.clone(),
+            engine: self.engine.clone(),
+            started: self.started,
+            rules: self.rules.clone(),
+        });
+        api::router(control, snapshots, self.audit.clone(), token)
+    }
+
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
+    }
+
+    /// Stops deciding, then stops every managed instance and removes its cgroups.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        self.supervisor.shutdown(self.grace).await;
+    }
+}
+
+async fn step_loop(
+    mut snapshots: SnapshotReceiver,
+    mut stop: watch::Receiver<bool>,
+    engine: Arc<Mutex<StandbyEngine>>,
+    supervisor: Supervisor,
+    traffic: Arc<dyn TrafficSource>,
+    started: Instant,
+) {
+    let mut last = Instant::now();
+    loop {
+        tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() { return },
+            _ = stop.changed() => return,
+        }
+        let snapshot = snapshots.borrow_and_update().clone();
+        let elapsed = last.elapsed();
+        last = Instant::now();
+        let engine = engine.clone();
+        let supervisor = supervisor.clone();
+        let traffic = traffic.clone();
+        // Executors block (cgroupfs, madvise): off the runtime.
+        let result = tokio::task::spawn_blocking(move || {
+            let instances = supervisor.instances();
+            let mut signals = Signals::new();
+            for i in &instances {
+                signals.set_state(&i.id, i.state);
+            }
+            traffic.observe(&instances, elapsed, &mut signals);
+            let mut engine = engine.lock().map_err(|_| "engine lock poisoned".to_string())?;
+            engine.step(started.elapsed(), SystemTime::now(), &snapshot, &signals).map_err(|e| e.to_string())
+        })
+        .await;
+        match result {
+            Ok(Ok(decisions)) => {
+                for d in decisions {
+                    tracing::info!(rule = %d.rule, action = d.action, instance = %d.instance_id, outcome = ?d.outcome, "decision");
+                }
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "healer step failed"),
+            Err(e) => tracing::error!(error = %e, "healer step panicked"),
+        }
+    }
+}
+
+struct HealerControl {
+    supervisor: Supervisor,
+    engine: Arc<Mutex<StandbyEngine>>,
+    started: Instant,
+    rules: Value,
+}
+
+impl Control for HealerControl {
+    fn managed(&self) -> Vec<ManagedInstance> {
+        self.supervisor
+            .instances()
+            .into_iter()
+            .map(|i| ManagedInstance {
+                id: i.id,
+                service: i.service,
+                state: i.state,
+                pids: i.pids,
+                cgroup: i.cgroup,
+                port: i.port,
+                restarts: i.restarts,
+            })
+            .collect()
+    }
+
+    fn act(&self, action: Action, instance_id: &str) -> Result<Value, ApiError> {
+        let info = self.supervisor.instance(instance_id).ok_or_else(|| {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no managed instance `{instance_id}`"))
+        })?;
+        let mut engine = self.engine.lock().map_err(|_| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "engine lock poisoned")
+        })?;
+        let d = engine
+            .manual(self.started.elapsed(), SystemTime::now(), action, &info.service, instance_id)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "audit", e.to_string()))?;
+        let state = self.supervisor.instance(instance_id).map(|i| i.state.as_str()).unwrap_or("stopped");
+        let standby = engine.executor().record(instance_id).map(|r| {
+            json!({
+                "memory_before_bytes": r.memory_before,
+                "memory_after_bytes": r.memory_after,
+                "memory_kept_resident": r.memory_kept_resident,
+                "hibernate_seconds": r.hibernate_seconds,
+                "wake_seconds": r.wake_seconds,
+                "prefetch_bytes": r.prefetch_bytes,
+            })
+        });
+        let body = json!({ "id": instance_id, "action": d.action, "state": state, "decision": d, "standby": standby });
+        match &d.outcome {
+            Outcome::Succeeded { .. } | Outcome::DryRun => Ok(body),
+            Outcome::Refused { reason: Refusal::RateLimited } => Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "the host-wide action rate limit is used up; try again later",
+            )),
+            Outcome::Refused { reason: Refusal::InProgress } => {
+                Err(ApiError::new(StatusCode::CONFLICT, "in_progress", format!("`{instance_id}` is busy")))
+            }
+            Outcome::Failed { error, .. } => {
+                Err(ApiError::new(StatusCode::CONFLICT, "action_failed", error.clone()))
+            }
+        }
+    }
+
+    fn rules(&self) -> Value {
+        self.rules.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn established_connections_by_local_port() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100007F:46A0 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0\n\
+   1: 0100007F:46A0 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0000000000000000 20 4 30 10 -1\n\
+   2: 0100007F:D2F0 0100007F:46A0 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0000000000000000 20 4 30 10 -1\n";
+        assert_eq!(
+            established(text),
+            vec![(18080, "0100007F:D2F0".to_string()), (53999, "0100007F:46A0".to_string())]
+        );
+        assert!(established("garbage\nx y z\n").is_empty());
+    }
+}
