@@ -139,6 +139,7 @@ impl Healer {
         let audit = Arc::new(AuditLog::open(&config.data_dir)?);
         let driver: Arc<dyn crate::cgroup::CgroupDriver> =
             Arc::from(driver_for(&Layout::detect()?, &DriverConfig::default())?);
+        reconcile(driver.as_ref(), &config.services)?;
         let supervisor = Supervisor::start(config.services.clone(), driver.clone())?;
         let executor = StandbyExecutor::new(Arc::new(supervisor.clone()), driver, config.healer.policy());
         let gate = Gate::new(GateConfig {
@@ -184,6 +185,42 @@ impl Healer {
         let _ = self.task.await;
         self.supervisor.shutdown(self.grace).await;
     }
+}
+
+/// Rolls back what a previous run left behind (a crash, `kill -9`): instance cgroups that still hold
+/// processes, possibly frozen or squeezed into the standby pool. They are thawed, their CPU limits lifted
+/// and their processes killed, so the supervisor starts every instance afresh and nothing stays frozen.
+/// Returns the instances that were cleaned.
+pub fn reconcile(
+    driver: &dyn crate::cgroup::CgroupDriver,
+    services: &[crate::supervisor::ServiceSpec],
+) -> Result<Vec<String>, HealerError> {
+    use rustix::process::{Pid, Signal, kill_process};
+    let mut cleaned = Vec::new();
+    for spec in services {
+        for n in 0..spec.instances {
+            let id = spec.instance_id(n);
+            let cg = driver.create(&spec.name, &id)?;
+            let pids = driver.pids(&cg)?;
+            if pids.is_empty() {
+                continue;
+            }
+            tracing::warn!(instance = %id, pids = ?pids, "left over from a previous run: thawing and stopping it");
+            driver.set_frozen(&cg, false)?;
+            driver.set_cpu(&cg, &crate::cgroup::CpuLimit::unlimited())?;
+            for pid in &pids {
+                if let Some(pid) = i32::try_from(*pid).ok().and_then(Pid::from_raw) {
+                    let _ = kill_process(pid, Signal::KILL);
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !driver.pids(&cg)?.is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            cleaned.push(id);
+        }
+    }
+    Ok(cleaned)
 }
 
 async fn step_loop(

@@ -299,3 +299,36 @@ fn a_crashing_instance_fails_and_restarts_with_growing_backoff() {
         }
     });
 }
+
+/// A previous run killed mid-hibernate left its instance frozen in the standby pool. Starting again must
+/// thaw it, lift its limits, stop the leftover process and start the instance afresh: nothing stays frozen.
+#[test]
+fn restart_after_a_crash_mid_hibernate_leaves_nothing_frozen() {
+    let mut fx = Fixture::new("rec");
+    let port = free_ports(1);
+    let specs = vec![http_server_spec("rec", port, 1)];
+    // What the crashed run left: the instance's cgroups holding a process, frozen, CPU squeezed.
+    let cg = fx.driver.create("rec", "rec-0").expect("create");
+    let mut leftover = Command::new("sleep").arg("300").spawn().expect("spawn leftover");
+    fx.driver.add_process(&cg, leftover.id()).expect("join");
+    fx.driver
+        .set_cpu(&cg, &vigil_healer::cgroup::CpuLimit { cpus: None, quota: Some(0.05) })
+        .expect("squeeze");
+    fx.driver.set_frozen(&cg, true).expect("freeze");
+
+    let cleaned = vigil_healer::run::reconcile(fx.driver.as_ref(), &specs).expect("reconcile");
+    assert_eq!(cleaned, vec!["rec-0".to_string()]);
+    let status = leftover.wait().expect("the leftover was killed and is reaped here");
+    assert!(!status.success(), "killed, not exited: {status:?}");
+    assert!(fx.driver.pids(&cg).expect("pids").is_empty());
+    assert_eq!(fx.driver.cpu(&cg).expect("cpu").quota, None, "CPU limits lifted");
+    let events = std::fs::read_to_string(cg.v2_dir.join("cgroup.events")).expect("cgroup.events");
+    assert!(events.lines().any(|l| l == "frozen 0"), "thawed: {events}");
+
+    // And the instance starts afresh and serves.
+    let sup = fx.start(specs.clone());
+    let active = fx.runtime.block_on(eventually(Duration::from_secs(20), || {
+        sup.instance("rec-0").filter(|i| i.state == InstanceState::Active)
+    }));
+    assert!(active.is_some(), "rec-0 never became active after reconcile");
+}
