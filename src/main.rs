@@ -38,11 +38,74 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Talk to a running Vigil's API.
+    Ctl {
+        /// API address (`http.listen` of the running Vigil).
+        #[arg(long, default_value = "127.0.0.1:9750")]
+        api: SocketAddr,
+        /// Bearer token, for an API bound beyond loopback (or set VIGIL_TOKEN).
+        #[arg(long, env = "VIGIL_TOKEN")]
+        token: Option<String>,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
     /// Validate rule files or run their own test cases.
     Rules {
         #[command(subcommand)]
         command: RulesCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// List instances with their state and metrics.
+    Instances,
+    /// Show one instance.
+    Instance { id: String },
+    /// Hibernate an instance now (through the safety gate; audited).
+    Hibernate { id: String },
+    /// Wake an instance now.
+    Wake { id: String },
+    /// The latest decisions, newest first.
+    Decisions {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// The rules in force.
+    Rules,
+}
+
+fn ctl_command(api: SocketAddr, token: Option<String>, command: CtlCommand) -> anyhow::Result<()> {
+    let client = vigil_healer::client::Client::new(api, token);
+    let (method, path) = match &command {
+        CtlCommand::Instances => ("GET", "/api/v1/instances".to_string()),
+        CtlCommand::Instance { id } => ("GET", format!("/api/v1/instances/{id}")),
+        CtlCommand::Hibernate { id } => ("POST", format!("/api/v1/instances/{id}/hibernate")),
+        CtlCommand::Wake { id } => ("POST", format!("/api/v1/instances/{id}/wake")),
+        CtlCommand::Decisions { limit } => ("GET", format!("/api/v1/decisions?limit={limit}")),
+        CtlCommand::Rules => ("GET", "/api/v1/rules".to_string()),
+    };
+    let answer = client.call(method, &path)?;
+    if let CtlCommand::Instances = command {
+        println!("{:<28} {:<16} {:<12} {:>8} {:>14}", "ID", "SERVICE", "STATE", "CPU", "MEMORY");
+        for i in answer["instances"].as_array().into_iter().flatten() {
+            let cpu = i["metrics"]["cpu_cores"].as_f64().unwrap_or(0.0);
+            let mem = i["metrics"]["memory_resident_bytes"]
+                .as_u64()
+                .map(|b| format!("{:.1} MiB", b as f64 / 1048576.0));
+            println!(
+                "{:<28} {:<16} {:<12} {:>8.3} {:>14}",
+                i["id"].as_str().unwrap_or("?"),
+                i["service"].as_str().unwrap_or("?"),
+                i["state"].as_str().unwrap_or("?"),
+                cpu,
+                mem.unwrap_or_else(|| "-".into())
+            );
+        }
+    } else {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -165,6 +228,22 @@ async fn run_collector(config: Config, healer_config: Option<HealerConfig>) -> a
     Ok(())
 }
 
+/// The error and its causes in one line, skipping causes the message already quotes (our error types
+/// include their source in their own message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -184,6 +263,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Rules { command: RulesCommand::Check { files } } => rules_command(&files, false),
         Command::Rules { command: RulesCommand::Test { files } } => rules_command(&files, true),
+        Command::Ctl { api, token, command } => ctl_command(api, token, command),
         Command::DefaultConfig => {
             print!("{}", vigil_collector::config::DEFAULT_YAML);
             Ok(())
@@ -199,7 +279,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vigil: {e:#}");
+            eprintln!("vigil: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }

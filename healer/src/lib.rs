@@ -6,6 +6,7 @@
 pub mod api;
 pub mod audit;
 pub mod cgroup;
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod executor;
