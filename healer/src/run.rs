@@ -346,7 +346,7 @@ mod tests {
    2: 0100007F:D2F0 0100007F:46A0 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0000000000000000 20 4 30 10 -1\n";
         assert_eq!(
             established(text),
-            vec![(18080, "0100007F:D2F0".to_string()), (53999, "0100007F:46A0".to_string())]
+            vec![(18080, "0100007F:D2F0".to_string()), (54000, "0100007F:46A0".to_string())]
         );
         assert!(established("garbage\nx y z\n").is_empty());
     }
