@@ -201,7 +201,7 @@ async fn run_collector(config: Config, healer_config: Option<HealerConfig>) -> a
         }
         None => None,
     };
-    let mut router = collector.router();
+    let mut router = collector.router_with(healer.as_ref().map(Healer::metrics_registry));
     if let Some(h) = &healer {
         router = router.merge(h.router(collector.snapshots(), config.http.token.clone()));
     }

@@ -125,6 +125,11 @@ impl Collector {
 
     /// `/metrics`, `/healthz`, `/readyz`.
     pub fn router(&self) -> Router {
+        self.router_with(None)
+    }
+
+    /// The same, with another component's metrics (the healer's) appended to `/metrics`.
+    pub fn router_with(&self, extra: Option<Arc<Registry>>) -> Router {
         let registry = self.registry.clone();
         let snapshots = self.snapshots.clone();
         let interval = self.interval;
@@ -133,7 +138,8 @@ impl Collector {
                 "/metrics",
                 get(move |headers: HeaderMap| {
                     let registry = registry.clone();
-                    async move { metrics_response(&registry, &headers) }
+                    let extra = extra.clone();
+                    async move { metrics_response(&registry, extra.as_deref(), &headers) }
                 }),
             )
             .route("/healthz", get(|| async { "ok\n" }))
@@ -168,9 +174,17 @@ impl Drop for Collector {
 /// OpenMetrics for scrapers that accept it (Prometheus does), the classic text format otherwise.
 fn metrics_response(
     registry: &Registry,
+    extra: Option<&Registry>,
     headers: &HeaderMap,
 ) -> ([(header::HeaderName, &'static str); 1], String) {
-    let text = export::render(registry);
+    let mut text = export::render(registry);
+    if let Some(extra) = extra {
+        // One exposition: a single `# EOF`, at the very end.
+        if let Some(stripped) = text.strip_suffix("# EOF\n") {
+            text.truncate(stripped.len());
+        }
+        text.push_str(&export::render(extra));
+    }
     let accepts_openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())

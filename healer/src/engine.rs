@@ -11,6 +11,7 @@ use serde::Serialize;
 use vigil_collector::Snapshot;
 
 use crate::audit::{AuditError, AuditLog};
+use crate::metrics::EngineMetrics;
 use crate::rules::{Action, Evaluator, ProposedAction, Signals};
 
 /// The `rule` of decisions asked for by hand.
@@ -123,6 +124,7 @@ pub struct Engine<E: Executor> {
     gate: Gate,
     executor: E,
     audit: Arc<AuditLog>,
+    metrics: EngineMetrics,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -131,7 +133,7 @@ fn unix_ms(t: SystemTime) -> u64 {
 
 impl<E: Executor> Engine<E> {
     pub fn new(evaluator: Evaluator, gate: Gate, executor: E, audit: Arc<AuditLog>) -> Self {
-        Self { evaluator, gate, executor, audit }
+        Self { evaluator, gate, executor, audit, metrics: EngineMetrics::default() }
     }
 
     /// One tick: evaluates the rules at monotonic time `at` (wall clock `now` for the audit) and acts.
@@ -184,6 +186,7 @@ impl<E: Executor> Engine<E> {
             held_seconds: p.held_for.as_secs_f64(),
             outcome,
         };
+        self.metrics.record(&decision);
         self.audit.append(&decision)?;
         Ok(decision)
     }
@@ -207,6 +210,11 @@ impl<E: Executor> Engine<E> {
 
     pub fn audit(&self) -> &Arc<AuditLog> {
         &self.audit
+    }
+
+    /// The engine's counters, for a metrics registry.
+    pub fn metrics(&self) -> &EngineMetrics {
+        &self.metrics
     }
 
     pub fn executor(&self) -> &E {

@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod executor;
+pub mod metrics;
 pub mod rules;
 pub mod run;
 pub mod standby;

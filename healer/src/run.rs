@@ -164,6 +164,15 @@ impl Healer {
         })
     }
 
+    /// The healer's metrics (decisions, action durations, instance states) for `/metrics`.
+    pub fn metrics_registry(&self) -> Arc<prometheus_client::registry::Registry> {
+        let engine_metrics = match self.engine.lock() {
+            Ok(e) => e.metrics().clone(),
+            Err(poisoned) => poisoned.into_inner().metrics().clone(),
+        };
+        Arc::new(crate::metrics::registry(&engine_metrics, Arc::new(self.supervisor.clone())))
+    }
+
     /// `/api/v1/...`.
     pub fn router(&self, snapshots: SnapshotReceiver, token: Option<String>) -> Router {
         let control = Arc::new(HealerControl {
@@ -331,6 +340,12 @@ impl Control for HealerControl {
 
     fn rules(&self) -> Value {
         self.rules.clone()
+    }
+}
+
+impl crate::metrics::StateSource for Supervisor {
+    fn states(&self) -> Vec<(String, String, InstanceState)> {
+        self.instances().into_iter().map(|i| (i.service, i.id, i.state)).collect()
     }
 }
 
