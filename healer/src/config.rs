@@ -32,6 +32,9 @@ pub struct HealerSettings {
     pub quota: f64,
     /// How long a stopping instance gets between SIGTERM and SIGKILL.
     pub stop_grace: HumanDuration,
+    /// Where instance cgroups are created, in the v2 hierarchy (and below this process's own v1 cgroups on
+    /// hybrid hosts). Must equal the collector's `watch.managed_root` so instances keep their names.
+    pub cgroup_parent: String,
 }
 
 impl Default for HealerSettings {
@@ -41,11 +44,22 @@ impl Default for HealerSettings {
             pool_cpus: None,
             quota: StandbyPolicy::default().quota,
             stop_grace: HumanDuration(Duration::from_secs(10)),
+            cgroup_parent: "/vigil".into(),
         }
     }
 }
 
 impl HealerSettings {
+    pub fn driver_config(&self) -> crate::cgroup::DriverConfig {
+        let parent = self.cgroup_parent.trim_end_matches('/');
+        if parent == "/vigil" {
+            crate::cgroup::DriverConfig::default()
+        } else {
+            // Outside the default, v1 cgroups go below the same relative path as v2.
+            crate::cgroup::DriverConfig { v2_parent: parent.to_string(), v1_parent: Some(parent.to_string()) }
+        }
+    }
+
     pub fn policy(&self) -> StandbyPolicy {
         let mut p = StandbyPolicy { quota: self.quota, ..StandbyPolicy::default() };
         if let Some(cpus) = &self.pool_cpus {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::cgroup::{CgroupDriver, InstanceCgroup};
 use crate::engine::Executor;
+use crate::metrics::StandbyMetrics;
 use crate::rules::{Action, InstanceState};
 use crate::standby::{self, KernelMemory, MemoryOps, StandbyPolicy, WorkingSet};
 
@@ -50,6 +51,7 @@ pub struct StandbyExecutor<R: InstanceRegistry> {
     /// Working sets of hibernated instances, needed to wake them.
     working_sets: Mutex<HashMap<String, WorkingSet>>,
     records: Mutex<HashMap<String, StandbyRecord>>,
+    metrics: StandbyMetrics,
 }
 
 impl<R: InstanceRegistry> StandbyExecutor<R> {
@@ -72,7 +74,12 @@ impl<R: InstanceRegistry> StandbyExecutor<R> {
             ready_timeout: Duration::from_secs(30),
             working_sets: Mutex::new(HashMap::new()),
             records: Mutex::new(HashMap::new()),
+            metrics: StandbyMetrics::default(),
         }
+    }
+
+    pub fn metrics(&self) -> &StandbyMetrics {
+        &self.metrics
     }
 
     pub fn record(&self, instance_id: &str) -> Option<StandbyRecord> {
@@ -106,6 +113,7 @@ impl<R: InstanceRegistry> StandbyExecutor<R> {
                     hibernate_seconds: report.seconds,
                     ..StandbyRecord::default()
                 };
+                self.metrics.released_bytes.inc_by(report.memory_before.saturating_sub(report.memory_after));
                 if let Ok(mut m) = self.working_sets.lock() {
                     m.insert(id.to_string(), report.working_set);
                 }
@@ -143,6 +151,10 @@ impl<R: InstanceRegistry> StandbyExecutor<R> {
         {
             r.wake_seconds = Some(report.seconds);
             r.prefetch_bytes = report.prefetch.as_ref().map_or(0, |p| p.advised_bytes);
+        }
+        if let Some(p) = &report.prefetch {
+            self.metrics.prefetched_bytes.inc_by(p.advised_bytes);
+            self.metrics.prefetch_seconds.inc_by(p.seconds);
         }
         self.registry
             .run_hook(id, Hook::PostWake)

@@ -59,6 +59,14 @@ impl EngineMetrics {
     }
 }
 
+/// What hibernations released and wakes brought back, fed by the standby executor.
+#[derive(Clone, Default)]
+pub struct StandbyMetrics {
+    pub released_bytes: Counter,
+    pub prefetched_bytes: Counter,
+    pub prefetch_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+}
+
 /// The lifecycle state of managed instances, read from their owner at scrape time.
 pub trait StateSource: Send + Sync + 'static {
     /// `(service, instance_id, state)` of every managed instance.
@@ -92,9 +100,24 @@ impl Collector for States {
     }
 }
 
-/// A registry with the engine's metrics and the instance states.
-pub fn registry(engine: &EngineMetrics, states: Arc<dyn StateSource>) -> Registry {
+/// A registry with the engine's and the standby's metrics and the instance states.
+pub fn registry(engine: &EngineMetrics, standby: &StandbyMetrics, states: Arc<dyn StateSource>) -> Registry {
     let mut r = Registry::default();
+    r.register(
+        "vigil_standby_released_bytes",
+        "Memory given back by hibernations (memory cgroup usage before minus after)",
+        standby.released_bytes.clone(),
+    );
+    r.register(
+        "vigil_standby_prefetched_bytes",
+        "Working-set bytes prefetched by wakes",
+        standby.prefetched_bytes.clone(),
+    );
+    r.register(
+        "vigil_standby_prefetch_seconds",
+        "Time wakes spent issuing prefetches (rate(bytes) / rate(seconds) is the prefetch throughput)",
+        standby.prefetch_seconds.clone(),
+    );
     r.register("vigil_decisions", "Decisions by rule, action and outcome", engine.decisions.clone());
     r.register(
         "vigil_action_duration_seconds",
@@ -129,12 +152,17 @@ mod tests {
             outcome: Outcome::Succeeded { seconds: 0.25 },
         });
         let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &registry(&m, Arc::new(Fixed))).unwrap();
+        let standby = StandbyMetrics::default();
+        standby.released_bytes.inc_by(1000);
+        prometheus_client::encoding::text::encode(&mut text, &registry(&m, &standby, Arc::new(Fixed)))
+            .unwrap();
         for line in [
             "vigil_decisions_total{rule=\"idle\",action=\"hibernate\",outcome=\"succeeded\"} 1",
             "vigil_action_duration_seconds_count{action=\"hibernate\"} 1",
             "vigil_instance_state{service=\"echo\",instance_id=\"echo-0\",state=\"hibernated\"} 1",
             "vigil_instance_state{service=\"echo\",instance_id=\"echo-0\",state=\"active\"} 0",
+            "vigil_standby_released_bytes_total 1000",
+            "vigil_standby_prefetch_seconds_total 0.0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
         }

@@ -17,7 +17,7 @@ use vigil_collector::cgroupfs::{CgroupError, Layout};
 
 use crate::api::{self, ApiError, Control, ManagedInstance};
 use crate::audit::{AuditError, AuditLog};
-use crate::cgroup::{CgroupDriverError, DriverConfig, driver_for};
+use crate::cgroup::{CgroupDriverError, driver_for};
 use crate::config::{HealerConfig, HealerConfigError};
 use crate::engine::{Engine, Gate, GateConfig, Outcome, Refusal};
 use crate::executor::StandbyExecutor;
@@ -138,7 +138,7 @@ impl Healer {
         }
         let audit = Arc::new(AuditLog::open(&config.data_dir)?);
         let driver: Arc<dyn crate::cgroup::CgroupDriver> =
-            Arc::from(driver_for(&Layout::detect()?, &DriverConfig::default())?);
+            Arc::from(driver_for(&Layout::detect()?, &config.healer.driver_config())?);
         reconcile(driver.as_ref(), &config.services)?;
         let supervisor = Supervisor::start(config.services.clone(), driver.clone())?;
         let executor = StandbyExecutor::new(Arc::new(supervisor.clone()), driver, config.healer.policy());
@@ -166,11 +166,15 @@ impl Healer {
 
     /// The healer's metrics (decisions, action durations, instance states) for `/metrics`.
     pub fn metrics_registry(&self) -> Arc<prometheus_client::registry::Registry> {
-        let engine_metrics = match self.engine.lock() {
-            Ok(e) => e.metrics().clone(),
-            Err(poisoned) => poisoned.into_inner().metrics().clone(),
+        let engine = match self.engine.lock() {
+            Ok(e) => e,
+            Err(poisoned) => poisoned.into_inner(),
         };
-        Arc::new(crate::metrics::registry(&engine_metrics, Arc::new(self.supervisor.clone())))
+        Arc::new(crate::metrics::registry(
+            engine.metrics(),
+            engine.executor().metrics(),
+            Arc::new(self.supervisor.clone()),
+        ))
     }
 
     /// `/api/v1/...`.
