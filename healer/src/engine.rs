@@ -212,6 +212,11 @@ impl<E: Executor> Engine<E> {
         &self.audit
     }
 
+    /// Puts new rules in force. Their windows start afresh; recent actions' cooldowns are forgotten too.
+    pub fn replace_rules(&mut self, rules: Vec<crate::rules::Rule>) {
+        self.evaluator = Evaluator::new(rules);
+    }
+
     /// The engine's counters, for a metrics registry.
     pub fn metrics(&self) -> &EngineMetrics {
         &self.metrics

@@ -21,7 +21,7 @@ use crate::cgroup::{CgroupDriverError, driver_for};
 use crate::config::{HealerConfig, HealerConfigError};
 use crate::engine::{Engine, Gate, GateConfig, Outcome, Refusal};
 use crate::executor::StandbyExecutor;
-use crate::rules::{self, Action, Evaluator, InstanceState, RulesError, Signal, Signals};
+use crate::rules::{self, Action, Evaluator, InstanceState, Signal, Signals};
 use crate::supervisor::{InstanceInfo, Supervisor, SupervisorError};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +29,7 @@ pub enum HealerError {
     #[error("{0}")]
     Config(#[from] HealerConfigError),
     #[error("{0}")]
-    Rules(#[from] RulesError),
+    RuleFiles(String),
     #[error("finding the cgroup hierarchies: {0}")]
     Layout(#[from] CgroupError),
     #[error("preparing Vigil's cgroups: {0}")]
@@ -103,12 +103,69 @@ impl TrafficSource for ConnectionTraffic {
 
 type StandbyEngine = Engine<StandbyExecutor<Supervisor>>;
 
+/// The configured rule files and what became of their last load. Files are re-read when one changes
+/// (checked every few ticks by modification time); a file with mistakes leaves the last good rules in
+/// force, and its errors show in the log and in `GET /api/v1/rules`.
+struct RuleFiles {
+    config: HealerConfig,
+    stamps: Vec<(std::path::PathBuf, Option<SystemTime>)>,
+    status: Arc<Mutex<Value>>,
+}
+
+impl RuleFiles {
+    fn stamps(config: &HealerConfig) -> Vec<(std::path::PathBuf, Option<SystemTime>)> {
+        config
+            .rule_files()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|f| {
+                let t = std::fs::metadata(&f).and_then(|m| m.modified()).ok();
+                (f, t)
+            })
+            .collect()
+    }
+
+    /// Loads every file; all must be valid. Updates the status either way.
+    fn load(&mut self) -> Result<Vec<rules::Rule>, String> {
+        self.stamps = Self::stamps(&self.config);
+        let mut all = Vec::new();
+        let mut files = Vec::new();
+        let mut errors = Vec::new();
+        for (file, _) in &self.stamps {
+            match rules::check_file(file) {
+                Ok(set) => {
+                    files.push(json!({
+                        "file": file.display().to_string(),
+                        "status": "ok",
+                        "rules": set.rules.iter().map(|r| json!({"name": &*r.name, "action": r.action.as_str()})).collect::<Vec<_>>(),
+                    }));
+                    all.extend(set.rules);
+                }
+                Err(e) => {
+                    files.push(json!({"file": file.display().to_string(), "status": "error", "error": e.to_string()}));
+                    errors.push(e.to_string());
+                }
+            }
+        }
+        if let Ok(mut status) = self.status.lock() {
+            status["files"] = json!(files);
+            status["last_load"] =
+                json!(if errors.is_empty() { "ok" } else { "rejected: the last good rules stay in force" });
+        }
+        if errors.is_empty() { Ok(all) } else { Err(errors.join("\n")) }
+    }
+
+    fn changed(&self) -> bool {
+        Self::stamps(&self.config) != self.stamps
+    }
+}
+
 /// The running healer.
 pub struct Healer {
     supervisor: Supervisor,
     engine: Arc<Mutex<StandbyEngine>>,
     audit: Arc<AuditLog>,
-    rules: Value,
+    rules: Arc<Mutex<Value>>,
     started: Instant,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -122,18 +179,11 @@ impl Healer {
         snapshots: SnapshotReceiver,
         traffic: Arc<dyn TrafficSource>,
     ) -> Result<Healer, HealerError> {
-        let mut rule_list = Vec::new();
-        let mut files = Vec::new();
-        for file in config.rule_files()? {
-            let set = rules::check_file(&file)?;
-            files.push(json!({
-                "file": file.display().to_string(),
-                "status": "ok",
-                "rules": set.rules.iter().map(|r| json!({"name": &*r.name, "action": r.action.as_str()})).collect::<Vec<_>>(),
-            }));
-            rule_list.extend(set.rules);
-        }
-        if files.is_empty() {
+        let status = Arc::new(Mutex::new(json!({ "files": [], "dry_run": config.dry_run })));
+        let mut rule_files = RuleFiles { config: config.clone(), stamps: Vec::new(), status: status.clone() };
+        // At start-up a bad rule file is an error: there are no last good rules to fall back on.
+        let rule_list = rule_files.load().map_err(HealerError::RuleFiles)?;
+        if rule_files.stamps.is_empty() {
             tracing::warn!("no rule files found; the healer decides nothing until rules are configured");
         }
         let audit = Arc::new(AuditLog::open(&config.data_dir)?);
@@ -150,13 +200,20 @@ impl Healer {
             Arc::new(Mutex::new(Engine::new(Evaluator::new(rule_list), gate, executor, audit.clone())));
         let (stop, stop_rx) = watch::channel(false);
         let started = Instant::now();
-        let task =
-            tokio::spawn(step_loop(snapshots, stop_rx, engine.clone(), supervisor.clone(), traffic, started));
+        let task = tokio::spawn(step_loop(
+            snapshots,
+            stop_rx,
+            engine.clone(),
+            supervisor.clone(),
+            traffic,
+            started,
+            rule_files,
+        ));
         Ok(Healer {
             supervisor,
             engine,
             audit,
-            rules: json!({ "files": files, "dry_run": config.dry_run }),
+            rules: status,
             started,
             stop,
             task,
@@ -236,6 +293,9 @@ pub fn reconcile(
     Ok(cleaned)
 }
 
+/// How often the rule files' modification times are compared.
+const RULES_CHECK_EVERY_TICKS: u64 = 5;
+
 async fn step_loop(
     mut snapshots: SnapshotReceiver,
     mut stop: watch::Receiver<bool>,
@@ -243,14 +303,30 @@ async fn step_loop(
     supervisor: Supervisor,
     traffic: Arc<dyn TrafficSource>,
     started: Instant,
+    mut rule_files: RuleFiles,
 ) {
     let mut last = Instant::now();
+    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             changed = snapshots.changed() => if changed.is_err() { return },
             _ = stop.changed() => return,
         }
         let snapshot = snapshots.borrow_and_update().clone();
+        ticks += 1;
+        if ticks.is_multiple_of(RULES_CHECK_EVERY_TICKS) && rule_files.changed() {
+            match rule_files.load() {
+                Ok(new_rules) => {
+                    tracing::info!(rules = new_rules.len(), "rule files changed: reloaded");
+                    if let Ok(mut e) = engine.lock() {
+                        e.replace_rules(new_rules);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "rule files changed but have mistakes; the last good rules stay in force")
+                }
+            }
+        }
         let elapsed = last.elapsed();
         last = Instant::now();
         let engine = engine.clone();
@@ -284,7 +360,7 @@ struct HealerControl {
     supervisor: Supervisor,
     engine: Arc<Mutex<StandbyEngine>>,
     started: Instant,
-    rules: Value,
+    rules: Arc<Mutex<Value>>,
 }
 
 impl Control for HealerControl {
@@ -343,7 +419,7 @@ impl Control for HealerControl {
     }
 
     fn rules(&self) -> Value {
-        self.rules.clone()
+        self.rules.lock().map(|v| v.clone()).unwrap_or(Value::Null)
     }
 }
 
@@ -356,6 +432,39 @@ impl crate::metrics::StateSource for Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rule_files_reload_and_a_bad_edit_keeps_the_last_good_rules() {
+        let dir = std::env::temp_dir().join(format!("vigil-rules-reload-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("a.yaml");
+        let good = "rules:\n  - name: n\n    when:\n      - metric: cpu_cores\n        below: 1\n    action: notify\n";
+        std::fs::write(&file, good).unwrap();
+        let mut config = HealerConfig::default();
+        config.rules = vec![dir.clone()];
+        let status = Arc::new(Mutex::new(json!({})));
+        let mut files = RuleFiles { config, stamps: Vec::new(), status: status.clone() };
+        assert_eq!(files.load().unwrap().len(), 1);
+        assert!(!files.changed());
+
+        // A later modification time, as an editor's save gives.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&file, "rules:\n  - name: n\n    when: []\n    action: nap\n").unwrap();
+        assert!(files.changed());
+        let err = files.load().unwrap_err();
+        assert!(err.contains("unknown action `nap`"), "{err}");
+        let s = status.lock().unwrap().clone();
+        assert_eq!(s["files"][0]["status"], "error");
+        assert_eq!(s["last_load"], "rejected: the last good rules stay in force");
+
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&file, good).unwrap();
+        assert!(files.changed());
+        assert_eq!(files.load().unwrap().len(), 1);
+        assert_eq!(status.lock().unwrap()["last_load"], "ok");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn established_connections_by_local_port() {
