@@ -73,6 +73,11 @@ enum CtlCommand {
     },
     /// The rules in force.
     Rules,
+    /// Turn dry-run mode on or off (decide and audit, execute nothing).
+    DryRun {
+        #[arg(value_parser = ["on", "off"])]
+        mode: String,
+    },
 }
 
 fn ctl_command(api: SocketAddr, token: Option<String>, command: CtlCommand) -> anyhow::Result<()> {
@@ -84,6 +89,7 @@ fn ctl_command(api: SocketAddr, token: Option<String>, command: CtlCommand) -> a
         CtlCommand::Wake { id } => ("POST", format!("/api/v1/instances/{id}/wake")),
         CtlCommand::Decisions { limit } => ("GET", format!("/api/v1/decisions?limit={limit}")),
         CtlCommand::Rules => ("GET", "/api/v1/rules".to_string()),
+        CtlCommand::DryRun { mode } => ("POST", format!("/api/v1/dry-run?enabled={}", mode == "on")),
     };
     let answer = client.call(method, &path)?;
     if let CtlCommand::Instances = command {

@@ -37,6 +37,8 @@ pub trait Control: Send + Sync {
     fn act(&self, action: Action, instance_id: &str) -> Result<Value, ApiError>;
     /// The rules in force and the status of each rule file.
     fn rules(&self) -> Value;
+    /// Turns dry-run mode on or off; returns the mode now in force.
+    fn set_dry_run(&self, on: bool) -> Result<bool, ApiError>;
 }
 
 /// An API error: HTTP status, a stable code and a sentence.
@@ -203,6 +205,26 @@ async fn rules(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Json<V
     Ok(Json(api.control.rules()))
 }
 
+async fn dry_run(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    api.authorize(&headers)?;
+    let enabled = match q.get("enabled").map(String::as_str) {
+        Some("true") => true,
+        Some("false") => false,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("`enabled` must be true or false, got {other:?}"),
+            ));
+        }
+    };
+    Ok(Json(json!({ "dry_run": api.control.set_dry_run(enabled)? })))
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /api/v1/instances")
 }
@@ -222,6 +244,7 @@ pub fn router(
         .route("/api/v1/instances/{id}/wake", post(wake))
         .route("/api/v1/decisions", get(decisions))
         .route("/api/v1/rules", get(rules))
+        .route("/api/v1/dry-run", post(dry_run))
         .route("/api/v1/{*rest}", get(not_found).post(not_found))
         .with_state(api)
 }
@@ -263,6 +286,9 @@ mod tests {
         }
         fn rules(&self) -> Value {
             json!({"files": []})
+        }
+        fn set_dry_run(&self, on: bool) -> Result<bool, ApiError> {
+            Ok(on)
         }
     }
 
@@ -309,6 +335,10 @@ mod tests {
         assert_eq!(*fake.acted.lock().unwrap(), vec![(Action::Wake, "echo-0".to_string())]);
         let (code, body) = request(addr, "GET /api/v1/decisions?limit=5 HTTP/1.0\r\n\r\n").await;
         assert_eq!((code, body["decisions"][0]["seq"].as_u64()), (200, Some(1)));
+        let (code, body) = request(addr, "POST /api/v1/dry-run?enabled=true HTTP/1.0\r\n\r\n").await;
+        assert_eq!((code, body["dry_run"].as_bool()), (200, Some(true)));
+        let (code, body) = request(addr, "POST /api/v1/dry-run?enabled=maybe HTTP/1.0\r\n\r\n").await;
+        assert_eq!((code, body["error"]["code"].as_str()), (400, Some("bad_request")));
         let (code, body) = request(addr, "GET /api/v1/nothing HTTP/1.0\r\n\r\n").await;
         assert_eq!((code, body["error"]["code"].as_str()), (404, Some("not_found")));
         let _ = std::fs::remove_dir_all(dir);

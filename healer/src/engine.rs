@@ -110,6 +110,10 @@ impl Gate {
     pub fn dry_run(&self) -> bool {
         self.config.dry_run
     }
+
+    pub fn set_dry_run(&mut self, on: bool) {
+        self.config.dry_run = on;
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -210,6 +214,15 @@ impl<E: Executor> Engine<E> {
 
     pub fn audit(&self) -> &Arc<AuditLog> {
         &self.audit
+    }
+
+    /// Turns dry-run mode on or off (decide and audit, execute nothing).
+    pub fn set_dry_run(&mut self, on: bool) {
+        self.gate.set_dry_run(on);
+    }
+
+    pub fn dry_run(&self) -> bool {
+        self.gate.dry_run()
     }
 
     /// Puts new rules in force. Their windows start afresh; recent actions' cooldowns are forgotten too.

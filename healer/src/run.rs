@@ -419,7 +419,20 @@ impl Control for HealerControl {
     }
 
     fn rules(&self) -> Value {
-        self.rules.lock().map(|v| v.clone()).unwrap_or(Value::Null)
+        let mut v = self.rules.lock().map(|v| v.clone()).unwrap_or(Value::Null);
+        if let Ok(e) = self.engine.lock() {
+            v["dry_run"] = json!(e.dry_run());
+        }
+        v
+    }
+
+    fn set_dry_run(&self, on: bool) -> Result<bool, ApiError> {
+        let mut e = self.engine.lock().map_err(|_| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "engine lock poisoned")
+        })?;
+        e.set_dry_run(on);
+        tracing::warn!(dry_run = on, "dry-run mode changed through the API");
+        Ok(e.dry_run())
     }
 }
 
