@@ -25,6 +25,9 @@
 //! Run: `cargo bench -p vigil-healer --bench standby` (root). Sizes: `VIGIL_BENCH_SIZES_MIB`, default
 //! `256,1024,4096`.
 
+#[path = "../collector/tests/support/swap.rs"]
+mod swap;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -32,6 +35,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
+use swap::Swapfile;
 
 use anyhow::{Context, Result, bail, ensure};
 use vigil_collector::cgroupfs::Layout;
@@ -83,28 +87,6 @@ fn drop_caches() -> Result<()> {
     // Dirty pages first, so drop_caches can drop them too.
     sh("sync")?;
     std::fs::write("/proc/sys/vm/drop_caches", "3").context("write /proc/sys/vm/drop_caches")
-}
-
-/// A swapfile, on for as long as the guard lives.
-struct Swapfile(PathBuf);
-
-impl Swapfile {
-    fn new(mib: u64) -> Result<Swapfile> {
-        let swap = Swapfile(PathBuf::from(format!("/var/tmp/vigil-bench-swap-{}", std::process::id())));
-        sh(&format!(
-            "dd if=/dev/zero of={0} bs=16M count={1} status=none && chmod 600 {0} && mkswap -q {0} && swapon {0}",
-            swap.0.display(),
-            mib.div_ceil(16)
-        ))?;
-        Ok(swap)
-    }
-}
-
-impl Drop for Swapfile {
-    fn drop(&mut self) {
-        let _ = Command::new("swapoff").arg(&self.0).output();
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 /// A file of incompressible bytes next to the swapfile, for the disk's sequential read rate.
@@ -459,7 +441,7 @@ fn main() -> Result<()> {
     let python = python_executable()?;
 
     let setup = Instant::now();
-    let swap = Swapfile::new(2 * largest + 1024)?;
+    let swap = Swapfile::new("bench", 2 * largest + 1024);
     let disk = DiskReads::for_path(&swap.0)?;
 
     let layout = Layout::detect()?;

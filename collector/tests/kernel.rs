@@ -7,10 +7,10 @@ mod support;
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use support::swap::Swapfile;
 use support::workload::{TestCgroup, Workload};
 use vigil_collector::config::CollectorConfig;
 use vigil_collector::discovery::WatchConfig;
@@ -213,35 +213,6 @@ fn cgroups_appear_and_vanish_within_a_tick() {
     assert!(s.by_cgroup(&child_rel).is_none(), "removed at tick {removed_at}, still there at {}", s.tick);
 }
 
-/// A swapfile that exists for one test; `Drop` turns it off and removes it.
-struct Swapfile(PathBuf);
-
-impl Swapfile {
-    fn new(mib: u64) -> Swapfile {
-        let path = PathBuf::from(format!("/var/tmp/vigil-test-swap-{}", std::process::id()));
-        let run = |cmd: &mut Command| {
-            let out = cmd.output().expect("run swap setup command");
-            assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        let _ = Command::new("swapoff").arg(&path).output();
-        run(Command::new("dd")
-            .args(["if=/dev/zero", "bs=1M", &format!("count={mib}")])
-            .arg(format!("of={}", path.display())));
-        run(Command::new("chmod").arg("600").arg(&path));
-        let swap = Swapfile(path);
-        run(Command::new("mkswap").arg(&swap.0));
-        run(Command::new("swapon").arg(&swap.0));
-        swap
-    }
-}
-
-impl Drop for Swapfile {
-    fn drop(&mut self) {
-        let _ = Command::new("swapoff").arg(&self.0).output();
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 fn vmstat(key: &str) -> u64 {
     let text = std::fs::read_to_string("/proc/vmstat").unwrap();
     text.lines()
@@ -253,7 +224,7 @@ fn vmstat(key: &str) -> u64 {
 
 #[test]
 fn swap_traffic_matches_the_kernel() {
-    let _swap = Swapfile::new(512);
+    let _swap = Swapfile::new("test", 512);
     let mut cg = TestCgroup::new("swap");
     cg.set_memory_limit(64 << 20);
     let collector = start_collector(&cg);

@@ -9,7 +9,6 @@ mod support;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,12 +28,6 @@ fn post(addr: SocketAddr, path: &str) -> String {
     out
 }
 
-fn python() -> String {
-    let out =
-        Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output().expect("python3");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 #[test]
 fn every_hibernation_panel_has_data() {
     let parent = format!("/vigil-test-dash-{}", std::process::id());
@@ -43,7 +36,7 @@ fn every_hibernation_panel_has_data() {
     let yaml = format!(
         "data_dir: {}\nrules: []\nservices:\n  - name: dash\n    command: [\"{}\", \"-m\", \"http.server\", \"{{port}}\", \"--bind\", \"127.0.0.1\"]\n    port: {port}\n    readiness: {{ http: / }}\nhealer:\n  cgroup_parent: {parent}\n  stop_grace: 2s\n",
         data_dir.display(),
-        python()
+        support::workload::python_executable()
     );
     let healer_config = HealerConfig::parse(&yaml, "test.yaml").expect("healer config");
     let runtime =

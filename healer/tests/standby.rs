@@ -5,11 +5,15 @@
 //! touches — swapfile, cgroups, processes — in `Drop`, also when an assertion fails. The tests take a
 //! lock so they never overlap: the swap test turns host swap on while it runs.
 
+#[path = "../../collector/tests/support/mod.rs"]
+mod support;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+use support::swap::Swapfile;
 
 use vigil_collector::cgroupfs::Layout;
 use vigil_healer::cgroup::{
@@ -34,42 +38,6 @@ fn assert_root() {
         status.lines().any(|l| l.starts_with("Uid:\t0\t")),
         "these tests need root (CI runs them as root)"
     );
-}
-
-/// A swapfile, on for as long as the guard lives.
-struct Swapfile(PathBuf);
-
-impl Swapfile {
-    fn new(mib: u64) -> Swapfile {
-        let path = PathBuf::from(format!("/var/tmp/vigil-healer-test-swap-{}", std::process::id()));
-        let run = |cmd: &mut Command| {
-            let out = cmd.output().expect("run swap setup command");
-            assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        let _ = Command::new("swapoff").arg(&path).output();
-        let swap = Swapfile(path);
-        run(Command::new("dd")
-            .args(["if=/dev/zero", "bs=1M", &format!("count={mib}")])
-            .arg(format!("of={}", swap.0.display())));
-        run(Command::new("chmod").arg("600").arg(&swap.0));
-        run(Command::new("mkswap").arg(&swap.0));
-        run(Command::new("swapon").arg(&swap.0));
-        swap
-    }
-}
-
-impl Drop for Swapfile {
-    fn drop(&mut self) {
-        let _ = Command::new("swapoff").arg(&self.0).output();
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// The real interpreter, not a version-manager shim that would fork helpers inside the cgroup.
-fn python_executable() -> String {
-    let out =
-        Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output().expect("python3");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// One instance: its cgroups (through the driver) and the service process in them. `Drop` kills the
@@ -114,7 +82,7 @@ impl Instance {
         let mut child = Command::new("sh")
             .arg("-c")
             .arg("read _ && exec \"$0\" -u -c \"$1\"")
-            .arg(python_executable())
+            .arg(support::workload::python_executable())
             .arg(script)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -229,7 +197,7 @@ while True:
 #[test]
 fn hibernate_pages_out_and_wake_restores_a_live_service() {
     let _host = host_lock();
-    let _swap = Swapfile::new(768);
+    let _swap = Swapfile::new("healer-test", 768);
     let mut inst = Instance::new("standby");
     inst.spawn_python(SERVICE);
     let ready = inst.line();

@@ -4,6 +4,9 @@
 //! (`/vigil-test-sup-<pid>-<tag>` in each hierarchy) so it never meets a running Vigil or another test, and
 //! removes them at the end, also when it fails.
 
+#[path = "../../collector/tests/support/mod.rs"]
+mod support;
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Command;
@@ -20,13 +23,6 @@ fn assert_root() {
     let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
     let uid = status.lines().find(|l| l.starts_with("Uid:")).expect("Uid line");
     assert_eq!(uid.split_whitespace().nth(1), Some("0"), "these tests need root");
-}
-
-/// The real interpreter, not a version-manager shim that would fork helpers inside the cgroup.
-fn python_executable() -> String {
-    let out =
-        Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output().expect("python3");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// `count` consecutive loopback ports that are free right now.
@@ -121,9 +117,16 @@ fn spec(name: &str, command: Vec<String>, port: u16, instances: u32, readiness: 
 }
 
 fn http_server_spec(name: &str, port: u16, instances: u32) -> ServiceSpec {
-    let command = [python_executable().as_str(), "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
-        .map(String::from)
-        .to_vec();
+    let command = [
+        support::workload::python_executable().as_str(),
+        "-m",
+        "http.server",
+        "{port}",
+        "--bind",
+        "127.0.0.1",
+    ]
+    .map(String::from)
+    .to_vec();
     spec(name, command, port, instances, Readiness::Http("/".into()))
 }
 

@@ -5,4 +5,5 @@
 
 pub mod dashboard;
 pub mod prometheus;
+pub mod swap;
 pub mod workload;
