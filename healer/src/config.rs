@@ -26,6 +26,9 @@ pub enum HealerConfigError {
 pub struct HealerSettings {
     /// Host-wide limit on executed actions per sliding minute.
     pub max_actions_per_minute: usize,
+    /// At most this fraction of a service's instances in standby or in transition (1.0: a service may go
+    /// wholly to standby, the zero-instance case).
+    pub max_standby_fraction: f64,
     /// CPUs hibernated instances share (cpuset list); default: the last online CPU.
     pub pool_cpus: Option<String>,
     /// CPU quota of a hibernated instance, in cores.
@@ -41,6 +44,7 @@ impl Default for HealerSettings {
     fn default() -> Self {
         Self {
             max_actions_per_minute: 30,
+            max_standby_fraction: 1.0,
             pool_cpus: None,
             quota: StandbyPolicy::default().quota,
             stop_grace: HumanDuration(Duration::from_secs(10)),
@@ -150,6 +154,12 @@ impl HealerConfig {
             issues.push(at(
                 "healer.quota".into(),
                 format!("{} is not a CPU quota in (0, 64] cores", self.healer.quota),
+            ));
+        }
+        if !(self.healer.max_standby_fraction > 0.0 && self.healer.max_standby_fraction <= 1.0) {
+            issues.push(at(
+                "healer.max_standby_fraction".into(),
+                format!("{} is not a fraction in (0, 1]", self.healer.max_standby_fraction),
             ));
         }
         if self.healer.max_actions_per_minute == 0 {

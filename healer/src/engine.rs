@@ -21,6 +21,12 @@ pub const MANUAL_RULE: &str = "manual";
 /// succeeds and changes nothing.
 pub trait Executor: Send + Sync {
     fn execute(&self, action: Action, service: &str, instance_id: &str) -> Result<(), String>;
+
+    /// `(instances, in standby or in transition)` of a service, for the gate's standby fraction; `None`
+    /// where the executor cannot tell (the fraction is then not enforced).
+    fn standby_counts(&self, _service: &str) -> Option<(usize, usize)> {
+        None
+    }
 }
 
 /// Limits applied to every proposal before it reaches an executor.
@@ -30,11 +36,14 @@ pub struct GateConfig {
     pub dry_run: bool,
     /// At most this many actions in any sliding minute, host-wide.
     pub max_actions_per_minute: usize,
+    /// A hibernation is refused when it would put more than this fraction of a service's instances in
+    /// standby or in transition (1.0 allows a service to go wholly to standby).
+    pub max_standby_fraction: f64,
 }
 
 impl Default for GateConfig {
     fn default() -> Self {
-        Self { dry_run: false, max_actions_per_minute: 30 }
+        Self { dry_run: false, max_actions_per_minute: 30, max_standby_fraction: 1.0 }
     }
 }
 
@@ -46,6 +55,8 @@ pub enum Refusal {
     RateLimited,
     /// The instance already has an action in progress.
     InProgress,
+    /// Hibernating it would exceed the service's standby fraction.
+    StandbyFraction,
 }
 
 /// What became of one proposal.
@@ -199,6 +210,12 @@ impl<E: Executor> Engine<E> {
         if self.gate.dry_run() {
             return Outcome::DryRun;
         }
+        if p.action == Action::Hibernate
+            && let Some((total, standby)) = self.executor.standby_counts(&p.service)
+            && (standby + 1) as f64 > self.gate.config.max_standby_fraction * total as f64
+        {
+            return Outcome::Refused { reason: Refusal::StandbyFraction };
+        }
         if let Err(reason) = self.gate.admit(at, &p.instance_id) {
             return Outcome::Refused { reason };
         }
@@ -249,11 +266,12 @@ mod tests {
     use super::*;
     use crate::rules::{InstanceState, Signal, check_str};
 
-    /// Records every call; fails for instances named in `fail`.
+    /// Records every call; fails for instances named in `fail`; reports `counts` for the standby fraction.
     #[derive(Clone, Default)]
     struct Recorder {
         calls: Arc<Mutex<Vec<(Action, String)>>>,
         fail: Vec<String>,
+        counts: Option<(usize, usize)>,
     }
 
     impl Executor for Recorder {
@@ -263,6 +281,9 @@ mod tests {
                 return Err(format!("cannot hibernate {instance_id}: no such process"));
             }
             Ok(())
+        }
+        fn standby_counts(&self, _service: &str) -> Option<(usize, usize)> {
+            self.counts
         }
     }
 
@@ -396,8 +417,32 @@ mod tests {
     }
 
     #[test]
+    fn standby_fraction_is_enforced_for_hibernation_only() {
+        let dir = temp_dir("fraction");
+        // 4 instances, 2 already in standby: a third would be 75 % > 50 %.
+        let exec = Recorder { counts: Some((4, 2)), ..Recorder::default() };
+        let gate = GateConfig { max_standby_fraction: 0.5, ..GateConfig::default() };
+        let mut e = engine(gate, exec.clone(), &dir);
+        let d = e.manual(Duration::ZERO, UNIX_EPOCH, Action::Hibernate, "echo", "echo-2").unwrap();
+        assert_eq!(d.outcome, Outcome::Refused { reason: Refusal::StandbyFraction });
+        let d = e.manual(Duration::ZERO, UNIX_EPOCH, Action::Wake, "echo", "echo-0").unwrap();
+        assert!(matches!(d.outcome, Outcome::Succeeded { .. }), "waking is never limited: {d:?}");
+        drop(e);
+        // 4 instances, 1 in standby: a second is exactly 50 %, allowed.
+        let exec = Recorder { counts: Some((4, 1)), ..Recorder::default() };
+        let mut e = engine(gate_with_fraction(0.5), exec, &dir);
+        let d = e.manual(Duration::ZERO, UNIX_EPOCH, Action::Hibernate, "echo", "echo-1").unwrap();
+        assert!(matches!(d.outcome, Outcome::Succeeded { .. }), "{d:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn gate_with_fraction(f: f64) -> GateConfig {
+        GateConfig { max_standby_fraction: f, ..GateConfig::default() }
+    }
+
+    #[test]
     fn gate_window_slides() {
-        let mut g = Gate::new(GateConfig { dry_run: false, max_actions_per_minute: 2 });
+        let mut g = Gate::new(GateConfig { max_actions_per_minute: 2, ..GateConfig::default() });
         assert_eq!(g.admit(Duration::from_secs(0), "a"), Ok(()));
         assert_eq!(g.admit(Duration::from_secs(1), "a"), Err(Refusal::InProgress));
         g.done("a");

@@ -29,6 +29,10 @@ pub trait InstanceRegistry: Send + Sync {
     fn run_hook(&self, instance_id: &str, hook: Hook) -> Result<(), String>;
     /// Waits until the readiness check passes.
     fn wait_ready(&self, instance_id: &str, timeout: Duration) -> Result<(), String>;
+    /// `(instances, in standby or in transition)` of a service.
+    fn standby_counts(&self, _service: &str) -> Option<(usize, usize)> {
+        None
+    }
 }
 
 /// Standby results kept for the API and metrics.
@@ -178,6 +182,10 @@ impl<R: InstanceRegistry> Executor for StandbyExecutor<R> {
             }
             Action::Restart => Err("restart is not implemented by the standby executor yet".into()),
         }
+    }
+
+    fn standby_counts(&self, service: &str) -> Option<(usize, usize)> {
+        self.registry.standby_counts(service)
     }
 }
 

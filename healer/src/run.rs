@@ -195,6 +195,7 @@ impl Healer {
         let gate = Gate::new(GateConfig {
             dry_run: config.dry_run,
             max_actions_per_minute: config.healer.max_actions_per_minute,
+            max_standby_fraction: config.healer.max_standby_fraction,
         });
         let engine =
             Arc::new(Mutex::new(Engine::new(Evaluator::new(rule_list), gate, executor, audit.clone())));
@@ -408,6 +409,13 @@ impl Control for HealerControl {
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
                 "the host-wide action rate limit is used up; try again later",
+            )),
+            Outcome::Refused { reason: Refusal::StandbyFraction } => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "standby_fraction",
+                format!(
+                    "hibernating `{instance_id}` would exceed healer.max_standby_fraction for its service"
+                ),
             )),
             Outcome::Refused { reason: Refusal::InProgress } => {
                 Err(ApiError::new(StatusCode::CONFLICT, "in_progress", format!("`{instance_id}` is busy")))

@@ -505,6 +505,21 @@ impl InstanceRegistry for Supervisor {
         Supervisor::cgroup(self, instance_id)
     }
 
+    fn standby_counts(&self, service: &str) -> Option<(usize, usize)> {
+        let instances: Vec<InstanceInfo> =
+            self.instances().into_iter().filter(|i| i.service == service).collect();
+        let standby = instances
+            .iter()
+            .filter(|i| {
+                matches!(
+                    i.state,
+                    InstanceState::Hibernating | InstanceState::Hibernated | InstanceState::Waking
+                )
+            })
+            .count();
+        Some((instances.len(), standby))
+    }
+
     fn state(&self, instance_id: &str) -> Option<InstanceState> {
         self.inner.lock().get(instance_id).map(|s| s.state)
     }
