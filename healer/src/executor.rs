@@ -33,7 +33,14 @@ pub trait InstanceRegistry: Send + Sync {
     fn standby_counts(&self, _service: &str) -> Option<(usize, usize)> {
         None
     }
+    /// Requests the instance is serving now (0 where unknown).
+    fn inflight(&self, _instance_id: &str) -> usize {
+        0
+    }
 }
+
+/// How long hibernate waits for in-flight requests to finish before it goes ahead anyway.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Standby results kept for the API and metrics.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -52,6 +59,7 @@ pub struct StandbyExecutor<R: InstanceRegistry> {
     memory: Arc<dyn MemoryOps>,
     policy: StandbyPolicy,
     ready_timeout: Duration,
+    drain_timeout: Duration,
     /// Working sets of hibernated instances, needed to wake them.
     working_sets: Mutex<HashMap<String, WorkingSet>>,
     records: Mutex<HashMap<String, StandbyRecord>>,
@@ -76,6 +84,7 @@ impl<R: InstanceRegistry> StandbyExecutor<R> {
             memory,
             policy,
             ready_timeout: Duration::from_secs(30),
+            drain_timeout: DRAIN_TIMEOUT,
             working_sets: Mutex::new(HashMap::new()),
             records: Mutex::new(HashMap::new()),
             metrics: StandbyMetrics::default(),
@@ -101,6 +110,11 @@ impl<R: InstanceRegistry> StandbyExecutor<R> {
         }
         let cg = self.registry.cgroup(id).ok_or_else(|| format!("instance `{id}` has no cgroup"))?;
         self.registry.set_state(id, InstanceState::Hibernating);
+        // Let in-flight work finish (bounded) before the instance is frozen under it.
+        let deadline = std::time::Instant::now() + self.drain_timeout;
+        while self.registry.inflight(id) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         if let Err(e) = self.registry.run_hook(id, Hook::PreHibernate) {
             self.registry.set_state(id, InstanceState::Active);
             return Err(format!("pre-hibernate hook of `{id}` failed: {e}"));
@@ -202,6 +216,8 @@ mod tests {
         states: Mutex<HashMap<String, InstanceState>>,
         log: Mutex<Vec<String>>,
         hook_fails: bool,
+        /// In-flight requests reported, one fewer each time asked.
+        inflight: Mutex<usize>,
     }
 
     impl InstanceRegistry for Registry {
@@ -232,6 +248,12 @@ mod tests {
         fn wait_ready(&self, _id: &str, _timeout: Duration) -> Result<(), String> {
             self.log.lock().unwrap().push("ready".into());
             Ok(())
+        }
+        fn inflight(&self, _id: &str) -> usize {
+            let mut n = self.inflight.lock().unwrap();
+            let now = *n;
+            *n = n.saturating_sub(1);
+            now
         }
     }
 
@@ -334,6 +356,16 @@ mod tests {
         );
         ex.execute(Action::Wake, "echo", "echo-0").unwrap();
         assert_eq!(reg.log.lock().unwrap().len(), 7, "waking an active instance does nothing");
+    }
+
+    #[test]
+    fn hibernate_waits_for_in_flight_requests() {
+        let reg = Arc::new(Registry { inflight: Mutex::new(3), ..Registry::default() });
+        reg.states.lock().unwrap().insert("echo-0".into(), InstanceState::Active);
+        let ex = executor(reg.clone());
+        ex.execute(Action::Hibernate, "echo", "echo-0").unwrap();
+        assert_eq!(*reg.inflight.lock().unwrap(), 0, "asked until the requests drained");
+        assert_eq!(reg.state("echo-0"), Some(InstanceState::Hibernated));
     }
 
     #[test]

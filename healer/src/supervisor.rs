@@ -505,6 +505,15 @@ impl InstanceRegistry for Supervisor {
         Supervisor::cgroup(self, instance_id)
     }
 
+    fn inflight(&self, instance_id: &str) -> usize {
+        let Some(port) = self.instance(instance_id).map(|i| i.port) else { return 0 };
+        ["/proc/net/tcp", "/proc/net/tcp6"]
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .map(|text| crate::run::established(&text).iter().filter(|(p, _)| *p == port).count())
+            .sum()
+    }
+
     fn standby_counts(&self, service: &str) -> Option<(usize, usize)> {
         let instances: Vec<InstanceInfo> =
             self.instances().into_iter().filter(|i| i.service == service).collect();
