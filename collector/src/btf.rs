@@ -255,50 +255,54 @@ pub fn kernel_layout(path: &Path) -> Result<KernelLayout, BtfError> {
 mod tests {
     use super::*;
 
+    /// Offset of `s` in a BTF string section.
+    fn str_off(s: &str, strings: &[u8]) -> u32 {
+        let needle = [s.as_bytes(), b"\0"].concat();
+        strings.windows(needle.len()).position(|w| w == needle.as_slice()).unwrap() as u32
+    }
+
+    /// A BTF blob: header (version 1, 24 bytes), the type section, then the string section.
+    fn blob(types: &[u8], strings: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&BTF_MAGIC.to_le_bytes());
+        out.extend_from_slice(&[1, 0]);
+        for v in [24u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(types);
+        out.extend_from_slice(strings);
+        out
+    }
+
     /// Builds a BTF blob: an INT, a STRUCT with one member, then enum `colour` {RED=0, GREEN=7, BLUE=-1 signed}.
     fn sample() -> Vec<u8> {
         let mut strings = b"\0int\0s\0f\0colour\0RED\0GREEN\0BLUE\0".to_vec();
-        let off = |s: &str, strings: &[u8]| {
-            let needle = [s.as_bytes(), b"\0"].concat();
-            strings.windows(needle.len()).position(|w| w == needle.as_slice()).unwrap() as u32
-        };
         let mut types = Vec::new();
         let mut push = |v: u32| types.extend_from_slice(&v.to_le_bytes());
         // INT "int"
-        push(off("int", &strings));
+        push(str_off("int", &strings));
         push(1 << 24);
         push(4);
         push(32);
         // STRUCT "s" with 1 member
-        push(off("s", &strings));
+        push(str_off("s", &strings));
         push((4 << 24) | 1);
         push(4);
-        push(off("f", &strings));
+        push(str_off("f", &strings));
         push(1);
         push(0);
         // ENUM "colour", signed, 3 members
-        push(off("colour", &strings));
+        push(str_off("colour", &strings));
         push((1 << 31) | (6 << 24) | 3);
         push(4);
-        push(off("RED", &strings));
+        push(str_off("RED", &strings));
         push(0);
-        push(off("GREEN", &strings));
+        push(str_off("GREEN", &strings));
         push(7);
-        push(off("BLUE", &strings));
+        push(str_off("BLUE", &strings));
         push(u32::MAX);
         strings.push(0);
-        let mut out = Vec::new();
-        out.extend_from_slice(&BTF_MAGIC.to_le_bytes());
-        out.push(1);
-        out.push(0);
-        out.extend_from_slice(&24u32.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
-        out.extend_from_slice(&(types.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(types.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(strings.len() as u32).to_le_bytes());
-        out.extend_from_slice(&types);
-        out.extend_from_slice(&strings);
-        out
+        blob(&types, &strings)
     }
 
     #[test]
@@ -335,14 +339,10 @@ mod tests {
     fn struct_member_offsets_follow_anonymous_members() {
         // struct outer { int a; struct { int b; int c; }; } with the inner struct anonymous at bit 32.
         let mut strings = b"\0int\0outer\0a\0b\0c\0".to_vec();
-        let off = |s: &str, strings: &[u8]| {
-            let needle = [s.as_bytes(), b"\0"].concat();
-            strings.windows(needle.len()).position(|w| w == needle.as_slice()).unwrap() as u32
-        };
         let mut types = Vec::new();
         let mut push = |v: u32| types.extend_from_slice(&v.to_le_bytes());
         // 1: INT
-        push(off("int", &strings));
+        push(str_off("int", &strings));
         push(1 << 24);
         push(4);
         push(32);
@@ -350,31 +350,24 @@ mod tests {
         push(0);
         push((4 << 24) | 2);
         push(8);
-        push(off("b", &strings));
+        push(str_off("b", &strings));
         push(1);
         push(0);
-        push(off("c", &strings));
+        push(str_off("c", &strings));
         push(1);
         push(32);
         // 3: STRUCT outer { a at 0, <anon> at 32 bits }
-        push(off("outer", &strings));
+        push(str_off("outer", &strings));
         push((4 << 24) | 2);
         push(12);
-        push(off("a", &strings));
+        push(str_off("a", &strings));
         push(1);
         push(0);
         push(0);
         push(2);
         push(32);
         strings.push(0);
-        let mut blob = Vec::new();
-        blob.extend_from_slice(&BTF_MAGIC.to_le_bytes());
-        blob.extend_from_slice(&[1, 0]);
-        for v in [24u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
-            blob.extend_from_slice(&v.to_le_bytes());
-        }
-        blob.extend_from_slice(&types);
-        blob.extend_from_slice(&strings);
+        let blob = blob(&types, &strings);
         assert_eq!(struct_member_offset(&blob, "outer", "a").unwrap(), 0);
         assert_eq!(struct_member_offset(&blob, "outer", "b").unwrap(), 4);
         assert_eq!(struct_member_offset(&blob, "outer", "c").unwrap(), 8);
