@@ -72,14 +72,18 @@ pub fn established(text: &str) -> Vec<(u16, String)> {
         .collect()
 }
 
+/// Every ESTABLISHED IPv4 and IPv6 connection on the host now.
+pub fn established_now() -> Vec<(u16, String)> {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|text| established(&text))
+        .collect()
+}
+
 impl TrafficSource for ConnectionTraffic {
     fn observe(&self, instances: &[InstanceInfo], elapsed: Duration, signals: &mut Signals) {
-        let mut conns: Vec<(u16, String)> = Vec::new();
-        for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
-            if let Ok(text) = std::fs::read_to_string(file) {
-                conns.extend(established(&text));
-            }
-        }
+        let conns = established_now();
         let Ok(mut seen) = self.seen.lock() else { return };
         let secs = elapsed.as_secs_f64().max(0.001);
         for inst in instances {

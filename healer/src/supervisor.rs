@@ -507,11 +507,7 @@ impl InstanceRegistry for Supervisor {
 
     fn inflight(&self, instance_id: &str) -> usize {
         let Some(port) = self.instance(instance_id).map(|i| i.port) else { return 0 };
-        ["/proc/net/tcp", "/proc/net/tcp6"]
-            .iter()
-            .filter_map(|f| std::fs::read_to_string(f).ok())
-            .map(|text| crate::run::established(&text).iter().filter(|(p, _)| *p == port).count())
-            .sum()
+        crate::run::established_now().iter().filter(|(p, _)| *p == port).count()
     }
 
     fn standby_counts(&self, service: &str) -> Option<(usize, usize)> {
