@@ -173,6 +173,9 @@ pub struct Config {
     _services: serde::de::IgnoredAny,
     #[serde(rename = "healer")]
     _healer: serde::de::IgnoredAny,
+    // The broker's section, parsed and validated by vigil-broker.
+    #[serde(rename = "broker")]
+    _broker: serde::de::IgnoredAny,
 }
 
 impl Default for Config {
@@ -185,6 +188,7 @@ impl Default for Config {
             _rules: serde::de::IgnoredAny,
             _services: serde::de::IgnoredAny,
             _healer: serde::de::IgnoredAny,
+            _broker: serde::de::IgnoredAny,
         }
     }
 }

@@ -101,6 +101,9 @@ pub struct HealerConfig {
     _http: IgnoredAny,
     #[serde(default, rename = "collector")]
     _collector: IgnoredAny,
+    // The broker's section, parsed by vigil-broker.
+    #[serde(default, rename = "broker")]
+    _broker: IgnoredAny,
 }
 
 impl Default for HealerConfig {
@@ -113,6 +116,7 @@ impl Default for HealerConfig {
             healer: HealerSettings::default(),
             _http: IgnoredAny,
             _collector: IgnoredAny,
+            _broker: IgnoredAny,
         }
     }
 }

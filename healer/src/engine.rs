@@ -174,8 +174,22 @@ impl<E: Executor> Engine<E> {
         service: &str,
         instance_id: &str,
     ) -> Result<Decision, EngineError> {
+        self.act(MANUAL_RULE, at, now, action, service, instance_id)
+    }
+
+    /// An action asked for by another part of Vigil (the broker's demand), audited under `rule`. Passes the
+    /// safety gate like every other.
+    pub fn act(
+        &mut self,
+        rule: &str,
+        at: Duration,
+        now: SystemTime,
+        action: Action,
+        service: &str,
+        instance_id: &str,
+    ) -> Result<Decision, EngineError> {
         let p = ProposedAction {
-            rule: Arc::from(MANUAL_RULE),
+            rule: Arc::from(rule),
             action,
             service: Arc::from(service),
             instance_id: Arc::from(instance_id),

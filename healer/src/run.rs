@@ -254,6 +254,16 @@ impl Healer {
         &self.supervisor
     }
 
+    /// A cloneable handle for the broker: instances, their changes, and demand.
+    pub fn handle(&self) -> HealerHandle {
+        HealerHandle {
+            supervisor: self.supervisor.clone(),
+            engine: self.engine.clone(),
+            started: self.started,
+            waking: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+
     /// Stops deciding, then stops every managed instance and removes its cgroups.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
@@ -358,6 +368,68 @@ async fn step_loop(
             Ok(Err(e)) => tracing::error!(error = %e, "healer step failed"),
             Err(e) => tracing::error!(error = %e, "healer step panicked"),
         }
+    }
+}
+
+/// The rule name under which wakes asked for by the broker are audited.
+pub const DEMAND_RULE: &str = "broker-demand";
+
+/// What the broker needs of the healer: the managed instances, word of every change of their state, and a
+/// way to ask for an instance when requests wait for a service that has none ready.
+#[derive(Clone)]
+pub struct HealerHandle {
+    supervisor: Supervisor,
+    engine: Arc<Mutex<StandbyEngine>>,
+    started: Instant,
+    /// Services for which a demanded wake is under way: further demand until it ends adds nothing.
+    waking: Arc<Mutex<HashSet<String>>>,
+}
+
+impl HealerHandle {
+    pub fn instances(&self) -> Vec<InstanceInfo> {
+        self.supervisor.instances()
+    }
+
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.supervisor.changes()
+    }
+
+    /// Requests wait for `service` and none of its instances is ready: wake a hibernated one, unless one is
+    /// already starting or waking. Returns at once; the wake runs on a blocking thread and passes the safety
+    /// gate, and its decision is audited under [`DEMAND_RULE`]. Instances that are starting, or restarting
+    /// after a failure, become ready by themselves.
+    pub fn demand(&self, service: &str) {
+        let instances: Vec<InstanceInfo> =
+            self.supervisor.instances().into_iter().filter(|i| i.service == service).collect();
+        let busy = |s: InstanceState| {
+            matches!(s, InstanceState::Active | InstanceState::Waking | InstanceState::Starting)
+        };
+        if instances.iter().any(|i| busy(i.state)) {
+            return;
+        }
+        let Some(target) = instances.iter().find(|i| i.state == InstanceState::Hibernated) else {
+            tracing::debug!(service, "demand, but no instance can be woken");
+            return;
+        };
+        let first = self.waking.lock().map(|mut w| w.insert(service.to_string())).unwrap_or(false);
+        if !first {
+            return;
+        }
+        let (engine, waking) = (self.engine.clone(), self.waking.clone());
+        let (service, id, at) = (service.to_string(), target.id.clone(), self.started.elapsed());
+        tracing::info!(service = %service, instance_id = %id, "requests wait: waking");
+        tokio::task::spawn_blocking(move || {
+            let decision = engine.lock().map_err(|_| "engine lock poisoned".to_string()).and_then(|mut e| {
+                e.act(DEMAND_RULE, at, SystemTime::now(), Action::Wake, &service, &id).map_err(|e| e.to_string())
+            });
+            match decision {
+                Ok(d) => tracing::info!(instance_id = %id, outcome = ?d.outcome, "demanded wake"),
+                Err(e) => tracing::error!(instance_id = %id, error = %e, "demanded wake failed"),
+            }
+            if let Ok(mut w) = waking.lock() {
+                w.remove(&service);
+            }
+        });
     }
 }
 

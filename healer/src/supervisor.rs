@@ -94,6 +94,19 @@ pub struct ServiceSpec {
     /// HTTP trigger path prefix, for the broker.
     #[serde(default)]
     pub route: Option<String>,
+    /// HTTP trigger host name (the request's `Host`, without port), for the broker.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// The version the broker files the instances under (for traffic splits between versions).
+    #[serde(default = "default_version")]
+    pub version: String,
+}
+
+/// The version of instances that name none.
+pub const DEFAULT_VERSION: &str = "v1";
+
+fn default_version() -> String {
+    DEFAULT_VERSION.to_string()
 }
 
 fn one() -> u32 {
@@ -266,6 +279,8 @@ struct Inner {
     /// `Some(grace)` once shutdown began; every instance task watches it.
     stop: watch::Sender<Option<Duration>>,
     tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// Counts every change of an instance's state, so watchers (the broker) react at once, without polling.
+    changes: watch::Sender<u64>,
 }
 
 struct Slot {
@@ -332,6 +347,7 @@ impl Supervisor {
             slots: Mutex::new(slots),
             stop,
             tasks: tokio::sync::Mutex::new(Vec::new()),
+            changes: watch::channel(0).0,
         });
         let handles: Vec<JoinHandle<()>> = ids
             .into_iter()
@@ -371,6 +387,11 @@ impl Supervisor {
             restarts: slot.restarts,
             cgroup: slot.cg.v2_rel.clone(),
         }
+    }
+
+    /// A receiver that sees a change whenever any instance's state (or process) changes.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
     }
 
     /// Sets the state for the standby executor (hibernating, hibernated, waking, active). Returns false for
@@ -575,19 +596,24 @@ impl Inner {
     }
 
     fn set_state(&self, id: &str, state: InstanceState) -> bool {
-        match self.lock().get_mut(id) {
+        let found = match self.lock().get_mut(id) {
             Some(slot) => {
                 slot.state = state;
                 true
             }
             None => false,
+        };
+        if found {
+            self.changes.send_modify(|n| *n = n.wrapping_add(1));
         }
+        found
     }
 
     fn update(&self, id: &str, f: impl FnOnce(&mut Slot)) {
         if let Some(slot) = self.lock().get_mut(id) {
             f(slot);
         }
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 

@@ -113,6 +113,8 @@ fn spec(name: &str, command: Vec<String>, port: u16, instances: u32, readiness: 
         pre_hibernate: None,
         post_wake: None,
         route: None,
+        host: None,
+        version: vigil_healer::supervisor::DEFAULT_VERSION.into(),
     }
 }
 
