@@ -80,22 +80,32 @@ pub fn requested() -> bool {
 /// never when `OTEL_SDK_DISABLED=true`, or when `OTEL_METRICS_EXPORTER` is set without naming `otlp`
 /// (`none`, or only other exporters such as `prometheus`, which `/metrics` already serves).
 pub fn requested_in(lookup: impl Fn(&str) -> Option<String>) -> bool {
+    signal_requested_in(lookup, OTEL_METRICS_EXPORTER, OTEL_EXPORTER_OTLP_METRICS_ENDPOINT)
+}
+
+/// [`requested_in`] for any signal: `exporter_var` is its `OTEL_<SIGNAL>_EXPORTER` and `endpoint_var` its
+/// `OTEL_EXPORTER_OTLP_<SIGNAL>_ENDPOINT` (the broker's traces use it with the `TRACES` variables).
+pub fn signal_requested_in(
+    lookup: impl Fn(&str) -> Option<String>,
+    exporter_var: &str,
+    endpoint_var: &str,
+) -> bool {
     let get = |var: &str| lookup(var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
     if get(OTEL_SDK_DISABLED).is_some_and(|v| v.eq_ignore_ascii_case("true")) {
         return false;
     }
-    if let Some(exporters) = get(OTEL_METRICS_EXPORTER) {
+    if let Some(exporters) = get(exporter_var) {
         // A comma-separated list by the spec; `none` wins over anything listed beside it.
         let names: Vec<&str> = exporters.split(',').map(str::trim).collect();
         return !names.iter().any(|n| n.eq_ignore_ascii_case("none"))
             && names.iter().any(|n| n.eq_ignore_ascii_case("otlp"));
     }
-    get(OTEL_EXPORTER_OTLP_ENDPOINT).is_some() || get(OTEL_EXPORTER_OTLP_METRICS_ENDPOINT).is_some()
+    get(OTEL_EXPORTER_OTLP_ENDPOINT).is_some() || get(endpoint_var).is_some()
 }
 
 /// Reads a variable the way the SDK does, but keeps a non-UTF-8 value (lossily) so that it is reported
 /// as invalid instead of silently ignored.
-fn env_lookup(var: &str) -> Option<String> {
+pub fn env_lookup(var: &str) -> Option<String> {
     std::env::var_os(var).map(|v| v.to_string_lossy().into_owned())
 }
 
@@ -130,27 +140,10 @@ impl OtlpConfig {
     /// The configuration the variables that `lookup` returns ask for. Values the SDK would silently
     /// replace by its default (a malformed interval or timeout) are errors here, naming the value.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, OtlpError> {
-        let get = |var: &str| lookup(var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
-        // The signal-specific variable takes precedence over the generic one.
-        for var in [OTEL_EXPORTER_OTLP_METRICS_PROTOCOL, OTEL_EXPORTER_OTLP_PROTOCOL] {
-            if let Some(value) = get(var) {
-                if value != "grpc" {
-                    return Err(OtlpError::UnsupportedProtocol { var, value });
-                }
-                break;
-            }
+        if let Some((var, value)) = non_grpc_protocol(&lookup, OTEL_EXPORTER_OTLP_METRICS_PROTOCOL) {
+            return Err(OtlpError::UnsupportedProtocol { var, value });
         }
-        let millis = |var: &'static str| -> Result<Option<Duration>, OtlpError> {
-            let Some(value) = get(var) else { return Ok(None) };
-            match value.parse::<u64>() {
-                Ok(ms) if ms > 0 => Ok(Some(Duration::from_millis(ms))),
-                _ => Err(OtlpError::InvalidEnv {
-                    var,
-                    value,
-                    reason: "expected a positive number of milliseconds",
-                }),
-            }
-        };
+        let millis = |var: &'static str| env_millis(&lookup, var);
         let export_interval = millis(OTEL_METRIC_EXPORT_INTERVAL)?;
         let timeout = match millis(OTEL_EXPORTER_OTLP_METRICS_TIMEOUT)? {
             Some(t) => Some(t),
@@ -163,6 +156,36 @@ impl OtlpConfig {
     pub fn with_max_instances(mut self, max_instances: usize) -> Self {
         self.max_instances = max_instances;
         self
+    }
+}
+
+/// The protocol variable and its value when it asks for anything but gRPC: `signal_var` (e.g.
+/// `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`) takes precedence over the generic `OTEL_EXPORTER_OTLP_PROTOCOL`.
+pub fn non_grpc_protocol(
+    lookup: impl Fn(&str) -> Option<String>,
+    signal_var: &'static str,
+) -> Option<(&'static str, String)> {
+    let get = |var: &str| lookup(var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+    for var in [signal_var, OTEL_EXPORTER_OTLP_PROTOCOL] {
+        if let Some(value) = get(var) {
+            return (value != "grpc").then_some((var, value));
+        }
+    }
+    None
+}
+
+/// A positive number of milliseconds in `var`, or `None` when unset; a malformed value is an error
+/// naming it (where the SDK would silently fall back to its default).
+pub fn env_millis(
+    lookup: impl Fn(&str) -> Option<String>,
+    var: &'static str,
+) -> Result<Option<Duration>, OtlpError> {
+    let Some(value) = lookup(var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    match value.parse::<u64>() {
+        Ok(ms) if ms > 0 => Ok(Some(Duration::from_millis(ms))),
+        _ => Err(OtlpError::InvalidEnv { var, value, reason: "expected a positive number of milliseconds" }),
     }
 }
 
@@ -179,7 +202,9 @@ fn env_names_service(lookup: impl Fn(&str) -> Option<String>) -> bool {
     })
 }
 
-fn resource(lookup: impl Fn(&str) -> Option<String>) -> Resource {
+/// The resource every Vigil signal goes out with: the SDK's detectors (`OTEL_SERVICE_NAME`,
+/// `OTEL_RESOURCE_ATTRIBUTES`), with [`DEFAULT_SERVICE_NAME`] instead of `unknown_service`.
+pub fn resource(lookup: impl Fn(&str) -> Option<String>) -> Resource {
     // `Resource::builder()` runs the SDK's detectors, which read OTEL_SERVICE_NAME and
     // OTEL_RESOURCE_ATTRIBUTES themselves; we only replace their `unknown_service` fallback.
     let builder = Resource::builder();
