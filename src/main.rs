@@ -8,10 +8,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use vigil_broker::Broker;
+use vigil_broker::config::BrokerFile;
 use vigil_collector::{Collector, Config, otlp};
 use vigil_healer::config::HealerConfig;
 use vigil_healer::rules;
-use vigil_healer::run::{ConnectionTraffic, Healer};
+use vigil_healer::run::{ConnectionTraffic, Healer, TrafficSource};
 
 #[derive(Parser)]
 #[command(
@@ -26,13 +28,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run everything on this host: collector, managed services, healer and API (embedded defaults, or --config).
+    /// Run everything on this host: collector, managed services, healer, broker and API (embedded defaults, or --config).
     Up {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// Run the collector alone: probes, discovery, /metrics.
     Collector {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Run the broker alone: RSocket on broker.listen, the HTTP trigger, its /metrics on http.listen.
+    Broker {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
@@ -164,6 +171,13 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     }
 }
 
+fn load_broker_config(path: Option<&PathBuf>) -> anyhow::Result<BrokerFile> {
+    match path {
+        Some(p) => Ok(BrokerFile::load(p)?),
+        None => Ok(BrokerFile::default()),
+    }
+}
+
 fn load_healer_config(path: Option<&PathBuf>) -> anyhow::Result<HealerConfig> {
     match path {
         Some(p) => Ok(HealerConfig::load(p)?),
@@ -188,7 +202,13 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-async fn run_collector(config: Config, healer_config: Option<HealerConfig>) -> anyhow::Result<()> {
+/// What to run besides the collector.
+struct Parts {
+    healer: Option<HealerConfig>,
+    broker: Option<(BrokerFile, Option<PathBuf>)>,
+}
+
+async fn run_collector(config: Config, parts: Parts) -> anyhow::Result<()> {
     let collector = Collector::start(&config.collector)?;
     let otlp = if otlp::requested() {
         let otlp_config = otlp::OtlpConfig::from_env()?.with_max_instances(config.collector.max_instances());
@@ -199,15 +219,33 @@ async fn run_collector(config: Config, healer_config: Option<HealerConfig>) -> a
     } else {
         None
     };
-    let healer = match healer_config {
+    let mut broker = match parts.broker {
+        Some((file, path)) if file.broker.enabled => Some(
+            Broker::start_with(file, path, Some(collector.snapshots()))
+                .await
+                .context("starting the broker")?,
+        ),
+        _ => None,
+    };
+    let healer = match parts.healer {
         Some(hc) => {
-            let h = Healer::start(&hc, collector.snapshots(), Arc::new(ConnectionTraffic::default()))?;
+            let traffic: Arc<dyn TrafficSource> = match &broker {
+                Some(b) => b.traffic(),
+                None => Arc::new(ConnectionTraffic::default()),
+            };
+            let h = Healer::start(&hc, collector.snapshots(), traffic)?;
             tracing::info!(services = hc.services.len(), dry_run = hc.dry_run, "healer started");
+            if let Some(b) = &mut broker {
+                b.attach(Arc::new(h.handle()));
+            }
             Some(h)
         }
         None => None,
     };
-    let mut router = collector.router_with(healer.as_ref().map(Healer::metrics_registry));
+    let mut registries = Vec::new();
+    registries.extend(healer.as_ref().map(Healer::metrics_registry));
+    registries.extend(broker.as_ref().map(Broker::metrics_registry));
+    let mut router = collector.router_with(registries);
     if let Some(h) = &healer {
         router = router.merge(h.router(collector.snapshots(), config.http.token.clone()));
     }
@@ -220,6 +258,9 @@ async fn run_collector(config: Config, healer_config: Option<HealerConfig>) -> a
         axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await.context("HTTP server")
     }
     .await;
+    if let Some(b) = broker {
+        b.shutdown().await;
+    }
     // Managed instances are stopped and their cgroups removed even when serving failed.
     if let Some(h) = healer {
         h.shutdown().await;
@@ -232,6 +273,36 @@ async fn run_collector(config: Config, healer_config: Option<HealerConfig>) -> a
     }
     collector.stop();
     Ok(())
+}
+
+/// The broker alone, without probes or healer: its metrics on `http.listen`.
+async fn run_broker(config: Config, file: BrokerFile, path: Option<PathBuf>) -> anyhow::Result<()> {
+    let broker = Broker::start(file, path).await.context("starting the broker")?;
+    let registry = broker.metrics_registry();
+    let router = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut text = String::new();
+                    match prometheus_client::encoding::text::encode(&mut text, &registry) {
+                        Ok(()) => (axum::http::StatusCode::OK, text),
+                        Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                    }
+                }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    let listen: SocketAddr = config.http.listen.value;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (http.listen)"))?;
+    tracing::info!(%listen, "serving /metrics, /healthz");
+    let served =
+        axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await.context("HTTP server");
+    broker.shutdown().await;
+    served
 }
 
 /// The error and its causes in one line, skipping causes the message already quotes (our error types
@@ -275,12 +346,16 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Up { config } => load_config(config.as_ref()).and_then(|c| {
-            let hc = load_healer_config(config.as_ref())?;
-            runtime()?.block_on(run_collector(c, Some(hc)))
+            let healer = Some(load_healer_config(config.as_ref())?);
+            let broker = Some((load_broker_config(config.as_ref())?, config.clone()));
+            runtime()?.block_on(run_collector(c, Parts { healer, broker }))
         }),
-        Command::Collector { config } => {
-            load_config(config.as_ref()).and_then(|c| runtime()?.block_on(run_collector(c, None)))
-        }
+        Command::Collector { config } => load_config(config.as_ref())
+            .and_then(|c| runtime()?.block_on(run_collector(c, Parts { healer: None, broker: None }))),
+        Command::Broker { config } => load_config(config.as_ref()).and_then(|c| {
+            let file = load_broker_config(config.as_ref())?;
+            runtime()?.block_on(run_broker(c, file, config.clone()))
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -125,11 +125,11 @@ impl Collector {
 
     /// `/metrics`, `/healthz`, `/readyz`.
     pub fn router(&self) -> Router {
-        self.router_with(None)
+        self.router_with(Vec::new())
     }
 
     /// The same, with another component's metrics (the healer's) appended to `/metrics`.
-    pub fn router_with(&self, extra: Option<Arc<Registry>>) -> Router {
+    pub fn router_with(&self, extra: Vec<Arc<Registry>>) -> Router {
         let registry = self.registry.clone();
         let snapshots = self.snapshots.clone();
         let interval = self.interval;
@@ -139,7 +139,7 @@ impl Collector {
                 get(move |headers: HeaderMap| {
                     let registry = registry.clone();
                     let extra = extra.clone();
-                    async move { metrics_response(&registry, extra.as_deref(), &headers) }
+                    async move { metrics_response(&registry, &extra, &headers) }
                 }),
             )
             .route("/healthz", get(|| async { "ok\n" }))
@@ -174,11 +174,11 @@ impl Drop for Collector {
 /// OpenMetrics for scrapers that accept it (Prometheus does), the classic text format otherwise.
 fn metrics_response(
     registry: &Registry,
-    extra: Option<&Registry>,
+    extra: &[Arc<Registry>],
     headers: &HeaderMap,
 ) -> ([(header::HeaderName, &'static str); 1], String) {
     let mut text = export::render(registry);
-    if let Some(extra) = extra {
+    for extra in extra {
         // One exposition: a single `# EOF`, at the very end.
         if let Some(stripped) = text.strip_suffix("# EOF\n") {
             text.truncate(stripped.len());

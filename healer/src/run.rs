@@ -394,6 +394,13 @@ impl HealerHandle {
         self.supervisor.changes()
     }
 
+    /// The version the instance's service declares.
+    pub fn version_of(&self, instance_id: &str) -> String {
+        self.supervisor
+            .spec(instance_id)
+            .map_or_else(|| crate::supervisor::DEFAULT_VERSION.to_string(), |s| s.version)
+    }
+
     /// Requests wait for `service` and none of its instances is ready: wake a hibernated one, unless one is
     /// already starting or waking. Returns at once; the wake runs on a blocking thread and passes the safety
     /// gate, and its decision is audited under [`DEMAND_RULE`]. Instances that are starting, or restarting
@@ -420,7 +427,8 @@ impl HealerHandle {
         tracing::info!(service = %service, instance_id = %id, "requests wait: waking");
         tokio::task::spawn_blocking(move || {
             let decision = engine.lock().map_err(|_| "engine lock poisoned".to_string()).and_then(|mut e| {
-                e.act(DEMAND_RULE, at, SystemTime::now(), Action::Wake, &service, &id).map_err(|e| e.to_string())
+                e.act(DEMAND_RULE, at, SystemTime::now(), Action::Wake, &service, &id)
+                    .map_err(|e| e.to_string())
             });
             match decision {
                 Ok(d) => tracing::info!(instance_id = %id, outcome = ?d.outcome, "demanded wake"),

@@ -1,0 +1,34 @@
+//! The healer as the broker's activator: managed instances become HTTP endpoints (ready while active), a
+//! change of any instance's state reaches the broker at once, and demand for a service wakes an instance.
+
+use std::net::SocketAddr;
+
+use tokio::sync::watch;
+use vigil_healer::rules::InstanceState;
+use vigil_healer::run::HealerHandle;
+
+use crate::hub::{Activator, ManagedEndpoint};
+
+impl Activator for HealerHandle {
+    fn demand(&self, service: &str) {
+        HealerHandle::demand(self, service);
+    }
+
+    fn endpoints(&self) -> Vec<ManagedEndpoint> {
+        self.instances()
+            .into_iter()
+            .map(|i| ManagedEndpoint {
+                version: self.version_of(&i.id),
+                address: SocketAddr::from(([127, 0, 0, 1], i.port)),
+                ready: i.state == InstanceState::Active,
+                state: i.state.as_str(),
+                service: i.service,
+                instance_id: i.id,
+            })
+            .collect()
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        HealerHandle::changes(self)
+    }
+}

@@ -1,0 +1,560 @@
+//! The broker's shared state: the balancer over every instance, the wake-on-demand queue, and the healer
+//! seam. Every request, from an RSocket connection or the HTTP trigger, is admitted here: it gets an
+//! instance at once ([`Admission::Ready`]), or waits in a bounded per-service queue while the healer wakes
+//! or starts an instance ([`Admission::Queued`]), or is refused with a reason that maps to REJECTED / 503.
+//!
+//! Lock order: `queue` before `balancer`; neither is held across an await.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, watch};
+
+use crate::balance::{Balancer, NoTarget, Outcome, Picked, RouteRequest, Split, SplitError};
+use crate::config::QueueConfig;
+use crate::metrics::BrokerMetrics;
+use crate::rsocket::metadata::Route;
+
+/// Where a picked request goes.
+#[derive(Clone)]
+pub enum Target {
+    /// An RSocket connection that registered as an instance.
+    Rsocket(Arc<crate::conn::Conn>),
+    /// A plain HTTP server (managed by Vigil, or an upstream address).
+    Http(SocketAddr),
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Rsocket(c) => write!(f, "Rsocket(conn {})", c.id),
+            Target::Http(a) => write!(f, "Http({a})"),
+        }
+    }
+}
+
+/// A managed HTTP instance as the healer reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManagedEndpoint {
+    pub service: String,
+    pub version: String,
+    pub instance_id: String,
+    pub address: SocketAddr,
+    /// Serving now (active); hibernated, waking, starting or failed instances are known but not ready.
+    pub ready: bool,
+    /// The healer's name for its state, for traces.
+    pub state: &'static str,
+}
+
+/// The healer, as the broker sees it.
+pub trait Activator: Send + Sync + 'static {
+    /// Requests wait for `service` and none of its instances is ready: wake or start one. Must not block.
+    fn demand(&self, service: &str);
+    /// The managed HTTP instances now.
+    fn endpoints(&self) -> Vec<ManagedEndpoint>;
+    /// Changes whenever an instance changes state.
+    fn changes(&self) -> watch::Receiver<u64>;
+}
+
+/// How a request ended, as `vigil_broker_requests_total{outcome}` counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestOutcome {
+    Ok,
+    /// The instance answered with an application error.
+    AppError,
+    /// The instance failed: connection lost, transport error, timeout.
+    Failure,
+    /// The requester cancelled.
+    Cancelled,
+    /// Refused before reaching an instance: queue full, or no instance came in time.
+    Rejected,
+    Timeout,
+    /// No such service, alias or version; or its circuit is open.
+    NoRoute,
+    CircuitOpen,
+}
+
+impl RequestOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestOutcome::Ok => "ok",
+            RequestOutcome::AppError => "app_error",
+            RequestOutcome::Failure => "failure",
+            RequestOutcome::Cancelled => "cancelled",
+            RequestOutcome::Rejected => "rejected",
+            RequestOutcome::Timeout => "timeout",
+            RequestOutcome::NoRoute => "no_route",
+            RequestOutcome::CircuitOpen => "circuit_open",
+        }
+    }
+
+    fn health(self) -> Outcome {
+        match self {
+            RequestOutcome::Failure | RequestOutcome::Timeout => Outcome::Failure,
+            RequestOutcome::Ok => Outcome::Success,
+            // Neither the instance's fault nor a sign of its health.
+            _ => Outcome::ApplicationError,
+        }
+    }
+}
+
+/// Why a request was not admitted. Every refusal is safe to retry.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}")]
+    NoTarget(NoTarget),
+    #[error("too many requests wait for `{service}` while it wakes; retry later")]
+    QueueFull { service: String },
+    #[error("no instance of `{service}` became ready within {waited:?}; retry later")]
+    Timeout { service: String, waited: Duration },
+}
+
+impl Refusal {
+    pub fn outcome(&self) -> RequestOutcome {
+        match self {
+            Refusal::NoTarget(NoTarget::CircuitOpen { .. }) => RequestOutcome::CircuitOpen,
+            Refusal::NoTarget(_) => RequestOutcome::NoRoute,
+            Refusal::QueueFull { .. } => RequestOutcome::Rejected,
+            Refusal::Timeout { .. } => RequestOutcome::Timeout,
+        }
+    }
+
+    /// Whether the request should be retried later (503 / REJECTED) rather than fixed (404 / INVALID).
+    pub fn retryable(&self) -> bool {
+        !matches!(
+            self,
+            Refusal::NoTarget(
+                NoTarget::UnknownService(_) | NoTarget::UnknownAlias { .. } | NoTarget::UnknownVersion { .. }
+            )
+        )
+    }
+}
+
+struct Waiter {
+    id: u64,
+    route: Route,
+    bytes: usize,
+    tx: oneshot::Sender<Picked<Target>>,
+}
+
+#[derive(Default)]
+struct ServiceQueue {
+    waiters: VecDeque<Waiter>,
+    bytes: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    services: HashMap<String, ServiceQueue>,
+    total: usize,
+    next_id: u64,
+    /// When demand was last signalled per service: one signal per second is plenty.
+    demanded: HashMap<String, Instant>,
+}
+
+/// Requests completed per instance since the healer last looked (for `requests_per_s`).
+#[derive(Default)]
+struct Completed {
+    by_instance: HashMap<Arc<str>, u64>,
+}
+
+pub struct Hub {
+    started: Instant,
+    queue_config: QueueConfig,
+    balancer: Mutex<Balancer<Target>>,
+    queue: Mutex<Queue>,
+    completed: Mutex<Completed>,
+    /// Ids of the managed instances the balancer holds (the rest registered over RSocket or are upstreams).
+    managed: Mutex<HashMap<String, ManagedEndpoint>>,
+    /// The healer, once attached.
+    activator: Arc<OnceLock<Arc<dyn Activator>>>,
+    /// Concurrent requests a managed HTTP instance takes.
+    managed_capacity: u32,
+    pub metrics: BrokerMetrics,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Plain data behind every lock here; a panic elsewhere leaves it usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Hub {
+    pub fn new(
+        balancer: Balancer<Target>,
+        queue_config: QueueConfig,
+        managed_capacity: u32,
+        activator: Arc<OnceLock<Arc<dyn Activator>>>,
+    ) -> Arc<Hub> {
+        Arc::new(Hub {
+            started: Instant::now(),
+            queue_config,
+            balancer: Mutex::new(balancer),
+            queue: Mutex::new(Queue::default()),
+            completed: Mutex::new(Completed::default()),
+            managed: Mutex::new(HashMap::new()),
+            activator,
+            managed_capacity,
+            metrics: BrokerMetrics::default(),
+        })
+    }
+
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Admits one request of `bytes` payload bytes for `route`.
+    pub fn admit(self: &Arc<Self>, route: &Route, bytes: usize) -> Result<Admission, Refusal> {
+        let mut queue = lock(&self.queue);
+        let picked = self.pick(route);
+        let reason = match picked {
+            Ok(p) => return Ok(Admission::Ready(self.lease(p))),
+            Err(e) => e,
+        };
+        let wake = match &reason {
+            NoTarget::NotReady { .. } | NoTarget::NoInstances { .. } => true,
+            NoTarget::AtCapacity { .. } => false,
+            _ => {
+                drop(queue);
+                self.refused(route, RequestOutcome::NoRoute);
+                let refusal = Refusal::NoTarget(reason);
+                return Err(refusal);
+            }
+        };
+        let service = route.service.clone();
+        let limits = &self.queue_config;
+        let sq = queue.services.entry(service.clone()).or_default();
+        if sq.waiters.len() >= limits.max_per_service
+            || sq.bytes.saturating_add(bytes) > limits.max_bytes_per_service
+            || queue.total >= limits.max_total
+        {
+            drop(queue);
+            self.refused(route, RequestOutcome::Rejected);
+            return Err(Refusal::QueueFull { service });
+        }
+        let (tx, rx) = oneshot::channel();
+        queue.next_id += 1;
+        let id = queue.next_id;
+        let sq = queue.services.entry(service.clone()).or_default();
+        sq.waiters.push_back(Waiter { id, route: route.clone(), bytes, tx });
+        sq.bytes += bytes;
+        let queued = sq.waiters.len();
+        queue.total += 1;
+        let demand =
+            wake && queue.demanded.get(&service).is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        if demand {
+            queue.demanded.insert(service.clone(), Instant::now());
+        }
+        drop(queue);
+        self.metrics.set_queued(&service, queued);
+        if demand && let Some(a) = self.activator.get() {
+            a.demand(&service);
+        }
+        Ok(Admission::Queued(QueueTicket {
+            hub: self.clone(),
+            service,
+            id,
+            rx: Some(rx),
+            since: Instant::now(),
+            timeout: self.queue_config.timeout.0,
+        }))
+    }
+
+    fn refused(&self, route: &Route, outcome: RequestOutcome) {
+        self.metrics.request(&route.service, "none", outcome, None);
+    }
+
+    fn pick(&self, route: &Route) -> Result<Picked<Target>, NoTarget> {
+        let req = RouteRequest {
+            service: &route.service,
+            alias: route.alias.as_deref(),
+            version: route.version.as_deref(),
+            key: route.key.as_deref(),
+        };
+        let now = self.now();
+        let mut rng = || rand::random::<u64>();
+        lock(&self.balancer).pick(&req, now, &mut rng)
+    }
+
+    fn lease(self: &Arc<Self>, picked: Picked<Target>) -> Lease {
+        self.metrics.inflight_add(&picked.service, 1);
+        Lease { hub: self.clone(), picked, started: Instant::now(), done: false }
+    }
+
+    /// Hands queued requests of `service` to instances that can take them now, in arrival order.
+    pub fn drain(self: &Arc<Self>, service: &str) {
+        let mut queue = lock(&self.queue);
+        let Some(sq) = queue.services.get_mut(service) else { return };
+        let mut served = 0usize;
+        let mut i = 0;
+        while i < sq.waiters.len() {
+            let constrained = sq.waiters[i].route.version.is_some() || sq.waiters[i].route.alias.is_some();
+            match self.pick(&sq.waiters[i].route) {
+                Ok(p) => {
+                    let Some(w) = sq.waiters.remove(i) else { break };
+                    sq.bytes -= w.bytes;
+                    served += 1;
+                    self.metrics.inflight_add(&p.service, 1);
+                    if let Err(p) = w.tx.send(p) {
+                        // The ticket is gone (its drop takes the queue lock first, so this is rare).
+                        self.release(&p, RequestOutcome::Cancelled, Duration::ZERO);
+                    }
+                }
+                // A request pinned to a version or alias may wait while plain ones can go.
+                Err(_) if constrained => i += 1,
+                Err(_) => break,
+            }
+        }
+        let left = sq.waiters.len();
+        queue.total -= served;
+        if left == 0 {
+            queue.services.remove(service);
+        }
+        drop(queue);
+        if served > 0 {
+            self.metrics.set_queued(service, left);
+        }
+    }
+
+    /// Drains every service that has requests waiting.
+    pub fn drain_all(self: &Arc<Self>) {
+        let services: Vec<String> = lock(&self.queue).services.keys().cloned().collect();
+        for s in services {
+            self.drain(&s);
+        }
+    }
+
+    fn release(&self, picked: &Picked<Target>, outcome: RequestOutcome, latency: Duration) {
+        lock(&self.balancer).finish(&picked.instance_id, outcome.health(), latency, self.now());
+        self.metrics.inflight_add(&picked.service, -1);
+    }
+
+    fn finish(self: &Arc<Self>, picked: &Picked<Target>, outcome: RequestOutcome, latency: Duration) {
+        self.release(picked, outcome, latency);
+        self.metrics.request(&picked.service, &picked.version, outcome, Some(latency));
+        *lock(&self.completed).by_instance.entry(picked.instance_id.clone()).or_default() += 1;
+        let waiting = lock(&self.queue).services.contains_key(&*picked.service);
+        if waiting {
+            self.drain(&picked.service);
+        }
+    }
+
+    /// An RSocket instance connected (or a managed/upstream one appeared): route to it, serve its queue.
+    pub fn add_instance(
+        self: &Arc<Self>,
+        service: &str,
+        version: &str,
+        instance_id: &str,
+        capacity: u32,
+        ready: bool,
+        target: Target,
+    ) {
+        lock(&self.balancer).add(service, version, instance_id, capacity, ready, target);
+        tracing::info!(service, version, instance_id, capacity, ready, "instance registered");
+        if ready {
+            self.drain(service);
+        }
+    }
+
+    pub fn remove_instance(&self, instance_id: &str) {
+        if lock(&self.balancer).remove(instance_id) {
+            tracing::info!(instance_id, "instance deregistered");
+        }
+    }
+
+    /// Deregisters an RSocket instance when its connection `conn_id` ends, unless the instance has since
+    /// registered again on another connection.
+    pub fn remove_instance_if(&self, instance_id: &str, conn_id: u64) {
+        let mut balancer = lock(&self.balancer);
+        let current = balancer.handle(instance_id).and_then(|t| match t {
+            Target::Rsocket(c) => Some(c.id),
+            Target::Http(_) => None,
+        });
+        if current == Some(conn_id) && balancer.remove(instance_id) {
+            tracing::info!(instance_id, "instance deregistered: its connection ended");
+        }
+    }
+
+    pub fn known_service(&self, service: &str) {
+        lock(&self.balancer).known_service(service);
+    }
+
+    pub fn set_splits(&self, splits: Vec<Split>) -> Result<(), SplitError> {
+        lock(&self.balancer).set_splits(splits)
+    }
+
+    /// Brings the managed HTTP instances in line with the healer's view; serves queues that can now go.
+    pub fn sync_managed(self: &Arc<Self>, endpoints: Vec<ManagedEndpoint>) {
+        let mut managed = lock(&self.managed);
+        let mut changed = HashSet::new();
+        {
+            let mut balancer = lock(&self.balancer);
+            let ids: HashSet<&str> = endpoints.iter().map(|e| e.instance_id.as_str()).collect();
+            managed.retain(|id, e| {
+                let keep = ids.contains(id.as_str());
+                if !keep {
+                    balancer.remove(id);
+                    changed.insert(e.service.clone());
+                }
+                keep
+            });
+            for e in endpoints {
+                match managed.get(&e.instance_id) {
+                    Some(old) if old == &e => continue,
+                    Some(old) if old.address == e.address && old.version == e.version => {
+                        balancer.set_ready(&e.instance_id, e.ready);
+                    }
+                    _ => balancer.add(
+                        &e.service,
+                        &e.version,
+                        &e.instance_id,
+                        self.managed_capacity,
+                        e.ready,
+                        Target::Http(e.address),
+                    ),
+                }
+                changed.insert(e.service.clone());
+                managed.insert(e.instance_id.clone(), e);
+            }
+        }
+        drop(managed);
+        for s in changed {
+            self.drain(&s);
+        }
+    }
+
+    /// The state of a managed instance (for traces), or `active` for RSocket and upstream instances.
+    pub fn instance_state(&self, instance_id: &str) -> &'static str {
+        lock(&self.managed).get(instance_id).map_or("active", |e| e.state)
+    }
+
+    /// Requests waiting per service.
+    pub fn queued(&self) -> HashMap<String, usize> {
+        lock(&self.queue).services.iter().map(|(s, q)| (s.clone(), q.waiters.len())).collect()
+    }
+
+    pub fn with_balancer<R>(&self, f: impl FnOnce(&Balancer<Target>) -> R) -> R {
+        f(&lock(&self.balancer))
+    }
+
+    /// Requests completed per instance since the last call.
+    pub fn take_completed(&self) -> HashMap<Arc<str>, u64> {
+        std::mem::take(&mut lock(&self.completed).by_instance)
+    }
+
+    fn dequeue(&self, service: &str, id: u64) -> bool {
+        let mut queue = lock(&self.queue);
+        let Some(sq) = queue.services.get_mut(service) else { return false };
+        let Some(pos) = sq.waiters.iter().position(|w| w.id == id) else { return false };
+        let Some(w) = sq.waiters.remove(pos) else { return false };
+        sq.bytes -= w.bytes;
+        let left = sq.waiters.len();
+        if left == 0 {
+            queue.services.remove(service);
+        }
+        queue.total -= 1;
+        drop(queue);
+        self.metrics.set_queued(service, left);
+        true
+    }
+}
+
+/// What admission gave a request.
+pub enum Admission {
+    Ready(Lease),
+    Queued(QueueTicket),
+}
+
+/// A request's claim on an instance: counted in flight until finished (or dropped, which counts as
+/// cancelled).
+pub struct Lease {
+    hub: Arc<Hub>,
+    picked: Picked<Target>,
+    started: Instant,
+    done: bool,
+}
+
+impl Lease {
+    pub fn target(&self) -> &Target {
+        &self.picked.handle
+    }
+    pub fn service(&self) -> &Arc<str> {
+        &self.picked.service
+    }
+    pub fn version(&self) -> &Arc<str> {
+        &self.picked.version
+    }
+    pub fn instance_id(&self) -> &Arc<str> {
+        &self.picked.instance_id
+    }
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+    pub fn finish(mut self, outcome: RequestOutcome) {
+        self.done = true;
+        self.hub.finish(&self.picked, outcome, self.started.elapsed());
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if !self.done {
+            self.hub.finish(&self.picked, RequestOutcome::Cancelled, self.started.elapsed());
+        }
+    }
+}
+
+/// A place in a service's queue. Dropping it (the request was cancelled) leaves the queue.
+pub struct QueueTicket {
+    hub: Arc<Hub>,
+    service: String,
+    id: u64,
+    rx: Option<oneshot::Receiver<Picked<Target>>>,
+    since: Instant,
+    timeout: Duration,
+}
+
+impl QueueTicket {
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Waits for an instance, at most the configured queue timeout from when the request was queued.
+    pub async fn wait(mut self) -> Result<Lease, Refusal> {
+        let Some(mut rx) = self.rx.take() else {
+            return Err(Refusal::Timeout { service: self.service.clone(), waited: Duration::ZERO });
+        };
+        let remaining = self.timeout.saturating_sub(self.since.elapsed());
+        let picked = match tokio::time::timeout(remaining, &mut rx).await {
+            Ok(Ok(p)) => Some(p),
+            _ => {
+                // Timed out: leave the queue, unless an instance was handed over in the meantime.
+                if self.hub.dequeue(&self.service, self.id) { None } else { rx.try_recv().ok() }
+            }
+        };
+        let waited = self.since.elapsed();
+        self.hub.metrics.queue_wait(&self.service, waited);
+        match picked {
+            Some(p) => Ok(Lease { hub: self.hub.clone(), picked: p, started: Instant::now(), done: false }),
+            None => {
+                self.hub.metrics.request(&self.service, "none", RequestOutcome::Timeout, None);
+                Err(Refusal::Timeout { service: self.service.clone(), waited })
+            }
+        }
+    }
+}
+
+impl Drop for QueueTicket {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else { return };
+        if !self.hub.dequeue(&self.service, self.id)
+            && let Ok(p) = rx.try_recv()
+        {
+            self.hub.release(&p, RequestOutcome::Cancelled, Duration::ZERO);
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Wake-on-demand through the whole stack, then the broker dashboard against a real Prometheus.
+//!
+//! A collector, a healer managing one HTTP service, and the broker in front of it: the instance is
+//! hibernated through the API; an HTTP request through the trigger is held, the broker's demand wakes the
+//! instance (audited as `broker-demand`), and the request is answered once. Then a real Prometheus
+//! (Debian's, on 127.0.0.1) scrapes `/metrics` and every panel query of `dashboards/broker.json` must
+//! return data. Needs root and /usr/bin/prometheus (`scripts/setup`).
+
+#[path = "../../collector/tests/support/mod.rs"]
+mod collector_support;
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use collector_support::dashboard::panel_queries;
+use collector_support::prometheus::{Prometheus, has_samples};
+use vigil_broker::Broker;
+use vigil_broker::config::BrokerFile;
+use vigil_collector::Collector;
+use vigil_collector::config::CollectorConfig;
+use vigil_collector::discovery::WatchConfig;
+use vigil_healer::config::HealerConfig;
+use vigil_healer::run::Healer;
+
+/// One HTTP/1.0 exchange; returns the whole response.
+fn http(addr: SocketAddr, method: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n").expect("send");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+fn wait_state(healer: &Healer, id: &str, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while healer.supervisor().instance(id).map(|i| i.state.as_str()) != Some(state) {
+        assert!(Instant::now() < deadline, "{id} never became {state}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_request_to_a_hibernated_instance_wakes_it_and_every_broker_panel_has_data() {
+    let parent = format!("/vigil-test-wake-{}", std::process::id());
+    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+    let data_dir = std::env::temp_dir().join(format!("vigil-test-wake-{}", std::process::id()));
+    let yaml = format!(
+        "data_dir: {}\nrules: []\nservices:\n  - name: wk\n    command: [\"{}\", \"-m\", \"http.server\", \"{{port}}\", \"--bind\", \"127.0.0.1\"]\n    port: {port}\n    readiness: {{ http: / }}\n    route: /\nhealer:\n  cgroup_parent: {parent}\n  stop_grace: 2s\nbroker:\n  listen: 127.0.0.1:0\n  http: {{ listen: 127.0.0.1:0 }}\n",
+        data_dir.display(),
+        collector_support::workload::python_executable()
+    );
+    let healer_config = HealerConfig::parse(&yaml, "test.yaml").expect("healer config");
+    let broker_file = BrokerFile::parse(&yaml, "test.yaml").expect("broker config");
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let collector_config = CollectorConfig {
+        watch: WatchConfig {
+            include: vec![parent.clone()],
+            managed_root: parent.clone(),
+            ..WatchConfig::default()
+        },
+        ..CollectorConfig::default()
+    };
+    let collector = Collector::start(&collector_config).expect("collector starts (root)");
+    let (healer, broker, addr) = runtime.block_on(async {
+        let mut broker =
+            Broker::start_with(broker_file, None, Some(collector.snapshots())).await.expect("broker");
+        let healer = Healer::start(&healer_config, collector.snapshots(), broker.traffic()).expect("healer");
+        broker.attach(Arc::new(healer.handle()));
+        let router = collector
+            .router_with(vec![healer.metrics_registry(), broker.metrics_registry()])
+            .merge(healer.router(collector.snapshots(), None));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        (healer, broker, addr)
+    });
+    let trigger = broker.http_addr().expect("HTTP trigger");
+
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_state(&healer, "wk-0", "active");
+        let answer = http(trigger, "GET", "/");
+        assert!(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+        let answer = http(addr, "POST", "/api/v1/instances/wk-0/hibernate");
+        assert!(answer.contains("\"state\":\"hibernated\""), "{answer}");
+        let metrics = support::metric(&broker);
+        assert!(
+            metrics.contains(
+                "vigil_broker_instance_ready{service=\"wk\",version=\"v1\",instance_id=\"wk-0\"} 0"
+            ),
+            "{metrics}"
+        );
+
+        // Held while the broker's demand wakes the instance, then answered once.
+        let started = Instant::now();
+        let answer = http(trigger, "GET", "/");
+        assert!(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let held = started.elapsed();
+        wait_state(&healer, "wk-0", "active");
+        let decisions = http(addr, "GET", "/api/v1/decisions");
+        assert!(decisions.contains("\"rule\":\"broker-demand\""), "{decisions}");
+        let metrics = support::metric(&broker);
+        assert!(metrics.contains("vigil_broker_queue_wait_seconds_count{service=\"wk\"} 1"), "{metrics}");
+        assert!(
+            metrics.contains("vigil_broker_requests_total{service=\"wk\",version=\"v1\",outcome=\"ok\"} 2"),
+            "{metrics}"
+        );
+        eprintln!("held through the wake for {held:?}");
+
+        // Errors for the error panel; then every panel must have data.
+        let answer = http(trigger, "GET", "/nothing-here");
+        assert!(answer.contains(" 404 "), "{answer}");
+        // One RSocket requester, for the connections panel.
+        let rsocket = broker.rsocket_addr();
+        let _requester = runtime.block_on(support::requester(rsocket));
+        let prometheus = Prometheus::start(addr).expect("start prometheus");
+        prometheus.wait_until_up(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
+        let dashboard = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards/broker.json");
+        let queries = panel_queries(&dashboard);
+        assert!(queries.len() >= 8, "broker dashboard has only {} queries", queries.len());
+        let keep_busy = std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_secs(40);
+            while Instant::now() < until {
+                let _ = http(trigger, "GET", "/");
+                let _ = http(trigger, "GET", "/nothing-here");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        for (title, expr) in queries {
+            prometheus
+                .wait_for(&expr, Duration::from_secs(60), has_samples)
+                .unwrap_or_else(|e| panic!("panel `{title}`: {e}"));
+        }
+        let _ = keep_busy.join();
+    }));
+    runtime.block_on(async {
+        broker.shutdown().await;
+        healer.shutdown().await;
+    });
+    collector.stop();
+    let _ = std::fs::remove_dir_all(&data_dir);
+    for root in
+        ["/sys/fs/cgroup/unified", "/sys/fs/cgroup/memory", "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpuset"]
+    {
+        let _ = std::fs::remove_dir(format!("{root}{parent}"));
+    }
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
