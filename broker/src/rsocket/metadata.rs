@@ -83,7 +83,7 @@ const WELL_KNOWN: &[(u8, &str)] = &[
 const RESERVED_PREFIX: &str = "unknown/0x";
 
 /// Default registration version when the JSON leaves it out.
-pub const DEFAULT_VERSION: &str = "default";
+pub const DEFAULT_VERSION: &str = "v1";
 /// Default registration capacity when the JSON leaves it out.
 pub const DEFAULT_CAPACITY: u32 = 100;
 
