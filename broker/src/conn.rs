@@ -27,7 +27,8 @@ use tokio_util::codec::FramedRead;
 use crate::hub::{Admission, Hub, Lease, Refusal, RequestOutcome, Target};
 use crate::rsocket::fragment::{Reassembler, fragment};
 use crate::rsocket::frame::{Body, ErrorCode, Frame, FrameCodec, Payload, encode_head};
-use crate::rsocket::metadata::{self, Registration, Route};
+use crate::rsocket::metadata::{self, Registration, Route, TraceParent};
+use crate::trace::RequestTrace;
 
 /// Connection settings from the broker config.
 #[derive(Clone, Debug)]
@@ -66,6 +67,7 @@ enum Side {
 struct LinkShared {
     kind: Kind,
     lease: Mutex<Option<Lease>>,
+    trace: Mutex<Option<RequestTrace>>,
     requester_done: AtomicBool,
     responder_done: AtomicBool,
 }
@@ -74,6 +76,9 @@ impl LinkShared {
     fn finish(&self, outcome: RequestOutcome) {
         if let Some(lease) = lock(&self.lease).take() {
             lease.finish(outcome);
+        }
+        if let Some(trace) = lock(&self.trace).take() {
+            trace.end(outcome.as_str());
         }
     }
 }
@@ -299,8 +304,8 @@ impl Conn {
         let fnf = matches!(frame.body, Body::RequestFnf { .. });
         let payload = frame.payload().cloned().unwrap_or_default();
         let mime = lock(&self.metadata_mime).clone();
-        let route = match metadata::request_meta(&mime, payload.metadata.as_ref()) {
-            Ok(meta) => meta.route,
+        let (route, parent) = match metadata::request_meta(&mime, payload.metadata.as_ref()) {
+            Ok(meta) => (meta.route, meta.traceparent.or_else(|| meta.zipkin.and_then(zipkin_parent))),
             Err(e) => {
                 if !fnf {
                     self.stream_error(stream_id, ErrorCode::INVALID, format!("bad request metadata: {e}"));
@@ -319,15 +324,21 @@ impl Conn {
             return;
         };
         let bytes = payload.data.len() + payload.metadata.as_ref().map_or(0, Bytes::len);
+        let mut trace = self.hub.begin_trace(parent, &route.service, interaction(&frame.body));
         match self.hub.admit(&route, bytes) {
-            Ok(Admission::Ready(lease)) => self.link(stream_id, frame, lease, Vec::new(), &route),
+            Ok(Admission::Ready(lease)) => {
+                self.link(stream_id, frame, lease, Vec::new(), &route, trace, false)
+            }
             Ok(Admission::Queued(ticket)) => {
+                if let Some(t) = &mut trace {
+                    t.queued();
+                }
                 // Insert the entry before the task can finish, so its result always finds it.
                 let mut streams = lock(&self.streams);
                 let me = self.clone();
                 let task = tokio::spawn(async move {
                     let result = ticket.wait().await;
-                    me.on_admitted(frame, result, route);
+                    me.on_admitted(frame, result, route, trace);
                 });
                 streams.entries.insert(
                     stream_id,
@@ -335,6 +346,9 @@ impl Conn {
                 );
             }
             Err(refusal) => {
+                if let Some(t) = trace {
+                    t.end(refusal.outcome().as_str());
+                }
                 if !fnf {
                     self.refuse(stream_id, &refusal);
                 }
@@ -343,10 +357,11 @@ impl Conn {
     }
 
     /// Sends a request that was already admitted (the HTTP trigger holds the lease) on `frame.stream_id`
-    /// of this connection to the leased instance, and relays its answer back here.
-    pub fn forward(self: &Arc<Self>, frame: Frame, lease: Lease) {
+    /// of this connection to the leased instance, and relays its answer back here. `woken`: the request
+    /// waited for the instance to wake or start.
+    pub fn forward(self: &Arc<Self>, frame: Frame, lease: Lease, trace: Option<RequestTrace>, woken: bool) {
         let route = Route { service: lease.service().to_string(), ..Route::default() };
-        self.link(frame.stream_id, frame, lease, Vec::new(), &route);
+        self.link(frame.stream_id, frame, lease, Vec::new(), &route, trace, woken);
     }
 
     fn refuse(&self, stream_id: u32, refusal: &Refusal) {
@@ -355,7 +370,13 @@ impl Conn {
     }
 
     /// The queue gave the request an instance, or refused it.
-    fn on_admitted(self: &Arc<Self>, frame: Frame, result: Result<Lease, Refusal>, route: Route) {
+    fn on_admitted(
+        self: &Arc<Self>,
+        frame: Frame,
+        result: Result<Lease, Refusal>,
+        route: Route,
+        trace: Option<RequestTrace>,
+    ) {
         let stream_id = frame.stream_id;
         let fnf = matches!(frame.body, Body::RequestFnf { .. });
         let backlog = match self.remove(stream_id) {
@@ -364,8 +385,11 @@ impl Conn {
             _ => return,
         };
         match result {
-            Ok(lease) => self.link(stream_id, frame, lease, backlog, &route),
+            Ok(lease) => self.link(stream_id, frame, lease, backlog, &route, trace, true),
             Err(refusal) => {
+                if let Some(t) = trace {
+                    t.end(refusal.outcome().as_str());
+                }
                 if !fnf {
                     self.refuse(stream_id, &refusal);
                 }
@@ -374,6 +398,7 @@ impl Conn {
     }
 
     /// Sends the request (and what arrived for it meanwhile) to the leased instance and links the streams.
+    #[allow(clippy::too_many_arguments)]
     fn link(
         self: &Arc<Self>,
         stream_id: u32,
@@ -381,6 +406,8 @@ impl Conn {
         lease: Lease,
         backlog: Vec<Frame>,
         route: &Route,
+        mut trace: Option<RequestTrace>,
+        woken: bool,
     ) {
         let kind = match frame.body {
             Body::RequestFnf { .. } => None,
@@ -388,8 +415,18 @@ impl Conn {
             Body::RequestStream { .. } => Some(Kind::Stream),
             _ => Some(Kind::Channel),
         };
+        // The instance's own spans join the trace under the broker's client span.
+        let traceparent = trace.as_mut().map(|t| {
+            let state = if woken { "woken" } else { self.hub.instance_state(lease.instance_id()) };
+            t.routed(lease.instance_id(), lease.version(), state)
+        });
         match lease.target().clone() {
             Target::Rsocket(instance) => {
+                if let (Some(tp), Some(p)) = (&traceparent, frame.payload_mut())
+                    && let Ok(m) = metadata::with_traceparent(p.metadata.as_ref(), tp)
+                {
+                    p.metadata = Some(m);
+                }
                 let Some(kind) = kind else {
                     // Fire-and-forget ends when it is handed over.
                     let mut streams = lock(&instance.streams);
@@ -399,12 +436,17 @@ impl Conn {
                     drop(streams);
                     frame.stream_id = id;
                     instance.send(frame);
-                    lease.finish(if alive { RequestOutcome::Ok } else { RequestOutcome::Failure });
+                    let outcome = if alive { RequestOutcome::Ok } else { RequestOutcome::Failure };
+                    lease.finish(outcome);
+                    if let Some(t) = trace {
+                        t.end(outcome.as_str());
+                    }
                     return;
                 };
                 let shared = Arc::new(LinkShared {
                     kind,
                     lease: Mutex::new(Some(lease)),
+                    trace: Mutex::new(trace),
                     requester_done: AtomicBool::new(false),
                     responder_done: AtomicBool::new(false),
                 });
@@ -465,8 +507,11 @@ impl Conn {
                 let timeout = self.settings.http_timeout;
                 let path = http_path(route);
                 let mut streams = lock(&self.streams);
+                let traceparent = traceparent.map(|tp| tp.to_string());
                 let task = tokio::spawn(async move {
-                    let result = crate::http::call_instance(addr, &path, payload, timeout).await;
+                    let result =
+                        crate::http::call_instance(addr, &path, payload, timeout, traceparent.as_deref())
+                            .await;
                     let (outcome, reply) = match result {
                         Ok((status, body)) if status < 400 => (
                             RequestOutcome::Ok,
@@ -478,7 +523,9 @@ impl Conn {
                             },
                         ),
                         Ok((status, body)) => (
-                            if status >= 500 { RequestOutcome::Failure } else { RequestOutcome::AppError },
+                            crate::http::status_outcome(
+                                http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY),
+                            ),
                             Body::Error {
                                 code: ErrorCode::APPLICATION_ERROR,
                                 message: format!("HTTP {status}: {}", String::from_utf8_lossy(&body)),
@@ -493,6 +540,9 @@ impl Conn {
                         ),
                     };
                     lease.finish(outcome);
+                    if let Some(t) = trace {
+                        t.end(outcome.as_str());
+                    }
                     if me.remove(stream_id).is_some() && kind.is_some() {
                         me.send(Frame::new(stream_id, reply));
                     }
@@ -537,6 +587,25 @@ impl Conn {
         }
         self.closing.notify_one();
     }
+}
+
+/// The RSocket interaction a request frame opens, as traces name it.
+fn interaction(body: &Body) -> &'static str {
+    match body {
+        Body::RequestFnf { .. } => "fire_and_forget",
+        Body::RequestStream { .. } => "request_stream",
+        Body::RequestChannel { .. } => "request_channel",
+        _ => "request_response",
+    }
+}
+
+/// A zipkin context as the parent of the broker's spans (when no W3C traceparent came along).
+fn zipkin_parent(z: metadata::Zipkin) -> Option<TraceParent> {
+    z.has_ids().then(|| TraceParent {
+        trace_id: z.trace_id,
+        parent_id: z.span_id,
+        flags: u8::from(z.sampled.unwrap_or(true) || z.debug),
+    })
 }
 
 /// The path an RSocket request takes on an HTTP instance: the routing tags after the service that are

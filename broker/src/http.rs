@@ -36,6 +36,7 @@ use crate::conn::{Conn, ConnSettings, Out};
 use crate::hub::{Admission, Hub, Lease, Refusal, RequestOutcome, Target};
 use crate::rsocket::frame::{Body, ErrorCode, Frame, Payload};
 use crate::rsocket::metadata::{self, Route};
+use crate::trace::RequestTrace;
 
 /// How long a pooled connection to an instance may sit idle before it is closed.
 pub const POOL_IDLE: Duration = Duration::from_secs(2);
@@ -102,18 +103,43 @@ impl Trigger {
             Ok(r) => r,
             Err(refusal) => return refusal.response(),
         };
-        let lease = match self.hub.admit(&route, body.len()) {
-            Ok(Admission::Ready(lease)) => lease,
+        let parent = parts
+            .headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| metadata::TraceParent::parse(v.trim()).ok());
+        let mut trace = self.hub.begin_trace(parent, &route.service, "http");
+        let (lease, woken) = match self.hub.admit(&route, body.len()) {
+            Ok(Admission::Ready(lease)) => (lease, false),
             // A client that goes away drops this future, and the ticket leaves the queue with it.
-            Ok(Admission::Queued(ticket)) => match ticket.wait().await {
-                Ok(lease) => lease,
-                Err(refusal) => return refused(&refusal),
-            },
-            Err(refusal) => return refused(&refusal),
+            Ok(Admission::Queued(ticket)) => {
+                if let Some(t) = &mut trace {
+                    t.queued();
+                }
+                match ticket.wait().await {
+                    Ok(lease) => (lease, true),
+                    Err(refusal) => return end_refused(trace, &refusal),
+                }
+            }
+            Err(refusal) => return end_refused(trace, &refusal),
         };
         match lease.target().clone() {
-            Target::Http(addr) => self.proxy(parts, body, authority, peer, addr, lease).await,
-            Target::Rsocket(_) => self.relay(&parts.headers, body, &route, lease).await,
+            Target::Http(addr) => {
+                let mut parts = parts;
+                if let Some(t) = &mut trace {
+                    let state = if woken { "woken" } else { self.hub.instance_state(lease.instance_id()) };
+                    let tp = t.routed(lease.instance_id(), lease.version(), state);
+                    if let Ok(v) = HeaderValue::from_str(&tp.to_string()) {
+                        parts.headers.insert("traceparent", v);
+                    }
+                }
+                let (response, outcome) = self.proxy(parts, body, authority, peer, addr, lease).await;
+                if let Some(t) = trace {
+                    t.end(outcome.as_str());
+                }
+                response
+            }
+            Target::Rsocket(_) => self.relay(&parts.headers, body, &route, lease, trace, woken).await,
         }
     }
 
@@ -132,17 +158,18 @@ impl Trigger {
         peer: SocketAddr,
         addr: SocketAddr,
         lease: Lease,
-    ) -> Response<ResponseBody> {
+    ) -> (Response<ResponseBody>, RequestOutcome) {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let uri = match Uri::try_from(format!("http://{addr}{path}")) {
             Ok(u) => u,
             Err(e) => {
                 lease.finish(RequestOutcome::AppError);
-                return error(
+                let response = error(
                     StatusCode::BAD_REQUEST,
                     "invalid_request",
                     format!("bad request target {path:?}: {e}"),
                 );
+                return (response, RequestOutcome::AppError);
             }
         };
         let mut headers = parts.headers;
@@ -160,25 +187,28 @@ impl Trigger {
         match answer {
             Err(_) => {
                 lease.finish(RequestOutcome::Failure);
-                error(
+                let response = error(
                     StatusCode::GATEWAY_TIMEOUT,
                     "timeout",
                     format!("instance {addr} did not answer within {:?}", self.request_timeout),
-                )
+                );
+                (response, RequestOutcome::Failure)
             }
             Ok(Err(e)) => {
                 lease.finish(RequestOutcome::Failure);
-                error(
+                let response = error(
                     StatusCode::BAD_GATEWAY,
                     "bad_gateway",
                     format!("instance {addr} failed: {}", chain(&e)),
-                )
+                );
+                (response, RequestOutcome::Failure)
             }
             Ok(Ok(response)) => {
-                lease.finish(status_outcome(response.status()));
+                let outcome = status_outcome(response.status());
+                lease.finish(outcome);
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.boxed())
+                (Response::from_parts(parts, body.boxed()), outcome)
             }
         }
     }
@@ -190,11 +220,16 @@ impl Trigger {
         body: Bytes,
         route: &Route,
         lease: Lease,
+        trace: Option<RequestTrace>,
+        woken: bool,
     ) -> Response<ResponseBody> {
         let metadata = match request_metadata(route, headers) {
             Ok(m) => m,
             Err(message) => {
                 lease.finish(RequestOutcome::AppError);
+                if let Some(t) = trace {
+                    t.end(RequestOutcome::AppError.as_str());
+                }
                 return error(StatusCode::BAD_REQUEST, "invalid_request", message);
             }
         };
@@ -205,7 +240,7 @@ impl Trigger {
             follows: false,
             payload: Payload { metadata: Some(metadata), data: body },
         };
-        conn.forward(Frame::new(1, request), lease);
+        conn.forward(Frame::new(1, request), lease, trace, woken);
         let answer = match tokio::time::timeout(self.request_timeout, rx.recv()).await {
             Ok(a) => a,
             Err(_) => {
@@ -312,6 +347,7 @@ pub async fn call_instance(
     path: &str,
     payload: Payload,
     timeout: Duration,
+    traceparent: Option<&str>,
 ) -> Result<(u16, Bytes), String> {
     static CLIENT: OnceLock<InstanceClient> = OnceLock::new();
     let client = CLIENT.get_or_init(instance_client);
@@ -320,6 +356,9 @@ pub async fn call_instance(
     *request.method_mut() = Method::POST;
     *request.uri_mut() = uri;
     request.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    if let Some(tp) = traceparent.and_then(|tp| HeaderValue::from_str(tp).ok()) {
+        request.headers_mut().insert("traceparent", tp);
+    }
     let exchange = async {
         let response = client.request(request).await.map_err(|e| format!("{addr}: {}", chain(&e)))?;
         let status = response.status().as_u16();
@@ -547,6 +586,14 @@ pub fn status_outcome(status: StatusCode) -> RequestOutcome {
 }
 
 /// The answer to a request the hub did not admit: 503 with Retry-After when it may work later, else 404.
+/// Ends the request's trace with the refusal's outcome and answers it.
+fn end_refused(trace: Option<RequestTrace>, refusal: &Refusal) -> Response<ResponseBody> {
+    if let Some(t) = trace {
+        t.end(refusal.outcome().as_str());
+    }
+    refused(refusal)
+}
+
 fn refused(refusal: &Refusal) -> Response<ResponseBody> {
     use crate::balance::NoTarget;
     let (code, retry_after) = match refusal {

@@ -15,7 +15,8 @@ use tokio::sync::{oneshot, watch};
 use crate::balance::{Balancer, NoTarget, Outcome, Picked, RouteRequest, Split, SplitError};
 use crate::config::QueueConfig;
 use crate::metrics::BrokerMetrics;
-use crate::rsocket::metadata::Route;
+use crate::rsocket::metadata::{Route, TraceParent};
+use crate::trace::{RequestTrace, Tracing};
 
 /// Where a picked request goes.
 #[derive(Clone)]
@@ -172,6 +173,8 @@ pub struct Hub {
     activator: Arc<OnceLock<Arc<dyn Activator>>>,
     /// Concurrent requests a managed HTTP instance takes.
     managed_capacity: u32,
+    /// Full-link traces, when OTLP export is configured.
+    tracing: Option<Arc<Tracing>>,
     pub metrics: BrokerMetrics,
 }
 
@@ -186,6 +189,7 @@ impl Hub {
         queue_config: QueueConfig,
         managed_capacity: u32,
         activator: Arc<OnceLock<Arc<dyn Activator>>>,
+        tracing: Option<Arc<Tracing>>,
     ) -> Arc<Hub> {
         Arc::new(Hub {
             started: Instant::now(),
@@ -196,8 +200,23 @@ impl Hub {
             managed: Mutex::new(HashMap::new()),
             activator,
             managed_capacity,
+            tracing,
             metrics: BrokerMetrics::default(),
         })
+    }
+
+    /// Begins the trace of a request arriving at the broker, if tracing is on.
+    pub fn begin_trace(
+        &self,
+        parent: Option<TraceParent>,
+        service: &str,
+        kind: &'static str,
+    ) -> Option<RequestTrace> {
+        self.tracing.as_ref().map(|t| t.begin(parent, service, kind))
+    }
+
+    pub fn tracing(&self) -> Option<&Arc<Tracing>> {
+        self.tracing.as_ref()
     }
 
     fn now(&self) -> Duration {

@@ -34,6 +34,8 @@ use crate::hub::{Activator, Hub, Target};
 pub enum BrokerError {
     #[error(transparent)]
     Config(#[from] BrokerConfigError),
+    #[error("starting trace export: {0}")]
+    Tracing(trace::TraceError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -69,7 +71,19 @@ impl Broker {
         config_path: Option<PathBuf>,
         snapshots: Option<vigil_collector::SnapshotReceiver>,
     ) -> Result<Broker, BrokerError> {
-        let _ = &snapshots;
+        let tracing = trace::Tracing::from_env(snapshots).map_err(BrokerError::Tracing)?;
+        if tracing.is_some() {
+            tracing::info!("exporting full-link traces over OTLP");
+        }
+        Self::start_traced(file, config_path, tracing).await
+    }
+
+    /// The same, with tracing given explicitly rather than from the OpenTelemetry environment.
+    pub async fn start_traced(
+        file: BrokerFile,
+        config_path: Option<PathBuf>,
+        tracing: Option<Arc<trace::Tracing>>,
+    ) -> Result<Broker, BrokerError> {
         let b = &file.broker;
         let mut balancer = Balancer::new(b.health.clone());
         if let Err(e) = balancer.set_splits(b.splits.clone()) {
@@ -88,7 +102,7 @@ impl Broker {
             balancer.known_service(&s.name);
         }
         let activator: Arc<OnceLock<Arc<dyn Activator>>> = Arc::new(OnceLock::new());
-        let hub = Hub::new(balancer, b.queue.clone(), b.managed_capacity, activator.clone());
+        let hub = Hub::new(balancer, b.queue.clone(), b.managed_capacity, activator.clone(), tracing);
         for (i, u) in b.upstreams.iter().enumerate() {
             let id = format!("{}@{}", u.service, u.address);
             hub.known_service(&u.service);
@@ -174,12 +188,15 @@ impl Broker {
         Arc::new(signals::BrokerTraffic::new(self.hub.clone()))
     }
 
-    /// Stops accepting; open connections end with the process.
+    /// Stops accepting and flushes traces; open connections end with the process.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for t in self.tasks {
             t.abort();
             let _ = t.await;
+        }
+        if let Some(t) = self.hub.tracing().cloned() {
+            let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
         }
     }
 }

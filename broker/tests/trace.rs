@@ -239,3 +239,45 @@ async fn a_request_without_traceparent_starts_a_trace_and_failure_is_an_error() 
 
     receiver.stop().await;
 }
+
+#[path = "support/mod.rs"]
+mod support;
+
+/// client.py → broker → service.py over real sockets: the broker's server and client spans continue the
+/// client's trace, and the traceparent the service receives names the broker's client span as its parent,
+/// so the service's own spans would join the same trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_broker_and_instance_share_one_trace() {
+    let mut receiver = Receiver::start().await;
+    let tracing = Tracing::with_endpoint(&receiver.endpoint(), None).expect("start tracing");
+    let yaml = "broker:\n  listen: 127.0.0.1:0\n  http: { enabled: false }\n";
+    let file = vigil_broker::config::BrokerFile::parse(yaml, "t.yaml").expect("config");
+    let broker = vigil_broker::Broker::start_traced(file, None, Some(tracing.clone())).await.expect("broker");
+    let addr = broker.rsocket_addr();
+    let _svc = support::Peer::service(addr, "echo", "v1", "echo-0", &[]).await;
+    let incoming = INCOMING.to_string();
+    let out = support::client(addr, &["echo"], &["rr-traceparent", "hi", &incoming]).await;
+    assert_eq!(out.len(), 1, "{out:?}");
+    let received: TraceParent =
+        out[0]["traceparent"].as_str().unwrap_or_else(|| panic!("{out:?}")).parse().expect("a traceparent");
+    broker.shutdown().await;
+
+    let spans = receiver.spans().await;
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    let server = only(&spans, "server");
+    let client = only(&spans, "client");
+    for s in [server, client] {
+        assert_eq!(s["trace_id"], hex(&INCOMING.trace_id), "{s}");
+        assert_eq!(s["attributes"]["vigil.outcome"], "ok", "{s}");
+        assert_eq!(s["attributes"]["vigil.instance_id"], "echo-0", "{s}");
+    }
+    assert_eq!(server["parent_span_id"], hex(&INCOMING.parent_id), "{server}");
+    assert_eq!(client["parent_span_id"], server["span_id"], "{client}");
+    assert_eq!(received.trace_id, INCOMING.trace_id, "the instance is in the client's trace");
+    assert_eq!(
+        Value::from(hex(&received.parent_id)),
+        client["span_id"],
+        "its parent is the broker's client span"
+    );
+    receiver.stop().await;
+}
