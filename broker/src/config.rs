@@ -277,6 +277,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_embedded_default_yaml_is_the_default() {
+        let f = BrokerFile::parse(vigil_collector::config::DEFAULT_YAML, "default").unwrap();
+        assert_eq!(f.broker, BrokerConfig::default());
+    }
+
+    #[test]
     fn defaults_are_loopback() {
         let f = BrokerFile::parse("", "v.yaml").unwrap();
         assert_eq!(f.broker.listen.to_string(), "127.0.0.1:7878");

@@ -56,7 +56,7 @@ pub struct Broker {
 }
 
 /// How often the config file's modification time is compared, for run-time split changes.
-const CONFIG_CHECK: Duration = Duration::from_secs(2);
+const CONFIG_CHECK: Duration = Duration::from_secs(1);
 
 impl Broker {
     /// Binds the RSocket and HTTP listeners and starts serving. `config_path` is watched for changes to

@@ -145,3 +145,41 @@ async fn a_flood_beyond_the_queue_is_rejected_cleanly() {
     }
     assert_eq!((answered, rejected), (3, 5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splits_change_at_run_time_without_dropping_requests() {
+    let dir = std::env::temp_dir().join(format!("vigil-splits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("vigil.yaml");
+    let config = |v1: u32, v2: u32| {
+        format!(
+            "broker:\n  listen: 127.0.0.1:0\n  http: {{ enabled: false }}\n  splits:\n    - {{ name: default, service: echo, weights: {{ v1: {v1}, v2: {v2} }} }}\n"
+        )
+    };
+    std::fs::write(&file, config(100, 0)).unwrap();
+    let parsed = vigil_broker::config::BrokerFile::load(&file).unwrap();
+    let broker = vigil_broker::Broker::start(parsed, Some(file.clone())).await.unwrap();
+    let addr = broker.rsocket_addr();
+    let _a = Peer::service(addr, "echo", "v1", "echo-v1", &[]).await;
+    let _b = Peer::service(addr, "echo", "v2", "echo-v2", &[]).await;
+
+    let n = 10_000;
+    let load =
+        tokio::spawn(async move { client(addr, &["echo"], &["rr", "x", "--count", &n.to_string()]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A mistake first: it is refused and the split in force stays.
+    std::fs::write(&file, "broker:\n  splits: [{ name: default, service: echo, weights: { v1: 0 } }]\n")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    std::fs::write(&file, config(0, 100)).unwrap();
+    let started = std::time::Instant::now();
+    let out = load.await.unwrap();
+    eprintln!("load ended {:?} after the change", started.elapsed());
+    assert_eq!(out.len(), n);
+    assert!(out.iter().all(|v| v.get("error").is_none()), "a request failed during the change");
+    let versions: Vec<&str> = out.iter().map(|v| v["version"].as_str().unwrap_or("?")).collect();
+    let switched = versions.iter().position(|v| *v == "v2").expect("the new split took effect");
+    assert!(switched > 0, "the first requests went to v1");
+    assert!(versions[switched..].iter().all(|v| *v == "v2"), "after the change only v2");
+    let _ = std::fs::remove_dir_all(&dir);
+}

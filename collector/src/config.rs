@@ -27,6 +27,14 @@ collector:
     exclude: []
     managed_root: /vigil      # where Vigil creates its own instances
     max_tracked: 16384        # hard cap on cgroups tracked (memory bound)
+broker:
+  listen: 127.0.0.1:7878      # RSocket over TCP: instances register in SETUP, requests route by tag
+  http:
+    listen: 127.0.0.1:8080    # HTTP/1.1 + h2c trigger: services by `route:` (path prefix) or `host:`
+  queue:                      # requests held while an instance wakes or starts; beyond: REJECTED / 503
+    max_per_service: 1000
+    max_total: 10000
+    timeout: 30s
 ";
 
 /// One configuration mistake, located in the file.
