@@ -44,113 +44,183 @@ fn wait_state(healer: &Healer, id: &str, state: &str) {
     }
 }
 
-#[test]
-fn a_request_to_a_hibernated_instance_wakes_it_and_every_broker_panel_has_data() {
-    let parent = format!("/vigil-test-wake-{}", std::process::id());
-    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-    let data_dir = std::env::temp_dir().join(format!("vigil-test-wake-{}", std::process::id()));
-    let yaml = format!(
-        "data_dir: {}\nrules: []\nservices:\n  - name: wk\n    command: [\"{}\", \"-m\", \"http.server\", \"{{port}}\", \"--bind\", \"127.0.0.1\"]\n    port: {port}\n    readiness: {{ http: / }}\n    route: /\nhealer:\n  cgroup_parent: {parent}\n  stop_grace: 2s\nbroker:\n  listen: 127.0.0.1:0\n  http: {{ listen: 127.0.0.1:0 }}\n",
-        data_dir.display(),
-        collector_support::workload::python_executable()
-    );
-    let healer_config = HealerConfig::parse(&yaml, "test.yaml").expect("healer config");
-    let broker_file = BrokerFile::parse(&yaml, "test.yaml").expect("broker config");
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let collector_config = CollectorConfig {
-        watch: WatchConfig {
-            include: vec![parent.clone()],
-            managed_root: parent.clone(),
-            ..WatchConfig::default()
-        },
-        ..CollectorConfig::default()
-    };
-    let collector = Collector::start(&collector_config).expect("collector starts (root)");
-    let (healer, broker, addr) = runtime.block_on(async {
-        let mut broker =
-            Broker::start_with(broker_file, None, Some(collector.snapshots())).await.expect("broker");
-        let healer = Healer::start(&healer_config, collector.snapshots(), broker.traffic()).expect("healer");
-        broker.attach(Arc::new(healer.handle()));
-        let router = collector
-            .router_with(vec![healer.metrics_registry(), broker.metrics_registry()])
-            .merge(healer.router(collector.snapshots(), None));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move { axum::serve(listener, router).await });
-        (healer, broker, addr)
-    });
-    let trigger = broker.http_addr().expect("HTTP trigger");
+/// Collector, healer and broker with one managed HTTP service `wk` (python http.server) routed at `/`,
+/// torn down (instances stopped, cgroups removed) on drop.
+struct Stack {
+    runtime: tokio::runtime::Runtime,
+    collector: Option<Collector>,
+    healer: Option<Healer>,
+    broker: Option<Broker>,
+    api: SocketAddr,
+    trigger: SocketAddr,
+    parent: String,
+    data_dir: std::path::PathBuf,
+}
 
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_state(&healer, "wk-0", "active");
-        let answer = http(trigger, "GET", "/");
-        assert!(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"), "{answer}");
-
-        let answer = http(addr, "POST", "/api/v1/instances/wk-0/hibernate");
-        assert!(answer.contains("\"state\":\"hibernated\""), "{answer}");
-        let metrics = support::metric(&broker);
-        assert!(
-            metrics.contains(
-                "vigil_broker_instance_ready{service=\"wk\",version=\"v1\",instance_id=\"wk-0\"} 0"
-            ),
-            "{metrics}"
+impl Stack {
+    fn start(tag: &str, service_extra: &str) -> Stack {
+        let parent = format!("/vigil-test-{tag}-{}", std::process::id());
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let data_dir = std::env::temp_dir().join(format!("vigil-test-{tag}-{}", std::process::id()));
+        let yaml = format!(
+            "data_dir: {}\nrules: []\nservices:\n  - name: wk\n    command: [\"{}\", \"-m\", \"http.server\", \"{{port}}\", \"--bind\", \"127.0.0.1\"]\n    port: {port}\n    readiness: {{ http: / }}\n    route: /\n{service_extra}healer:\n  cgroup_parent: {parent}\n  stop_grace: 2s\nbroker:\n  listen: 127.0.0.1:0\n  http: {{ listen: 127.0.0.1:0 }}\n",
+            data_dir.display(),
+            collector_support::workload::python_executable()
         );
+        let healer_config = HealerConfig::parse(&yaml, "test.yaml").expect("healer config");
+        let broker_file = BrokerFile::parse(&yaml, "test.yaml").expect("broker config");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let collector_config = CollectorConfig {
+            watch: WatchConfig {
+                include: vec![parent.clone()],
+                managed_root: parent.clone(),
+                ..WatchConfig::default()
+            },
+            ..CollectorConfig::default()
+        };
+        let collector = Collector::start(&collector_config).expect("collector starts (root)");
+        let (healer, broker, api) = runtime.block_on(async {
+            let mut broker =
+                Broker::start_with(broker_file, None, Some(collector.snapshots())).await.expect("broker");
+            let healer =
+                Healer::start(&healer_config, collector.snapshots(), broker.traffic()).expect("healer");
+            broker.attach(Arc::new(healer.handle()));
+            let router = collector
+                .router_with(vec![healer.metrics_registry(), broker.metrics_registry()])
+                .merge(healer.router(collector.snapshots(), None));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            tokio::spawn(async move { axum::serve(listener, router).await });
+            (healer, broker, addr)
+        });
+        let trigger = broker.http_addr().expect("HTTP trigger");
+        Stack {
+            runtime,
+            collector: Some(collector),
+            healer: Some(healer),
+            broker: Some(broker),
+            api,
+            trigger,
+            parent,
+            data_dir,
+        }
+    }
 
-        // Held while the broker's demand wakes the instance, then answered once.
-        let started = Instant::now();
-        let answer = http(trigger, "GET", "/");
-        assert!(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"), "{answer}");
-        let held = started.elapsed();
-        wait_state(&healer, "wk-0", "active");
-        let decisions = http(addr, "GET", "/api/v1/decisions");
-        assert!(decisions.contains("\"rule\":\"broker-demand\""), "{decisions}");
-        let metrics = support::metric(&broker);
-        assert!(metrics.contains("vigil_broker_queue_wait_seconds_count{service=\"wk\"} 1"), "{metrics}");
-        assert!(
-            metrics.contains("vigil_broker_requests_total{service=\"wk\",version=\"v1\",outcome=\"ok\"} 2"),
-            "{metrics}"
-        );
-        eprintln!("held through the wake for {held:?}");
+    fn healer(&self) -> &Healer {
+        self.healer.as_ref().expect("running")
+    }
 
-        // Errors for the error panel; then every panel must have data.
-        let answer = http(trigger, "GET", "/nothing-here");
-        assert!(answer.contains(" 404 "), "{answer}");
-        // One RSocket requester, for the connections panel.
-        let rsocket = broker.rsocket_addr();
-        let _requester = runtime.block_on(support::requester(rsocket));
-        let prometheus = Prometheus::start(addr).expect("start prometheus");
-        prometheus.wait_until_up(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
-        let dashboard = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards/broker.json");
-        let queries = panel_queries(&dashboard);
-        assert!(queries.len() >= 8, "broker dashboard has only {} queries", queries.len());
-        let keep_busy = std::thread::spawn(move || {
-            let until = Instant::now() + Duration::from_secs(40);
-            while Instant::now() < until {
-                let _ = http(trigger, "GET", "/");
-                let _ = http(trigger, "GET", "/nothing-here");
-                std::thread::sleep(Duration::from_millis(200));
+    fn broker(&self) -> &Broker {
+        self.broker.as_ref().expect("running")
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let (broker, healer) = (self.broker.take(), self.healer.take());
+        self.runtime.block_on(async {
+            if let Some(b) = broker {
+                b.shutdown().await;
+            }
+            if let Some(h) = healer {
+                h.shutdown().await;
             }
         });
-        for (title, expr) in queries {
-            prometheus
-                .wait_for(&expr, Duration::from_secs(60), has_samples)
-                .unwrap_or_else(|e| panic!("panel `{title}`: {e}"));
+        if let Some(c) = self.collector.take() {
+            c.stop();
         }
-        let _ = keep_busy.join();
-    }));
-    runtime.block_on(async {
-        broker.shutdown().await;
-        healer.shutdown().await;
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+        for root in
+            ["/sys/fs/cgroup/unified", "/sys/fs/cgroup/memory", "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpuset"]
+        {
+            let _ = std::fs::remove_dir(format!("{root}{}", self.parent));
+        }
+    }
+}
+
+fn ok(answer: &str) -> bool {
+    answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200")
+}
+
+#[test]
+fn a_request_to_a_hibernated_instance_wakes_it_and_every_broker_panel_has_data() {
+    let stack = Stack::start("wake", "");
+    let (api, trigger) = (stack.api, stack.trigger);
+    wait_state(stack.healer(), "wk-0", "active");
+    let answer = http(trigger, "GET", "/");
+    assert!(ok(&answer), "{answer}");
+
+    let answer = http(api, "POST", "/api/v1/instances/wk-0/hibernate");
+    assert!(answer.contains("\"state\":\"hibernated\""), "{answer}");
+    let metrics = support::metric(stack.broker());
+    assert!(
+        metrics.contains("vigil_broker_instance_ready{service=\"wk\",version=\"v1\",instance_id=\"wk-0\"} 0"),
+        "{metrics}"
+    );
+
+    // Held while the broker's demand wakes the instance, then answered once.
+    let started = Instant::now();
+    let answer = http(trigger, "GET", "/");
+    assert!(ok(&answer), "{answer}");
+    let held = started.elapsed();
+    wait_state(stack.healer(), "wk-0", "active");
+    let decisions = http(api, "GET", "/api/v1/decisions");
+    assert!(decisions.contains("\"rule\":\"broker-demand\""), "{decisions}");
+    let metrics = support::metric(stack.broker());
+    assert!(metrics.contains("vigil_broker_queue_wait_seconds_count{service=\"wk\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("vigil_broker_requests_total{service=\"wk\",version=\"v1\",outcome=\"ok\"} 2"),
+        "{metrics}"
+    );
+    eprintln!("held through the wake for {held:?}");
+
+    // Errors for the error panel; one RSocket requester for the connections panel; then every panel must
+    // have data.
+    let answer = http(trigger, "GET", "/nothing-here");
+    assert!(answer.contains(" 404 "), "{answer}");
+    let _requester = stack.runtime.block_on(support::requester(stack.broker().rsocket_addr()));
+    let prometheus = Prometheus::start(api).expect("start prometheus");
+    prometheus.wait_until_up(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
+    let dashboard = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards/broker.json");
+    let queries = panel_queries(&dashboard);
+    assert!(queries.len() >= 8, "broker dashboard has only {} queries", queries.len());
+    let keep_busy = std::thread::spawn(move || {
+        let until = Instant::now() + Duration::from_secs(40);
+        while Instant::now() < until {
+            let _ = http(trigger, "GET", "/");
+            let _ = http(trigger, "GET", "/nothing-here");
+            std::thread::sleep(Duration::from_millis(200));
+        }
     });
-    collector.stop();
-    let _ = std::fs::remove_dir_all(&data_dir);
-    for root in
-        ["/sys/fs/cgroup/unified", "/sys/fs/cgroup/memory", "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpuset"]
-    {
-        let _ = std::fs::remove_dir(format!("{root}{parent}"));
+    for (title, expr) in queries {
+        prometheus
+            .wait_for(&expr, Duration::from_secs(60), has_samples)
+            .unwrap_or_else(|e| panic!("panel `{title}`: {e}"));
     }
-    if let Err(e) = result {
-        std::panic::resume_unwind(e);
-    }
+    let _ = keep_busy.join();
+}
+
+#[test]
+fn a_service_with_zero_running_instances_starts_one_for_the_first_request() {
+    let stack = Stack::start("zero", "    start: on_demand\n");
+    std::thread::sleep(Duration::from_millis(500));
+    let info = stack.healer().supervisor().instance("wk-0").expect("wk-0");
+    assert_eq!((info.state.as_str(), info.pids.len()), ("stopped", 0), "nothing runs before demand");
+
+    let started = Instant::now();
+    let answer = http(stack.trigger, "GET", "/");
+    assert!(ok(&answer), "{answer}");
+    eprintln!("started from zero and answered in {:?}", started.elapsed());
+    let info = stack.healer().supervisor().instance("wk-0").expect("wk-0");
+    assert_eq!(info.state.as_str(), "active");
+    let metrics = support::metric(stack.broker());
+    assert!(metrics.contains("vigil_broker_queue_wait_seconds_count{service=\"wk\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("vigil_broker_requests_total{service=\"wk\",version=\"v1\",outcome=\"ok\"} 1\n"),
+        "{metrics}"
+    );
 }

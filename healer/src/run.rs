@@ -415,7 +415,13 @@ impl HealerHandle {
             return;
         }
         let Some(target) = instances.iter().find(|i| i.state == InstanceState::Hibernated) else {
-            tracing::debug!(service, "demand, but no instance can be woken");
+            // Zero running instances: start one that waits for demand.
+            match instances.iter().find(|i| self.supervisor.start_on_demand(&i.id)) {
+                Some(i) => {
+                    tracing::info!(service, instance_id = %i.id, "requests wait: starting an instance")
+                }
+                None => tracing::debug!(service, "demand, but no instance can be woken or started"),
+            }
             return;
         };
         let first = self.waking.lock().map(|mut w| w.insert(service.to_string())).unwrap_or(false);

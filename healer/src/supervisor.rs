@@ -100,6 +100,19 @@ pub struct ServiceSpec {
     /// The version the broker files the instances under (for traffic splits between versions).
     #[serde(default = "default_version")]
     pub version: String,
+    /// `always` (the default): instances start with Vigil. `on_demand`: they stay stopped (zero running
+    /// instances) until the broker has a request for the service, and start then.
+    #[serde(default)]
+    pub start: StartPolicy,
+}
+
+/// When a managed instance first starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartPolicy {
+    #[default]
+    Always,
+    OnDemand,
 }
 
 /// The version of instances that name none.
@@ -292,6 +305,8 @@ struct Slot {
     restarts: u32,
     /// Set once `shutdown` removed the cgroups.
     removed: bool,
+    /// Lets an on-demand instance start.
+    start: Arc<tokio::sync::Notify>,
 }
 
 impl Supervisor {
@@ -335,6 +350,7 @@ impl Supervisor {
                     main_pid: None,
                     restarts: 0,
                     removed: false,
+                    start: Arc::new(tokio::sync::Notify::new()),
                 };
                 slots.insert(id, slot);
             }
@@ -386,6 +402,21 @@ impl Supervisor {
             port: slot.port,
             restarts: slot.restarts,
             cgroup: slot.cg.v2_rel.clone(),
+        }
+    }
+
+    /// Starts an on-demand instance that has not started yet. Returns false for an unknown id or an instance
+    /// that is not waiting to start.
+    pub fn start_on_demand(&self, id: &str) -> bool {
+        let slots = self.inner.lock();
+        match slots.get(id) {
+            Some(slot)
+                if slot.spec.start == StartPolicy::OnDemand && slot.state == InstanceState::Stopped =>
+            {
+                slot.start.notify_one();
+                true
+            }
+            _ => false,
         }
     }
 
@@ -627,6 +658,15 @@ enum RunEnd {
 async fn run_instance(inner: Arc<Inner>, id: String, mut stop: watch::Receiver<Option<Duration>>) {
     let mut backoff = Backoff::new();
     let mut first = true;
+    let on_demand =
+        inner.lock().get(&id).filter(|s| s.spec.start == StartPolicy::OnDemand).map(|s| s.start.clone());
+    if let Some(start) = on_demand {
+        inner.set_state(&id, InstanceState::Stopped);
+        tokio::select! {
+            () = start.notified() => tracing::info!(instance_id = %id, "starting on demand"),
+            _ = stop_requested(&mut stop) => return,
+        }
+    }
     loop {
         if !first {
             let delay = backoff.next_delay();
