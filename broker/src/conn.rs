@@ -364,6 +364,20 @@ impl Conn {
         self.link(frame.stream_id, frame, lease, Vec::new(), &route, trace, woken);
     }
 
+    /// Gives up on a linked stream of this connection's requester (a timeout): the instance gets CANCEL and
+    /// the request ends with `outcome`.
+    pub fn abandon(self: &Arc<Self>, stream_id: u32, outcome: RequestOutcome) {
+        match self.remove(stream_id) {
+            Some(Entry::Linked(link)) => {
+                link.peer.remove(link.peer_stream);
+                link.peer.send(Frame::new(link.peer_stream, Body::Cancel));
+                link.shared.finish(outcome);
+            }
+            Some(Entry::Queued { task, .. } | Entry::Http { task }) => task.abort(),
+            None => {}
+        }
+    }
+
     fn refuse(&self, stream_id: u32, refusal: &Refusal) {
         let code = if refusal.retryable() { ErrorCode::REJECTED } else { ErrorCode::INVALID };
         self.stream_error(stream_id, code, refusal.to_string());

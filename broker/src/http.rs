@@ -244,7 +244,9 @@ impl Trigger {
         let answer = match tokio::time::timeout(self.request_timeout, rx.recv()).await {
             Ok(a) => a,
             Err(_) => {
-                // The CANCEL ends the lease (counted as cancelled by the relay).
+                // The instance is told (CANCEL) and the request counts as its timeout.
+                cancel.armed = false;
+                conn.abandon(1, RequestOutcome::Timeout);
                 return error(
                     StatusCode::GATEWAY_TIMEOUT,
                     "timeout",
