@@ -643,7 +643,9 @@ async fn write_loop(
 ) {
     const GATHER: usize = 64 << 10;
     const INLINE_DATA: usize = 16 << 10;
-    let mut buf = BytesMut::with_capacity(GATHER);
+    const IDLE_BUFFER: usize = 4 << 10;
+    // Allocated on demand and released after a burst: an idle connection holds no write buffer.
+    let mut buf = BytesMut::new();
     let mut close = false;
     'outer: while let Some(first) = rx.recv().await {
         let mut next = Some(first);
@@ -675,6 +677,9 @@ async fn write_loop(
         if !buf.is_empty() && wr.write_all_buf(&mut buf).await.is_err() {
             break;
         }
+        if buf.capacity() > IDLE_BUFFER {
+            buf = BytesMut::new();
+        }
         if close {
             break;
         }
@@ -705,7 +710,9 @@ pub async fn serve(hub: Arc<Hub>, settings: Arc<ConnSettings>, stream: TcpStream
     let (rd, wr) = stream.into_split();
     let (conn, rx) = Conn::new(hub.clone(), settings.clone());
     let writer = tokio::spawn(write_loop(conn.clone(), rx, wr, settings.max_frame_bytes));
-    let mut frames = FramedRead::new(rd, FrameCodec::new(settings.max_frame_bytes));
+    // A small read buffer to start with: most connections are idle most of the time, and it grows for
+    // larger frames.
+    let mut frames = FramedRead::with_capacity(rd, FrameCodec::new(settings.max_frame_bytes), 1024);
 
     let (registration, lifetime) = match setup(&conn, &mut frames, &peer).await {
         Some(r) => r,
