@@ -17,6 +17,8 @@ use crate::config::QueueConfig;
 use crate::metrics::BrokerMetrics;
 use crate::rsocket::metadata::{Route, TraceParent};
 use crate::trace::{RequestTrace, Tracing};
+#[cfg(test)]
+use vigil_collector::config::HumanDuration;
 
 /// Where a picked request goes.
 #[derive(Clone)]
@@ -440,6 +442,12 @@ impl Hub {
         drop(managed);
         for s in changed {
             self.drain(&s);
+            // Requests still wait (say, they came while the instance was going into hibernation, when
+            // there was nothing to wake yet): ask again now that the state moved on.
+            let waiting = lock(&self.queue).services.contains_key(&s);
+            if waiting && let Some(a) = self.activator.get() {
+                a.demand(&s);
+            }
         }
     }
 
@@ -575,5 +583,140 @@ impl Drop for QueueTicket {
         {
             self.hub.release(&p, RequestOutcome::Cancelled, Duration::ZERO);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::HealthPolicy;
+
+    /// The healer's seam, recording demand.
+    #[derive(Default)]
+    struct Recorder {
+        demanded: Mutex<Vec<String>>,
+        endpoints: Mutex<Vec<ManagedEndpoint>>,
+        changes: Mutex<Option<watch::Sender<u64>>>,
+    }
+
+    impl Activator for Recorder {
+        fn demand(&self, service: &str) {
+            lock(&self.demanded).push(service.to_string());
+        }
+        fn endpoints(&self) -> Vec<ManagedEndpoint> {
+            lock(&self.endpoints).clone()
+        }
+        fn changes(&self) -> watch::Receiver<u64> {
+            let (tx, rx) = watch::channel(0);
+            *lock(&self.changes) = Some(tx);
+            rx
+        }
+    }
+
+    fn hub(queue: QueueConfig) -> (Arc<Hub>, Arc<Recorder>) {
+        let recorder = Arc::new(Recorder::default());
+        let activator: Arc<OnceLock<Arc<dyn Activator>>> = Arc::new(OnceLock::new());
+        let _ = activator.set(recorder.clone());
+        let mut balancer = Balancer::new(HealthPolicy::default());
+        balancer.known_service("svc");
+        (Hub::new(balancer, queue, 10, activator, None), recorder)
+    }
+
+    fn route(service: &str) -> Route {
+        Route { service: service.into(), ..Route::default() }
+    }
+
+    fn endpoint(ready: bool) -> ManagedEndpoint {
+        ManagedEndpoint {
+            service: "svc".into(),
+            version: "v1".into(),
+            instance_id: "svc-0".into(),
+            address: SocketAddr::from(([127, 0, 0, 1], 9)),
+            ready,
+            state: if ready { "active" } else { "hibernated" },
+        }
+    }
+
+    fn queued(a: Result<Admission, Refusal>) -> QueueTicket {
+        match a {
+            Ok(Admission::Queued(t)) => t,
+            Ok(Admission::Ready(_)) => panic!("admitted at once"),
+            Err(e) => panic!("refused: {e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_waits_for_the_wake_and_gets_the_instance_once_it_is_ready() {
+        let (hub, recorder) = hub(QueueConfig::default());
+        hub.sync_managed(vec![endpoint(false)]);
+        let ticket = queued(hub.admit(&route("svc"), 10));
+        assert_eq!(*lock(&recorder.demanded), vec!["svc".to_string()]);
+        assert_eq!(hub.queued().get("svc"), Some(&1));
+        // A second request within the second adds no demand.
+        let second = queued(hub.admit(&route("svc"), 10));
+        assert_eq!(lock(&recorder.demanded).len(), 1);
+
+        hub.sync_managed(vec![endpoint(true)]);
+        let lease = ticket.wait().await.expect("an instance");
+        assert_eq!(&**lease.instance_id(), "svc-0");
+        assert!(matches!(lease.target(), Target::Http(_)));
+        let other = second.wait().await.expect("an instance");
+        assert_eq!(hub.with_balancer(|b| b.inflight("svc-0")), Some(2));
+        assert!(hub.queued().is_empty());
+        lease.finish(RequestOutcome::Ok);
+        drop(other); // counts as cancelled
+        assert_eq!(hub.with_balancer(|b| b.inflight("svc-0")), Some(0));
+        assert_eq!(hub.take_completed().get("svc-0").copied(), Some(2));
+    }
+
+    #[tokio::test]
+    async fn limits_refuse_cleanly_and_a_dropped_ticket_leaves_the_queue() {
+        let limits = QueueConfig {
+            max_per_service: 2,
+            max_bytes_per_service: 100,
+            max_total: 3,
+            ..QueueConfig::default()
+        };
+        let (hub, _) = hub(limits);
+        hub.sync_managed(vec![endpoint(false)]);
+        let a = queued(hub.admit(&route("svc"), 60));
+        assert_eq!(hub.admit(&route("svc"), 60).err(), Some(Refusal::QueueFull { service: "svc".into() }));
+        let b = queued(hub.admit(&route("svc"), 40));
+        assert!(matches!(hub.admit(&route("svc"), 0), Err(Refusal::QueueFull { .. })));
+        drop(a);
+        assert_eq!(hub.queued().get("svc"), Some(&1));
+        let _c = queued(hub.admit(&route("svc"), 60));
+        drop(b);
+        assert_eq!(hub.queued().get("svc"), Some(&1));
+        assert!(matches!(
+            hub.admit(&route("nowhere"), 0),
+            Err(Refusal::NoTarget(NoTarget::UnknownService(_)))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_waits_too_long_is_refused_and_leaves_the_queue() {
+        let limits = QueueConfig { timeout: HumanDuration(Duration::from_secs(5)), ..QueueConfig::default() };
+        let (hub, _) = hub(limits);
+        hub.sync_managed(vec![endpoint(false)]);
+        let ticket = queued(hub.admit(&route("svc"), 1));
+        let refusal = ticket.wait().await.err().expect("timed out");
+        assert!(matches!(refusal, Refusal::Timeout { .. }), "{refusal}");
+        assert!(refusal.retryable());
+        assert!(hub.queued().is_empty());
+        // The instance comes later: nothing is handed to the gone request.
+        hub.sync_managed(vec![endpoint(true)]);
+        assert_eq!(hub.with_balancer(|b| b.inflight("svc-0")), Some(0));
+    }
+
+    #[tokio::test]
+    async fn requests_still_waiting_after_a_state_change_ask_again() {
+        let (hub, recorder) = hub(QueueConfig::default());
+        hub.sync_managed(vec![endpoint(false)]);
+        let _ticket = queued(hub.admit(&route("svc"), 1));
+        let mut e = endpoint(false);
+        e.state = "waking";
+        hub.sync_managed(vec![e]);
+        assert_eq!(lock(&recorder.demanded).len(), 2, "asked again after the change");
     }
 }
