@@ -94,7 +94,14 @@ fn major_faults_match_memcg_pgmajfault() {
     let memcg = cg.memory_stat("pgmajfault");
     assert!(memcg >= 1000, "the workload should take thousands of major faults, memcg says {memcg}");
     assert_eq!(inst.counters.memcg_major_faults, memcg, "memcg tracepoint vs memory.stat pgmajfault");
-    assert_eq!(inst.counters.major_faults, w.majflt(), "perf major faults vs /proc majflt");
+    // /proc majflt also counts what the shell took before it joined the cgroups and exec'd python: nothing
+    // on a quiet host, a few faults when other work has evicted the shell's pages from the page cache.
+    let proc_majflt = w.majflt();
+    assert!(
+        proc_majflt >= inst.counters.major_faults && proc_majflt - inst.counters.major_faults <= 16,
+        "major faults {} vs /proc majflt {proc_majflt}",
+        inst.counters.major_faults
+    );
     assert_eq!(inst.counters.major_faults, memcg, "perf major faults vs memory.stat pgmajfault");
     w.proceed();
 }
