@@ -59,6 +59,8 @@ pub struct HttpTriggerConfig {
     pub request_timeout: HumanDuration,
     /// Largest request body accepted (it is held in memory while the request waits for a wake).
     pub max_body_bytes: usize,
+    /// Worker threads, each serving its share of connections start to end; default one per CPU.
+    pub workers: Option<usize>,
 }
 
 impl Default for HttpTriggerConfig {
@@ -68,6 +70,7 @@ impl Default for HttpTriggerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             request_timeout: HumanDuration(Duration::from_secs(60)),
             max_body_bytes: 16 << 20,
+            workers: None,
         }
     }
 }

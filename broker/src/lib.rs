@@ -52,6 +52,8 @@ pub struct Broker {
     http_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// The HTTP trigger's worker threads.
+    threads: Vec<std::thread::JoinHandle<()>>,
     activator: Arc<OnceLock<Arc<dyn Activator>>>,
 }
 
@@ -118,30 +120,30 @@ impl Broker {
             http_timeout: b.http.request_timeout.0,
         });
         let (stop, stop_rx) = watch::channel(false);
-        let listener = TcpListener::bind(b.listen).await.map_err(|source| BrokerError::Bind {
-            what: "RSocket",
-            addr: b.listen,
-            source,
-        })?;
+        let listener = http::bind_listener(b.listen, false)
+            .and_then(TcpListener::from_std)
+            .map_err(|source| BrokerError::Bind { what: "RSocket", addr: b.listen, source })?;
         let rsocket_addr = listener.local_addr().unwrap_or(b.listen);
         let mut tasks =
             vec![tokio::spawn(accept_loop(listener, hub.clone(), settings.clone(), stop_rx.clone()))];
         let mut http_addr = None;
+        let mut threads = Vec::new();
         if b.http.enabled {
-            let listener = TcpListener::bind(b.http.listen).await.map_err(|source| BrokerError::Bind {
-                what: "HTTP trigger",
-                addr: b.http.listen,
-                source,
-            })?;
+            let bind_error = |source| BrokerError::Bind { what: "HTTP trigger", addr: b.http.listen, source };
+            let listener = http::reuseport_listener(b.http.listen).map_err(bind_error)?;
             http_addr = Some(listener.local_addr().unwrap_or(b.http.listen));
-            let trigger = http::Trigger::new(hub.clone(), settings.clone(), file.http_routes(), &b.http);
-            tasks.push(tokio::spawn(http::serve(trigger, listener, stop_rx.clone())));
+            let routes = file.http_routes();
+            let make = || http::Trigger::new(hub.clone(), settings.clone(), routes.clone(), &b.http);
+            let workers = b.http.workers.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            });
+            threads = http::spawn_workers(make, listener, workers, stop_rx.clone()).map_err(bind_error)?;
         }
         if let Some(path) = config_path {
             tasks.push(tokio::spawn(watch_splits(path, hub.clone(), stop_rx.clone())));
         }
         tracing::info!(%rsocket_addr, http = ?http_addr, "broker listening");
-        Ok(Broker { hub, rsocket_addr, http_addr, stop, tasks, activator })
+        Ok(Broker { hub, rsocket_addr, http_addr, stop, tasks, threads, activator })
     }
 
     /// Connects the healer: its managed instances become routable, their state changes reach the broker
@@ -195,6 +197,13 @@ impl Broker {
             t.abort();
             let _ = t.await;
         }
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
         if let Some(t) = self.hub.tracing().cloned() {
             let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
         }
