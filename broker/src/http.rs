@@ -341,6 +341,16 @@ pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpList
     bind_listener(addr, true)
 }
 
+/// The trigger's first listening socket. The address is first bound without SO_REUSEPORT, so a port that
+/// anything else holds (another Vigil included) is an error rather than silently shared; that probe also
+/// fixes the port when `addr` asks for any (port 0).
+pub fn trigger_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let probe = bind_listener(addr, false)?;
+    let addr = probe.local_addr()?;
+    drop(probe);
+    reuseport_listener(addr)
+}
+
 /// A listening socket with a deep backlog, so a burst of new connections does not wait for SYN retries.
 /// Call within a tokio runtime.
 pub fn bind_listener(addr: SocketAddr, reuseport: bool) -> std::io::Result<std::net::TcpListener> {

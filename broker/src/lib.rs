@@ -57,6 +57,9 @@ pub struct Broker {
     activator: Arc<OnceLock<Arc<dyn Activator>>>,
 }
 
+/// How long shutdown waits for the HTTP trigger's in-flight requests.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// How often the config file's modification time is compared, for run-time split changes.
 const CONFIG_CHECK: Duration = Duration::from_secs(1);
 
@@ -130,7 +133,7 @@ impl Broker {
         let mut threads = Vec::new();
         if b.http.enabled {
             let bind_error = |source| BrokerError::Bind { what: "HTTP trigger", addr: b.http.listen, source };
-            let listener = http::reuseport_listener(b.http.listen).map_err(bind_error)?;
+            let listener = http::trigger_listener(b.http.listen).map_err(bind_error)?;
             http_addr = Some(listener.local_addr().unwrap_or(b.http.listen));
             let routes = file.http_routes();
             let make = || http::Trigger::new(hub.clone(), settings.clone(), routes.clone(), &b.http);
@@ -197,13 +200,17 @@ impl Broker {
             t.abort();
             let _ = t.await;
         }
+        // The trigger's workers finish the requests they hold; requests still queued for a wake could
+        // keep them for the queue timeout, so shutdown waits a few seconds at most.
         let threads = self.threads;
-        let _ = tokio::task::spawn_blocking(move || {
+        let joined = tokio::task::spawn_blocking(move || {
             for t in threads {
                 let _ = t.join();
             }
-        })
-        .await;
+        });
+        if tokio::time::timeout(SHUTDOWN_GRACE, joined).await.is_err() {
+            tracing::warn!("HTTP trigger still had requests after {SHUTDOWN_GRACE:?}; leaving them");
+        }
         if let Some(t) = self.hub.tracing().cloned() {
             let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
         }

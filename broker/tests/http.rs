@@ -373,3 +373,21 @@ async fn requests_for_a_service_without_instances_wait_then_get_a_retryable_503(
     }
     broker.shutdown().await;
 }
+
+/// The trigger's workers share their port with SO_REUSEPORT; a second broker (or anything else) on the same
+/// port must still be refused, not handed half the connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_port_in_use_is_an_error_even_for_a_second_broker() {
+    let config = |port: u16| {
+        let yaml = format!("broker:\n  listen: 127.0.0.1:0\n  http: {{ listen: 127.0.0.1:{port} }}\n");
+        BrokerFile::parse(&yaml, "t.yaml").expect("config")
+    };
+    let first = Broker::start(config(0), None).await.expect("first broker");
+    let port = first.http_addr().expect("trigger").port();
+    let err = Broker::start(config(port), None).await.err().expect("the port is taken");
+    assert!(
+        err.to_string().starts_with(&format!("cannot listen on 127.0.0.1:{port} (HTTP trigger)")),
+        "{err}"
+    );
+    first.shutdown().await;
+}
