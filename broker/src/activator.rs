@@ -18,11 +18,11 @@ impl Activator for HealerHandle {
         self.instances()
             .into_iter()
             .map(|i| ManagedEndpoint {
-                version: self.version_of(&i.id),
+                version: i.version,
                 address: SocketAddr::from(([127, 0, 0, 1], i.port)),
                 ready: i.state == InstanceState::Active,
                 state: i.state.as_str(),
-                service: i.service,
+                service: i.serves,
                 instance_id: i.id,
             })
             .collect()

@@ -159,9 +159,18 @@ pub struct ServiceRoute {
     pub host: Option<String>,
     #[serde(default = "default_version")]
     pub version: String,
+    /// The service the broker routes these instances under (default: `name`).
+    #[serde(default)]
+    pub serves: Option<String>,
     // Everything else belongs to the healer.
     #[serde(flatten)]
     _rest: std::collections::BTreeMap<String, IgnoredAny>,
+}
+
+impl ServiceRoute {
+    pub fn routed_name(&self) -> &str {
+        self.serves.as_deref().unwrap_or(&self.name)
+    }
 }
 
 /// The whole file as the broker sees it.
@@ -265,7 +274,7 @@ impl BrokerFile {
             }
         };
         for s in &self.services {
-            add(&s.route, &s.host, &s.name);
+            add(&s.route, &s.host, s.routed_name());
         }
         for u in &self.broker.upstreams {
             add(&u.route, &u.host, &u.service);

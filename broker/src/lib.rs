@@ -104,7 +104,7 @@ impl Broker {
             .into());
         }
         for s in &file.services {
-            balancer.known_service(&s.name);
+            balancer.known_service(s.routed_name());
         }
         let activator: Arc<OnceLock<Arc<dyn Activator>>> = Arc::new(OnceLock::new());
         let hub = Hub::new(balancer, b.queue.clone(), b.managed_capacity, activator.clone(), tracing);

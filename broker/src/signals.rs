@@ -36,7 +36,7 @@ impl TrafficSource for BrokerTraffic {
             let current = |s: Signal| signals.get(&inst.id).and_then(|v| v.get(s)).unwrap_or(0.0);
             let n = f64::from(inflight.get(&inst.id).copied().unwrap_or(0));
             let rate = completed.get(inst.id.as_str()).copied().unwrap_or(0) as f64 / secs;
-            let q = queued.get(&inst.service).copied().unwrap_or(0) as f64;
+            let q = queued.get(&inst.serves).copied().unwrap_or(0) as f64;
             let (cur_inflight, cur_rate, cur_queued) = (
                 current(Signal::InflightRequests),
                 current(Signal::RequestsPerS),

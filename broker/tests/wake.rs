@@ -58,12 +58,13 @@ struct Stack {
 }
 
 impl Stack {
-    fn start(tag: &str, service_extra: &str) -> Stack {
+    /// `service_extra` follows `wk`'s keys (and may add services); `broker_extra` follows the broker's.
+    fn start(tag: &str, service_extra: &str, broker_extra: &str) -> Stack {
         let parent = format!("/vigil-test-{tag}-{}", std::process::id());
         let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
         let data_dir = std::env::temp_dir().join(format!("vigil-test-{tag}-{}", std::process::id()));
         let yaml = format!(
-            "data_dir: {}\nrules: []\nservices:\n  - name: wk\n    command: [\"{}\", \"-m\", \"http.server\", \"{{port}}\", \"--bind\", \"127.0.0.1\"]\n    port: {port}\n    readiness: {{ http: / }}\n    route: /\n{service_extra}healer:\n  cgroup_parent: {parent}\n  stop_grace: 2s\nbroker:\n  listen: 127.0.0.1:0\n  http: {{ listen: 127.0.0.1:0 }}\n",
+            "data_dir: {}\nrules: []\nservices:\n  - name: wk\n    command: [\"{}\", \"-m\", \"http.server\", \"{{port}}\", \"--bind\", \"127.0.0.1\"]\n    port: {port}\n    readiness: {{ http: / }}\n    route: /\n{service_extra}healer:\n  cgroup_parent: {parent}\n  stop_grace: 2s\nbroker:\n  listen: 127.0.0.1:0\n  http: {{ listen: 127.0.0.1:0 }}\n{broker_extra}",
             data_dir.display(),
             collector_support::workload::python_executable()
         );
@@ -148,7 +149,7 @@ fn ok(answer: &str) -> bool {
 
 #[test]
 fn a_request_to_a_hibernated_instance_wakes_it_and_every_broker_panel_has_data() {
-    let stack = Stack::start("wake", "");
+    let stack = Stack::start("wake", "", "");
     let (api, trigger) = (stack.api, stack.trigger);
     wait_state(stack.healer(), "wk-0", "active");
     let answer = http(trigger, "GET", "/");
@@ -206,7 +207,7 @@ fn a_request_to_a_hibernated_instance_wakes_it_and_every_broker_panel_has_data()
 
 #[test]
 fn a_service_with_zero_running_instances_starts_one_for_the_first_request() {
-    let stack = Stack::start("zero", "    start: on_demand\n");
+    let stack = Stack::start("zero", "    start: on_demand\n", "");
     std::thread::sleep(Duration::from_millis(500));
     let info = stack.healer().supervisor().instance("wk-0").expect("wk-0");
     assert_eq!((info.state.as_str(), info.pids.len()), ("stopped", 0), "nothing runs before demand");
@@ -223,4 +224,32 @@ fn a_service_with_zero_running_instances_starts_one_for_the_first_request() {
         metrics.contains("vigil_broker_requests_total{service=\"wk\",version=\"v1\",outcome=\"ok\"} 1\n"),
         "{metrics}"
     );
+}
+
+/// Two managed services serving one name as two versions: the split sends traffic to both, and the version
+/// header pins one.
+#[test]
+fn two_managed_services_are_two_versions_of_one_service() {
+    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+    let v2 = format!(
+        "    version: v1\n  - name: wk-next\n    serves: wk\n    version: v2\n    command: [\"{}\", \"-m\", \"http.server\", \"{{port}}\", \"--bind\", \"127.0.0.1\"]\n    port: {port}\n    readiness: {{ http: / }}\n",
+        collector_support::workload::python_executable()
+    );
+    let split = "  splits: [{ name: default, service: wk, weights: { v1: 50, v2: 50 } }]\n";
+    let stack = Stack::start("versions", &v2, split);
+    wait_state(stack.healer(), "wk-0", "active");
+    wait_state(stack.healer(), "wk-next-0", "active");
+    for _ in 0..40 {
+        assert!(ok(&http(stack.trigger, "GET", "/")));
+    }
+    let metrics = support::metric(stack.broker());
+    let count = |version: &str| -> u64 {
+        let prefix =
+            format!("vigil_broker_requests_total{{service=\"wk\",version=\"{version}\",outcome=\"ok\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    let (v1, v2) = (count("v1"), count("v2"));
+    // Binomial(40, 0.5): both versions serve; 40 in all.
+    assert_eq!(v1 + v2, 40, "{metrics}");
+    assert!((8..=32).contains(&v2), "v2 served {v2} of 40");
 }

@@ -394,20 +394,13 @@ impl HealerHandle {
         self.supervisor.changes()
     }
 
-    /// The version the instance's service declares.
-    pub fn version_of(&self, instance_id: &str) -> String {
-        self.supervisor
-            .spec(instance_id)
-            .map_or_else(|| crate::supervisor::DEFAULT_VERSION.to_string(), |s| s.version)
-    }
-
     /// Requests wait for `service` and none of its instances is ready: wake a hibernated one, unless one is
     /// already starting or waking. Returns at once; the wake runs on a blocking thread and passes the safety
     /// gate, and its decision is audited under [`DEMAND_RULE`]. Instances that are starting, or restarting
     /// after a failure, become ready by themselves.
     pub fn demand(&self, service: &str) {
         let instances: Vec<InstanceInfo> =
-            self.supervisor.instances().into_iter().filter(|i| i.service == service).collect();
+            self.supervisor.instances().into_iter().filter(|i| i.serves == service).collect();
         let busy = |s: InstanceState| {
             matches!(s, InstanceState::Active | InstanceState::Waking | InstanceState::Starting)
         };

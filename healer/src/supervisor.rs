@@ -100,6 +100,10 @@ pub struct ServiceSpec {
     /// The version the broker files the instances under (for traffic splits between versions).
     #[serde(default = "default_version")]
     pub version: String,
+    /// The service the broker routes these instances under (default: `name`). Two managed services that
+    /// serve one name with different versions are two versions of it, for splits and canaries.
+    #[serde(default)]
+    pub serves: Option<String>,
     /// `always` (the default): instances start with Vigil. `on_demand`: they stay stopped (zero running
     /// instances) until the broker has a request for the service, and start then.
     #[serde(default)]
@@ -130,6 +134,11 @@ impl ServiceSpec {
     /// The port of instance `index` (from 0).
     pub fn port_of(&self, index: u32) -> u16 {
         self.port.saturating_add(u16::try_from(index).unwrap_or(u16::MAX))
+    }
+
+    /// The service name requests use to reach these instances.
+    pub fn routed_name(&self) -> &str {
+        self.serves.as_deref().unwrap_or(&self.name)
     }
 
     /// The id of instance `index`: `<service>-<index>`.
@@ -217,6 +226,10 @@ pub struct InstanceInfo {
     pub restarts: u32,
     /// The instance's v2 cgroup path, relative to the v2 root.
     pub cgroup: String,
+    /// The service the broker routes it under (`serves`, or the service's own name).
+    pub serves: String,
+    /// The version the broker files it under.
+    pub version: String,
 }
 
 /// Exponential restart delay: 1 s, doubling to at most 30 s, back to 1 s once an instance ran healthy for
@@ -402,6 +415,8 @@ impl Supervisor {
             port: slot.port,
             restarts: slot.restarts,
             cgroup: slot.cg.v2_rel.clone(),
+            serves: slot.spec.routed_name().to_string(),
+            version: slot.spec.version.clone(),
         }
     }
 

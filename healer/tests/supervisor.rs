@@ -116,6 +116,7 @@ fn spec(name: &str, command: Vec<String>, port: u16, instances: u32, readiness: 
         host: None,
         version: vigil_healer::supervisor::DEFAULT_VERSION.into(),
         start: Default::default(),
+        serves: None,
     }
 }
 
