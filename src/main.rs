@@ -285,10 +285,15 @@ async fn run_broker(config: Config, file: BrokerFile, path: Option<PathBuf>) -> 
             axum::routing::get(move || {
                 let registry = registry.clone();
                 async move {
+                    // prometheus-client writes OpenMetrics; say so.
+                    let content_type = [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )];
                     let mut text = String::new();
                     match prometheus_client::encoding::text::encode(&mut text, &registry) {
-                        Ok(()) => (axum::http::StatusCode::OK, text),
-                        Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                        Ok(()) => (axum::http::StatusCode::OK, content_type, text),
+                        Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, content_type, e.to_string()),
                     }
                 }
             }),
