@@ -457,11 +457,13 @@ impl Conn {
                     }
                     return;
                 };
+                // A channel whose request frame already completes the requester's half (a one-item channel).
+                let requester_done = matches!(frame.body, Body::RequestChannel { complete: true, .. });
                 let shared = Arc::new(LinkShared {
                     kind,
                     lease: Mutex::new(Some(lease)),
                     trace: Mutex::new(trace),
-                    requester_done: AtomicBool::new(false),
+                    requester_done: AtomicBool::new(requester_done),
                     responder_done: AtomicBool::new(false),
                 });
                 // The responder's entry first: its answer can only come after the request is sent below.

@@ -254,3 +254,30 @@ async fn an_instance_that_vanishes_mid_request_gets_its_requester_a_retryable_er
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_one_item_channel_ends_when_the_responder_completes() {
+    let broker = support::start_broker("").await;
+    let addr = broker.rsocket_addr();
+    let mut instance = connect(addr, setup_frame(10_000, Some(register("chan", "chan-0")))).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut requester = connect(addr, setup_frame(10_000, None)).await;
+    let request = Body::RequestChannel {
+        follows: false,
+        complete: true,
+        initial_n: 1,
+        payload: payload("only", Some(route(&["chan"]))),
+    };
+    requester.send(Frame::new(1, request)).await.unwrap();
+    let got = next_on_stream(&mut instance).await;
+    let done = Body::Payload { follows: false, complete: true, next: true, payload: payload("ONLY", None) };
+    instance.send(Frame::new(got.stream_id, done)).await.unwrap();
+    let f = next_on_stream(&mut requester).await;
+    assert_eq!(f.stream_id, 1);
+    let text = support::metric(&broker);
+    assert!(
+        text.contains("vigil_broker_requests_total{service=\"chan\",version=\"v1\",outcome=\"ok\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("vigil_broker_inflight{service=\"chan\"} 0"), "{text}");
+}
