@@ -37,7 +37,9 @@ use opentelemetry::trace::{
 use opentelemetry::{Context, InstrumentationScope, KeyValue};
 use opentelemetry_otlp::{SpanExporter, WithExportConfig as _};
 use opentelemetry_sdk::error::OTelSdkError;
-use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, Span};
+use opentelemetry_sdk::trace::{
+    BatchConfig, BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider, Span,
+};
 use vigil_collector::SnapshotReceiver;
 use vigil_collector::otlp::{self, OtlpError};
 
@@ -130,7 +132,9 @@ impl Tracing {
         })?;
         let provider = SdkTracerProvider::builder()
             .with_resource(otlp::resource(otlp::env_lookup))
-            .with_batch_exporter(exporter)
+            .with_span_processor(
+                BatchSpanProcessor::builder(exporter).with_batch_config(batch_config()).build(),
+            )
             .build();
         let scope =
             InstrumentationScope::builder("vigil-broker").with_version(env!("CARGO_PKG_VERSION")).build();
@@ -235,6 +239,23 @@ impl KernelMark {
             KeyValue::new("vigil.kernel.snapshot_ticks", diff(self.tick, later.tick)),
         ]
     }
+}
+
+/// Spans buffered for export, and spans per export. The SDK's defaults (2,048 and 512) drop spans at a
+/// broker's request rates: two spans per request at 30,000 requests/s fill 2,048 in 34 ms. 16,384 spans is
+/// about 16 MB at most. `OTEL_BSP_MAX_QUEUE_SIZE` and `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` still win when set.
+const MAX_QUEUED_SPANS: usize = 16_384;
+const SPANS_PER_EXPORT: usize = 2_048;
+
+fn batch_config() -> BatchConfig {
+    let mut config = BatchConfigBuilder::default();
+    if otlp::env_lookup("OTEL_BSP_MAX_QUEUE_SIZE").is_none() {
+        config = config.with_max_queue_size(MAX_QUEUED_SPANS);
+    }
+    if otlp::env_lookup("OTEL_BSP_MAX_EXPORT_BATCH_SIZE").is_none() {
+        config = config.with_max_export_batch_size(SPANS_PER_EXPORT);
+    }
+    config.build()
 }
 
 /// The trace of one request, from [`Tracing::begin`] to [`end`](Self::end) (or drop, which ends it as
