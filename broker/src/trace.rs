@@ -241,7 +241,7 @@ impl KernelMark {
     }
 }
 
-/// Spans buffered for export, and spans per export. The SDK's defaults (2,048 and 512) drop spans at a
+/// Spans buffered for export, and spans per export. The SDK's defaults (2,048 and 512) leave little room at a
 /// broker's request rates: two spans per request at 30,000 requests/s fill 2,048 in 34 ms. 16,384 spans is
 /// about 16 MB at most. `OTEL_BSP_MAX_QUEUE_SIZE` and `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` still win when set.
 const MAX_QUEUED_SPANS: usize = 16_384;
