@@ -73,6 +73,8 @@ enum CtlCommand {
     Hibernate { id: String },
     /// Wake an instance now.
     Wake { id: String },
+    /// Stop an instance of an on-demand service until requests come again (scale to zero).
+    Stop { id: String },
     /// The latest decisions, newest first.
     Decisions {
         #[arg(long, default_value_t = 20)]
@@ -94,6 +96,7 @@ fn ctl_command(api: SocketAddr, token: Option<String>, command: CtlCommand) -> a
         CtlCommand::Instance { id } => ("GET", format!("/api/v1/instances/{id}")),
         CtlCommand::Hibernate { id } => ("POST", format!("/api/v1/instances/{id}/hibernate")),
         CtlCommand::Wake { id } => ("POST", format!("/api/v1/instances/{id}/wake")),
+        CtlCommand::Stop { id } => ("POST", format!("/api/v1/instances/{id}/stop")),
         CtlCommand::Decisions { limit } => ("GET", format!("/api/v1/decisions?limit={limit}")),
         CtlCommand::Rules => ("GET", "/api/v1/rules".to_string()),
         CtlCommand::DryRun { mode } => ("POST", format!("/api/v1/dry-run?enabled={}", mode == "on")),
@@ -293,7 +296,9 @@ async fn run_broker(config: Config, file: BrokerFile, path: Option<PathBuf>) -> 
                     let mut text = String::new();
                     match prometheus_client::encoding::text::encode(&mut text, &registry) {
                         Ok(()) => (axum::http::StatusCode::OK, content_type, text),
-                        Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, content_type, e.to_string()),
+                        Err(e) => {
+                            (axum::http::StatusCode::INTERNAL_SERVER_ERROR, content_type, e.to_string())
+                        }
                     }
                 }
             }),

@@ -153,7 +153,7 @@ struct Queue {
     services: HashMap<String, ServiceQueue>,
     total: usize,
     next_id: u64,
-    /// When demand was last signalled per service: one signal per second is plenty.
+    /// When demand was last signalled per service: while requests keep waiting, once a second is plenty.
     demanded: HashMap<String, Instant>,
 }
 
@@ -262,8 +262,10 @@ impl Hub {
         sq.bytes += bytes;
         let queued = sq.waiters.len();
         queue.total += 1;
-        let demand =
-            wake && queue.demanded.get(&service).is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        // The first request to wait asks at once; a flood behind it asks once a second at most.
+        let demand = wake
+            && (queued == 1
+                || queue.demanded.get(&service).is_none_or(|t| t.elapsed() >= Duration::from_secs(1)));
         if demand {
             queue.demanded.insert(service.clone(), Instant::now());
         }
@@ -707,6 +709,17 @@ mod tests {
         // The instance comes later: nothing is handed to the gone request.
         hub.sync_managed(vec![endpoint(true)]);
         assert_eq!(hub.with_balancer(|b| b.inflight("svc-0")), Some(0));
+    }
+
+    #[tokio::test]
+    async fn the_first_request_to_wait_always_asks_even_right_after_another_wait() {
+        let (hub, recorder) = hub(QueueConfig::default());
+        hub.sync_managed(vec![endpoint(false)]);
+        drop(queued(hub.admit(&route("svc"), 1)));
+        // Within the same second, the queue empty again: a new first waiter must ask (the instance may
+        // have been stopped again meanwhile).
+        let _ticket = queued(hub.admit(&route("svc"), 1));
+        assert_eq!(lock(&recorder.demanded).len(), 2);
     }
 
     #[tokio::test]

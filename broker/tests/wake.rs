@@ -224,6 +224,20 @@ fn a_service_with_zero_running_instances_starts_one_for_the_first_request() {
         metrics.contains("vigil_broker_requests_total{service=\"wk\",version=\"v1\",outcome=\"ok\"} 1\n"),
         "{metrics}"
     );
+
+    // Back to zero (the `stop` action, here through the API), and up again for the next request.
+    let first_pid = info.main_pid;
+    let answer = http(stack.api, "POST", "/api/v1/instances/wk-0/stop");
+    assert!(answer.contains("\"state\":\"stopped\""), "{answer}");
+    let info = stack.healer().supervisor().instance("wk-0").expect("wk-0");
+    assert_eq!((info.state.as_str(), info.pids.len()), ("stopped", 0), "nothing runs after stop");
+    let answer = http(stack.trigger, "GET", "/");
+    assert!(ok(&answer), "{answer}");
+    let info = stack.healer().supervisor().instance("wk-0").expect("wk-0");
+    assert_eq!(info.state.as_str(), "active");
+    assert_ne!(info.main_pid, first_pid, "a new process");
+    let metrics = support::metric(stack.broker());
+    assert!(metrics.contains("vigil_broker_queue_wait_seconds_count{service=\"wk\"} 2"), "{metrics}");
 }
 
 /// Two managed services serving one name as two versions: the split sends traffic to both, and the version

@@ -178,6 +178,14 @@ async fn wake(
     act(api, headers, id, Action::Wake).await
 }
 
+async fn stop(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    act(api, headers, id, Action::Stop).await
+}
+
 async fn decisions(
     State(api): State<Arc<Api>>,
     headers: HeaderMap,
@@ -242,6 +250,7 @@ pub fn router(
         .route("/api/v1/instances/{id}", get(get_one))
         .route("/api/v1/instances/{id}/hibernate", post(hibernate))
         .route("/api/v1/instances/{id}/wake", post(wake))
+        .route("/api/v1/instances/{id}/stop", post(stop))
         .route("/api/v1/decisions", get(decisions))
         .route("/api/v1/rules", get(rules))
         .route("/api/v1/dry-run", post(dry_run))

@@ -37,6 +37,10 @@ pub trait InstanceRegistry: Send + Sync {
     fn inflight(&self, _instance_id: &str) -> usize {
         0
     }
+    /// Stops the instance until demand starts it again (services started on demand only).
+    fn stop_until_demand(&self, instance_id: &str) -> Result<(), String> {
+        Err(format!("{instance_id} cannot be stopped until demand"))
+    }
 }
 
 /// How long hibernate waits for in-flight requests to finish before it goes ahead anyway.
@@ -195,6 +199,7 @@ impl<R: InstanceRegistry> Executor for StandbyExecutor<R> {
                 Ok(())
             }
             Action::Restart => Err("restart is not implemented by the standby executor yet".into()),
+            Action::Stop => self.registry.stop_until_demand(instance_id),
         }
     }
 

@@ -320,6 +320,8 @@ struct Slot {
     removed: bool,
     /// Lets an on-demand instance start.
     start: Arc<tokio::sync::Notify>,
+    /// Stops a running on-demand instance until demand starts it again.
+    park: Arc<tokio::sync::Notify>,
 }
 
 impl Supervisor {
@@ -364,6 +366,7 @@ impl Supervisor {
                     restarts: 0,
                     removed: false,
                     start: Arc::new(tokio::sync::Notify::new()),
+                    park: Arc::new(tokio::sync::Notify::new()),
                 };
                 slots.insert(id, slot);
             }
@@ -423,16 +426,46 @@ impl Supervisor {
     /// Starts an on-demand instance that has not started yet. Returns false for an unknown id or an instance
     /// that is not waiting to start.
     pub fn start_on_demand(&self, id: &str) -> bool {
-        let slots = self.inner.lock();
-        match slots.get(id) {
+        let mut slots = self.inner.lock();
+        match slots.get_mut(id) {
             Some(slot)
                 if slot.spec.start == StartPolicy::OnDemand && slot.state == InstanceState::Stopped =>
             {
+                // Starting from here on, so a second demand before the task wakes adds no start.
+                slot.state = InstanceState::Starting;
                 slot.start.notify_one();
+                drop(slots);
+                self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
                 true
             }
             _ => false,
         }
+    }
+
+    /// Stops a running instance of an on-demand service; it starts again on the next demand. Returns once it
+    /// has stopped (or `timeout` passed).
+    pub async fn stop_until_demand(&self, id: &str, timeout: Duration) -> Result<(), SupervisorError> {
+        let invalid =
+            |reason: &str| SupervisorError::InvalidSpec { service: id.to_owned(), reason: reason.into() };
+        {
+            let slots = self.inner.lock();
+            let slot = slots.get(id).ok_or_else(|| SupervisorError::UnknownInstance { id: id.to_owned() })?;
+            if slot.spec.start != StartPolicy::OnDemand {
+                return Err(invalid("only instances of `start: on_demand` services stop until demand"));
+            }
+            if slot.state != InstanceState::Active {
+                return Err(invalid("only an active instance can be stopped until demand"));
+            }
+            slot.park.notify_one();
+        }
+        let mut changes = self.changes();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.instance(id).is_some_and(|i| i.state != InstanceState::Stopped) {
+            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+                return Err(invalid("did not stop in time"));
+            }
+        }
+        Ok(())
     }
 
     /// A receiver that sees a change whenever any instance's state (or process) changes.
@@ -610,6 +643,13 @@ impl InstanceRegistry for Supervisor {
             .block_on(Supervisor::wait_ready(self, instance_id, timeout))
             .map_err(|e| e.to_string())
     }
+
+    fn stop_until_demand(&self, instance_id: &str) -> Result<(), String> {
+        self.inner
+            .runtime
+            .block_on(Supervisor::stop_until_demand(self, instance_id, PARK_GRACE + Duration::from_secs(5)))
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// Removes the cgroups of a stopped instance, killing stragglers that left the process group (daemonized
@@ -665,9 +705,16 @@ impl Inner {
 
 /// What ended one run of an instance.
 enum RunEnd {
-    Exited { healthy_for: Duration },
+    Exited {
+        healthy_for: Duration,
+    },
     Stopped,
+    /// Stopped until demand (scale to zero).
+    Parked,
 }
+
+/// How long an instance stopped until demand has to exit after SIGTERM.
+const PARK_GRACE: Duration = Duration::from_secs(10);
 
 /// The life of one instance: start, watch, restart with backoff, until shutdown.
 async fn run_instance(inner: Arc<Inner>, id: String, mut stop: watch::Receiver<Option<Duration>>) {
@@ -706,6 +753,15 @@ async fn run_instance(inner: Arc<Inner>, id: String, mut stop: watch::Receiver<O
                 });
             }
             RunEnd::Stopped => return,
+            RunEnd::Parked => {
+                let Some(start) = inner.lock().get(&id).map(|s| s.start.clone()) else { return };
+                tokio::select! {
+                    () = start.notified() => tracing::info!(instance_id = %id, "starting on demand"),
+                    _ = stop_requested(&mut stop) => return,
+                }
+                first = true;
+                backoff = Backoff::new();
+            }
         }
     }
     inner.update(&id, |s| {
@@ -725,7 +781,9 @@ async fn stop_requested(stop: &mut watch::Receiver<Option<Duration>>) -> Duratio
 
 /// Starts the instance once and watches it until it exits or shutdown stops it.
 async fn run_once(inner: &Arc<Inner>, id: &str, stop: &mut watch::Receiver<Option<Duration>>) -> RunEnd {
-    let Some((spec, port, cg)) = inner.lock().get(id).map(|s| (s.spec.clone(), s.port, s.cg.clone())) else {
+    let Some((spec, port, cg, park)) =
+        inner.lock().get(id).map(|s| (s.spec.clone(), s.port, s.cg.clone(), s.park.clone()))
+    else {
         return RunEnd::Stopped;
     };
     let mut child = match spawn_in_cgroup(inner, id, &spec, port, &cg).await {
@@ -748,6 +806,10 @@ async fn run_once(inner: &Arc<Inner>, id: &str, stop: &mut watch::Receiver<Optio
             grace = stop_requested(stop) => {
                 stop_child(inner, id, &cg, &mut child, pid, grace).await;
                 return RunEnd::Stopped;
+            }
+            () = park.notified() => {
+                stop_child(inner, id, &cg, &mut child, pid, PARK_GRACE).await;
+                return RunEnd::Parked;
             }
             _ = probe_tick.tick(), if active_since.is_none() => {
                 if probe(&spec.readiness, port).await {
