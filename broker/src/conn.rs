@@ -39,6 +39,8 @@ pub struct ConnSettings {
     pub max_pending_write_bytes: usize,
     pub setup_timeout: Duration,
     pub http_timeout: Duration,
+    /// When set, every RSocket connection presents it in SETUP and every HTTP request as a bearer token.
+    pub token: Option<Arc<str>>,
 }
 
 /// What the writer task is asked to do.
@@ -801,6 +803,16 @@ async fn setup(
     }
     if setup.resume_token.is_some() {
         tracing::debug!(peer, "SETUP asks for resumability; this broker does not resume");
+    }
+    if let Some(expected) = &conn.settings.token {
+        let presented = metadata::token(&setup.metadata_mime, setup.payload.metadata.as_ref()).ok().flatten();
+        if !presented.is_some_and(|p| metadata::same_secret(&p, expected.as_bytes())) {
+            conn.close_with(
+                ErrorCode::REJECTED_SETUP,
+                "this broker needs its token: a message/x.vigil.token.v0 entry in SETUP's composite metadata",
+            );
+            return None;
+        }
     }
     let registration = match metadata::registration(&setup.metadata_mime, setup.payload.metadata.as_ref()) {
         Ok(r) => r,

@@ -82,7 +82,25 @@ impl Trigger {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+    async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+        if let Some(expected) = &self.settings.token {
+            let presented = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if !presented.is_some_and(|p| metadata::same_secret(p.trim().as_bytes(), expected.as_bytes())) {
+                let mut response = error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "this broker needs its token: Authorization: Bearer <broker.token>".to_string(),
+                );
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return response;
+            }
+            // The broker's own credential goes no further.
+            req.headers_mut().remove(header::AUTHORIZATION);
+        }
         let authority = request_authority(&req);
         let host = authority.as_deref().map(host_name);
         let Some(route) = pick_route(&self.routes, host, req.uri().path()) else {

@@ -121,6 +121,7 @@ impl Broker {
             max_pending_write_bytes: b.max_pending_write_bytes,
             setup_timeout: b.setup_timeout.0,
             http_timeout: b.http.request_timeout.0,
+            token: b.token.as_deref().filter(|t| !t.is_empty()).map(Arc::from),
         });
         let (stop, stop_rx) = watch::channel(false);
         let listener = http::bind_listener(b.listen, false)

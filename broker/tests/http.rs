@@ -43,6 +43,7 @@ async fn upstream() -> SocketAddr {
                         "via": header("via"),
                         "x_custom": header("x-custom"),
                         "connection_private": header("x-private"),
+                        "authorization": header("authorization"),
                     });
                     let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                     let mut seen = seen;
@@ -258,6 +259,7 @@ fn rsocket_instance(broker: &Broker) -> (std::sync::Arc<Conn>, tokio::sync::mpsc
         max_pending_write_bytes: 1 << 20,
         setup_timeout: Duration::from_secs(5),
         http_timeout: Duration::from_secs(5),
+        token: None,
     });
     let (conn, rx) = Conn::local(broker.hub().clone(), settings);
     broker.hub().add_instance("rs", "v1", "rs-1", 10, true, Target::Rsocket(conn.clone()));
@@ -390,4 +392,29 @@ async fn a_trigger_port_in_use_is_an_error_even_for_a_second_broker() {
         "{err}"
     );
     first.shutdown().await;
+}
+
+/// With `broker.token` set, a request needs `Authorization: Bearer <token>`, and the instance never sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_with_a_token_refuses_requests_without_it() {
+    let up = upstream().await;
+    let yaml = format!(
+        "broker:\n  listen: 127.0.0.1:0\n  token: s3cret\n  http: {{ listen: 127.0.0.1:0 }}\n  upstreams:\n    - {{ service: echo, address: \"{up}\", route: /echo }}\n"
+    );
+    let broker =
+        Broker::start(BrokerFile::parse(&yaml, "t.yaml").expect("config"), None).await.expect("broker");
+    let addr = broker.http_addr().expect("trigger");
+    let answer = send(false, get(addr, "/echo")).await;
+    assert_json_error(&answer, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_eq!(answer.headers.get("www-authenticate").map(|v| v.as_bytes()), Some(&b"Bearer"[..]));
+    let mut wrong = get(addr, "/echo");
+    wrong.headers_mut().insert("authorization", http::HeaderValue::from_static("Bearer s3creT"));
+    assert_json_error(&send(false, wrong).await, StatusCode::UNAUTHORIZED, "unauthorized");
+
+    let mut right = get(addr, "/echo");
+    right.headers_mut().insert("authorization", http::HeaderValue::from_static("Bearer s3cret"));
+    let answer = send(false, right).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.json()["authorization"], Value::Null, "the token stays at the broker");
+    broker.shutdown().await;
 }

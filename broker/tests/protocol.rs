@@ -281,3 +281,23 @@ async fn a_one_item_channel_ends_when_the_responder_completes() {
     );
     assert!(text.contains("vigil_broker_inflight{service=\"chan\"} 0"), "{text}");
 }
+
+#[tokio::test]
+async fn a_broker_with_a_token_refuses_a_setup_without_it() {
+    let broker = support::start_broker("  token: s3cret\n").await;
+    let addr = broker.rsocket_addr();
+    let mut wire = connect(addr, setup_frame(10_000, None)).await;
+    expect_closed_with(&mut wire, ErrorCode::REJECTED_SETUP).await;
+
+    let token = |t: &'static str| {
+        metadata::composite(&[Entry { mime: mime::TOKEN.into(), value: Bytes::from_static(t.as_bytes()) }])
+    };
+    let mut wire = connect(addr, setup_frame(10_000, Some(token("wrong")))).await;
+    expect_closed_with(&mut wire, ErrorCode::REJECTED_SETUP).await;
+
+    let mut wire = connect(addr, setup_frame(10_000, Some(token("s3cret")))).await;
+    wire.send(Frame::new(0, Body::Keepalive { respond: true, last_position: 0, data: Bytes::new() }))
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut wire).await.unwrap().body, Body::Keepalive { .. }), "accepted with the token");
+}

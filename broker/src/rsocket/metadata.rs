@@ -19,6 +19,8 @@ pub mod mime {
     pub const ROUTING: &str = "message/x.rsocket.routing.v0";
     pub const ZIPKIN: &str = "message/x.rsocket.tracing-zipkin.v0";
     pub const REGISTER: &str = "message/x.vigil.register.v0";
+    /// The broker's bearer token, in a SETUP's composite metadata, when the broker requires one.
+    pub const TOKEN: &str = "message/x.vigil.token.v0";
     pub const TRACEPARENT: &str = "traceparent";
     pub const TRACESTATE: &str = "tracestate";
     pub const JSON: &str = "application/json";
@@ -624,6 +626,22 @@ pub fn registration(
             .transpose(),
         _ => Ok(None),
     }
+}
+
+/// The token entry of a SETUP's composite metadata, if any.
+pub fn token(metadata_mime: &str, metadata: Option<&Bytes>) -> Result<Option<Bytes>, MetadataError> {
+    match (metadata_mime, metadata) {
+        (mime::COMPOSITE, Some(m)) => {
+            Ok(parse_composite(m)?.into_iter().find(|e| e.mime == mime::TOKEN).map(|e| e.value))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Compares a presented secret with the expected one in time independent of where they differ.
+pub fn same_secret(presented: &[u8], expected: &[u8]) -> bool {
+    presented.len() == expected.len()
+        && presented.iter().zip(expected).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
 }
 
 #[cfg(test)]
