@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,27 +12,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 use vigil_broker::rsocket::fragment::fragment;
-use vigil_broker::rsocket::frame::{Body, ErrorCode, Frame, FrameCodec, Payload, Setup};
+use vigil_broker::rsocket::frame::{Body, ErrorCode, Frame, FrameCodec, Payload};
 use vigil_broker::rsocket::metadata::{self, Entry, mime};
 
-type Wire = Framed<TcpStream, FrameCodec>;
-
-fn setup_frame(lifetime_ms: u32, metadata: Option<Bytes>) -> Frame {
-    Frame::new(
-        0,
-        Body::Setup(Setup {
-            major: 1,
-            minor: 0,
-            lease: false,
-            keepalive_ms: 1000,
-            lifetime_ms,
-            resume_token: None,
-            metadata_mime: mime::COMPOSITE.into(),
-            data_mime: mime::OCTET_STREAM.into(),
-            payload: Payload { metadata, data: Bytes::new() },
-        }),
-    )
-}
+use support::{Wire, connect, setup_frame};
 
 fn register(service: &str, id: &str) -> Bytes {
     let json = format!(r#"{{"service":"{service}","version":"v1","instance_id":"{id}","capacity":8}}"#);
@@ -42,13 +24,6 @@ fn register(service: &str, id: &str) -> Bytes {
 
 fn route(tags: &[&str]) -> Bytes {
     metadata::composite(&[Entry { mime: mime::ROUTING.into(), value: metadata::routing(tags) }])
-}
-
-async fn connect(addr: SocketAddr, setup: Frame) -> Wire {
-    let stream = TcpStream::connect(addr).await.expect("connects");
-    let mut wire = Framed::new(stream, FrameCodec::default());
-    wire.send(setup).await.expect("sends SETUP");
-    wire
 }
 
 async fn next(wire: &mut Wire) -> Option<Frame> {

@@ -87,25 +87,36 @@ pub async fn client(broker: SocketAddr, routes: &[&str], command: &[&str]) -> Ve
     stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
 }
 
-/// An RSocket connection that only makes requests (SETUP with a 10-minute lifetime), kept open while held.
-pub async fn requester(broker: SocketAddr) -> tokio_util::codec::Framed<tokio::net::TcpStream, FrameCodec> {
-    use futures_util::SinkExt;
-    let stream = tokio::net::TcpStream::connect(broker).await.expect("connects");
-    let mut wire = tokio_util::codec::Framed::new(stream, FrameCodec::default());
-    let setup = Frame::new(
+/// A SETUP with composite metadata (`metadata`, if any), keepalive 1 s and the given lifetime.
+pub fn setup_frame(lifetime_ms: u32, metadata: Option<bytes::Bytes>) -> Frame {
+    Frame::new(
         0,
         Body::Setup(Setup {
             major: 1,
             minor: 0,
             lease: false,
-            keepalive_ms: 30_000,
-            lifetime_ms: 600_000,
+            keepalive_ms: 1000,
+            lifetime_ms,
             resume_token: None,
             metadata_mime: mime::COMPOSITE.into(),
             data_mime: mime::OCTET_STREAM.into(),
-            payload: Payload::default(),
+            payload: Payload { metadata, data: bytes::Bytes::new() },
         }),
-    );
+    )
+}
+
+pub type Wire = tokio_util::codec::Framed<tokio::net::TcpStream, FrameCodec>;
+
+/// A connection to the broker that has sent `setup`.
+pub async fn connect(broker: SocketAddr, setup: Frame) -> Wire {
+    use futures_util::SinkExt;
+    let stream = tokio::net::TcpStream::connect(broker).await.expect("connects");
+    let mut wire = tokio_util::codec::Framed::new(stream, FrameCodec::default());
     wire.send(setup).await.expect("sends SETUP");
     wire
+}
+
+/// An RSocket connection that only makes requests (a 10-minute lifetime), kept open while held.
+pub async fn requester(broker: SocketAddr) -> Wire {
+    connect(broker, setup_frame(600_000, None)).await
 }
