@@ -9,7 +9,7 @@
 //!    and p99.9. Targets: added p50 ≤ 100 µs, added p99 ≤ 1 ms. This broker exports no traces: the target
 //!    is the relay's own cost, and an exporting broker would share the cores with the OTLP receiver;
 //! 2. HTTP trigger throughput vs nginx: `wrk -t1 -c64` against the broker's HTTP trigger (traces exported
-//!    over OTLP to `broker/tests/otlp_trace_receiver.py`) and against nginx, both proxying to the same
+//!    over OTLP to `collector/tests/otlp_receiver.py`) and against nginx, both proxying to the same
 //!    keep-alive hyper instance. Target: broker / nginx ≥ 1.0 with tracing on. The targets alternate, each
 //!    run twice, and each keeps its best run (on a shared machine a slower run is interference). A broker
 //!    without trace export runs beside them for reference, and every run reports the proxy's CPU time
@@ -303,7 +303,7 @@ struct Receiver {
 }
 
 fn start_receiver() -> Result<Receiver> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/otlp_trace_receiver.py");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../collector/tests/otlp_receiver.py");
     let mut child = Command::new("python3")
         .arg("-u")
         .arg(script)

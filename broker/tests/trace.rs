@@ -1,63 +1,26 @@
 //! Round trip of the broker's traces: a request's spans go out over OTLP/gRPC to a real receiver
-//! (`otlp_trace_receiver.py`, needing the PyPI packages `opentelemetry-proto` and `grpcio`, which
+//! (`collector/tests/otlp_receiver.py`, needing the PyPI packages `opentelemetry-proto` and `grpcio`, which
 //! `scripts/setup` installs) and must arrive with the right ids, parents, times, attributes and status.
 //!
 //! Tracing is configured explicitly (`Tracing::with_endpoint`), never through the process environment, so
 //! these tests cannot disturb each other or anything else running in this binary.
 
-use std::process::Stdio;
+#[path = "../../collector/tests/support/mod.rs"]
+mod collector_support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use collector_support::otlp::Receiver;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
 use vigil_broker::rsocket::metadata::TraceParent;
 use vigil_broker::trace::Tracing;
 use vigil_collector::snapshot::{Counters, InstanceKind, InstanceSnapshot, Snapshot};
 
-/// Longest wait for the receiver to start.
-const DEADLINE: Duration = Duration::from_secs(20);
 /// Silence after which every export that shutdown flushed is taken to have been read.
 const QUIET: Duration = Duration::from_millis(500);
 
-/// The Python receiver, killed on drop (and exiting by itself when its stdin closes).
-struct Receiver {
-    child: Child,
-    lines: Lines<BufReader<ChildStdout>>,
-    port: u16,
-}
-
 impl Receiver {
-    async fn start() -> Receiver {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/otlp_trace_receiver.py");
-        let mut child = Command::new("python3")
-            .arg("-u")
-            .arg(script)
-            .args(["--port", "0"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run python3 {script}: {e}"));
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let mut lines = BufReader::new(stdout).lines();
-        let first = tokio::time::timeout(DEADLINE, lines.next_line())
-            .await
-            .unwrap_or_else(|_| panic!("receiver printed no port within {DEADLINE:?}"))
-            .expect("read receiver stdout")
-            .unwrap_or_else(|| {
-                panic!("receiver exited before printing its port (see its stderr above; scripts/setup installs opentelemetry-proto and grpcio)")
-            });
-        let port = first.trim().parse().unwrap_or_else(|e| panic!("receiver's first line {first:?}: {e}"));
-        Receiver { child, lines, port }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
     /// Every span received so far. Call after `Tracing::shutdown`, which returns only once the final
     /// export was answered, and the receiver prints a batch before it answers.
     async fn spans(&mut self) -> Vec<Value> {
@@ -77,11 +40,6 @@ impl Receiver {
         }
         assert_eq!(pending, 0, "a batch was cut short: {spans:#?}");
         spans
-    }
-
-    async fn stop(mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.kill().await;
     }
 }
 

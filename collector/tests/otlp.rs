@@ -5,54 +5,23 @@
 //! The exporter is configured explicitly (endpoint, interval), never through the process environment,
 //! so these tests cannot disturb each other or anything else running in this binary.
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use support::otlp::Receiver;
 use vigil_collector::otlp::{OtlpConfig, OtlpMetrics};
 use vigil_collector::snapshot::{
     Counters, InstanceKind, InstanceSnapshot, Memory, Pressure, Psi, PsiLine, Rates, Snapshot,
 };
 
-/// Longest wait for the receiver to start or for an export to show what the test expects.
+/// Longest wait for an export to show what the test expects.
 const DEADLINE: Duration = Duration::from_secs(20);
 
-/// The Python receiver, killed on drop (and exiting by itself when its stdin closes).
-struct Receiver {
-    child: Child,
-    lines: Lines<BufReader<ChildStdout>>,
-    port: u16,
-}
-
 impl Receiver {
-    async fn start() -> Receiver {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/otlp_receiver.py");
-        let mut child = Command::new("python3")
-            .arg("-u")
-            .arg(script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run python3 {script}: {e}"));
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let mut lines = BufReader::new(stdout).lines();
-        let first = tokio::time::timeout(DEADLINE, lines.next_line())
-            .await
-            .unwrap_or_else(|_| panic!("receiver printed no port within {DEADLINE:?}"))
-            .expect("read receiver stdout")
-            .unwrap_or_else(|| {
-                panic!("receiver exited before printing its port (see its stderr above; scripts/setup installs opentelemetry-proto and grpcio)")
-            });
-        let port = first.trim().parse().unwrap_or_else(|e| panic!("receiver's first line {first:?}: {e}"));
-        Receiver { child, lines, port }
-    }
-
     /// The next complete export: all its data points, or `None` once `until` has passed.
     async fn next_batch(&mut self, until: Instant) -> Option<Vec<Value>> {
         let mut points = Vec::new();
@@ -83,11 +52,6 @@ impl Receiver {
             last = Some(batch);
         }
         panic!("no export with {what} within {DEADLINE:?}; last export: {last:#?}");
-    }
-
-    async fn stop(mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.kill().await;
     }
 }
 
@@ -196,7 +160,7 @@ async fn exact_values_reach_an_otlp_receiver() {
     let mut receiver = Receiver::start().await;
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(first_snapshot()));
     let config = OtlpConfig {
-        endpoint: Some(format!("http://127.0.0.1:{}", receiver.port)),
+        endpoint: Some(receiver.endpoint()),
         export_interval: Some(Duration::from_millis(200)),
         timeout: Some(Duration::from_secs(5)),
         ..OtlpConfig::default()
