@@ -185,16 +185,7 @@ impl Tracing {
     /// the SDK's export timeout; on a tokio current-thread runtime, call it from `spawn_blocking` (the final
     /// export needs that thread).
     pub fn shutdown(&self) {
-        use tokio::runtime::{Handle, RuntimeFlavor};
-        let in_multi_thread_runtime =
-            Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);
-        let result = if in_multi_thread_runtime {
-            // Lets the runtime move other tasks off this worker while it blocks on the SDK's thread.
-            tokio::task::block_in_place(|| self.provider.shutdown())
-        } else {
-            self.provider.shutdown()
-        };
-        match result {
+        match otlp::blocking(|| self.provider.shutdown()) {
             Ok(()) | Err(OTelSdkError::AlreadyShutdown) => {}
             Err(e) => tracing::warn!(error = %e, "OTLP traces did not shut down cleanly"),
         }

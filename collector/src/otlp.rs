@@ -202,6 +202,17 @@ fn env_names_service(lookup: impl Fn(&str) -> Option<String>) -> bool {
     })
 }
 
+/// Runs `f`, which blocks on an OpenTelemetry SDK thread (a flush or shutdown). On a multi-thread tokio
+/// runtime the runtime may move other tasks off this worker meanwhile; elsewhere it just runs.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    if Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread) {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
+}
+
 /// The resource every Vigil signal goes out with: the SDK's detectors (`OTEL_SERVICE_NAME`,
 /// `OTEL_RESOURCE_ATTRIBUTES`), with [`DEFAULT_SERVICE_NAME`] instead of `unknown_service`.
 pub fn resource(lookup: impl Fn(&str) -> Option<String>) -> Resource {
@@ -293,16 +304,7 @@ impl OtlpMetrics {
     /// current-thread runtime the final export cannot progress while this blocks (its channel needs that
     /// thread) and ends in the timeout: call it from `spawn_blocking` there.
     pub fn shutdown(self) -> Result<(), OtlpError> {
-        use tokio::runtime::{Handle, RuntimeFlavor};
-        let in_multi_thread_runtime =
-            Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);
-        let result = if in_multi_thread_runtime {
-            // Lets the runtime move other tasks off this worker while it blocks on the SDK's thread.
-            tokio::task::block_in_place(|| self.provider.shutdown())
-        } else {
-            self.provider.shutdown()
-        };
-        result.map_err(OtlpError::Shutdown)
+        blocking(|| self.provider.shutdown()).map_err(OtlpError::Shutdown)
     }
 }
 
