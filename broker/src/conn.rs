@@ -128,7 +128,7 @@ pub struct Conn {
     streams: Mutex<Streams>,
     next_stream: AtomicU32,
     /// The SETUP's metadata MIME type, which says how request metadata is encoded.
-    metadata_mime: Mutex<String>,
+    metadata_mime: std::sync::OnceLock<String>,
     closing: Notify,
     closed: AtomicBool,
 }
@@ -144,7 +144,7 @@ impl Conn {
             pending_bytes: AtomicUsize::new(0),
             streams: Mutex::new(Streams { entries: HashMap::new(), closed: false }),
             next_stream: AtomicU32::new(2),
-            metadata_mime: Mutex::new(metadata::mime::COMPOSITE.to_string()),
+            metadata_mime: std::sync::OnceLock::new(),
             closing: Notify::new(),
             closed: AtomicBool::new(false),
         });
@@ -305,8 +305,9 @@ impl Conn {
         }
         let fnf = matches!(frame.body, Body::RequestFnf { .. });
         let payload = frame.payload().cloned().unwrap_or_default();
-        let mime = lock(&self.metadata_mime).clone();
-        let (route, parent) = match metadata::request_meta(&mime, payload.metadata.as_ref()) {
+        // Set once by SETUP; local connections (the HTTP trigger) speak composite metadata.
+        let mime = self.metadata_mime.get().map_or(metadata::mime::COMPOSITE, String::as_str);
+        let (route, parent) = match metadata::request_meta(mime, payload.metadata.as_ref()) {
             Ok(meta) => (meta.route, meta.traceparent.or_else(|| meta.zipkin.and_then(zipkin_parent))),
             Err(e) => {
                 if !fnf {
@@ -821,7 +822,7 @@ async fn setup(
             return None;
         }
     };
-    *lock(&conn.metadata_mime) = setup.metadata_mime.clone();
+    let _ = conn.metadata_mime.set(setup.metadata_mime.clone());
     let lifetime = Duration::from_millis(u64::from(setup.lifetime_ms.max(1)));
     tracing::debug!(conn = conn.id, peer, ?registration, ?lifetime, "SETUP");
     Some((registration, lifetime))
