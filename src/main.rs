@@ -13,7 +13,8 @@ use vigil_broker::config::BrokerFile;
 use vigil_collector::{Collector, Config, otlp};
 use vigil_healer::config::HealerConfig;
 use vigil_healer::rules;
-use vigil_healer::run::{ConnectionTraffic, Healer, TrafficSource};
+use vigil_healer::run::Healer;
+use vigil_healer::traffic::{ConnectionTraffic, TrafficSource};
 
 #[derive(Parser)]
 #[command(

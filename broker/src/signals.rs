@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vigil_healer::rules::{Signal, Signals};
-use vigil_healer::run::{ConnectionTraffic, TrafficSource};
 use vigil_healer::supervisor::InstanceInfo;
+use vigil_healer::traffic::{ConnectionTraffic, TrafficSource};
 
 use crate::hub::Hub;
 

@@ -4,6 +4,7 @@
 //! non-loopback bind without one).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -15,6 +16,7 @@ use serde_json::{Value, json};
 use vigil_collector::{InstanceSnapshot, SnapshotReceiver};
 
 use crate::audit::AuditLog;
+use crate::engine::BoxFuture;
 use crate::rules::{Action, InstanceState};
 
 /// A Vigil-managed instance as its owner (the supervisor) sees it.
@@ -28,13 +30,24 @@ pub struct ManagedInstance {
     pub cgroup: String,
     pub port: u16,
     pub restarts: u32,
+    /// The last thing that went wrong with it, kept after it recovered.
+    pub last_failure: Option<String>,
 }
 
 /// Where the API learns about managed instances and sends manual actions.
 pub trait Control: Send + Sync {
+    /// Reads the instances' cgroups: call it off the async workers.
     fn managed(&self) -> Vec<ManagedInstance>;
-    /// Runs the action through the safety gate and the executor, and audits it. Blocking.
-    fn act(&self, action: Action, instance_id: &str) -> Result<Value, ApiError>;
+    /// Submits the action (safety gate, executor, audit) and waits at most `wait` for its outcome: 200
+    /// with the finished result, or 202 with the action's id while it runs.
+    fn act<'a>(
+        &'a self,
+        action: Action,
+        instance_id: &'a str,
+        wait: Duration,
+    ) -> BoxFuture<'a, Result<(StatusCode, Value), ApiError>>;
+    /// A submitted action by its id: running, or finished with its decision.
+    fn action(&self, id: u64) -> Option<Value>;
     /// The rules in force and the status of each rule file.
     fn rules(&self) -> Value;
     /// Turns dry-run mode on or off; returns the mode now in force.
@@ -89,7 +102,8 @@ fn instance_json(snap: Option<&InstanceSnapshot>, managed: Option<&ManagedInstan
     match (managed, snap) {
         (Some(m), _) => json!({
             "id": m.id, "service": m.service, "state": serde_state(m.state), "managed": true,
-            "pids": m.pids, "cgroup": m.cgroup, "port": m.port, "restarts": m.restarts, "metrics": metrics,
+            "pids": m.pids, "cgroup": m.cgroup, "port": m.port, "restarts": m.restarts,
+            "last_failure": m.last_failure, "metrics": metrics,
         }),
         (None, Some(s)) => json!({
             "id": &*s.instance_id, "service": &*s.service, "state": "active", "managed": false,
@@ -135,9 +149,17 @@ struct Limit {
     limit: Option<usize>,
 }
 
+/// The instances, read off the async workers (each managed instance's `cgroup.procs` is read).
+async fn all_instances(api: &Arc<Api>) -> Result<Vec<Value>, ApiError> {
+    let api = api.clone();
+    tokio::task::spawn_blocking(move || api.instances())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+}
+
 async fn list(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     api.authorize(&headers)?;
-    Ok(Json(json!({ "instances": api.instances() })))
+    Ok(Json(json!({ "instances": all_instances(&api).await? })))
 }
 
 async fn get_one(
@@ -146,44 +168,101 @@ async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     api.authorize(&headers)?;
-    api.instances()
+    all_instances(&api)
+        .await?
         .into_iter()
         .find(|i| i["id"] == id.as_str())
         .map(Json)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no instance `{id}`")))
 }
 
-async fn act(api: Arc<Api>, headers: HeaderMap, id: String, action: Action) -> Result<Json<Value>, ApiError> {
+/// How long an action request waits for the outcome by default before answering 202.
+const DEFAULT_WAIT: Duration = Duration::from_secs(10);
+/// The longest `wait` a request may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(120);
+
+#[derive(Deserialize)]
+struct Wait {
+    wait: Option<String>,
+}
+
+fn parse_wait(q: &Wait) -> Result<Duration, ApiError> {
+    let Some(text) = &q.wait else { return Ok(DEFAULT_WAIT) };
+    let d = vigil_collector::config::parse_duration(text)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("`wait`: {e}")))?;
+    if d > MAX_WAIT {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("`wait` may be at most {}s", MAX_WAIT.as_secs()),
+        ));
+    }
+    Ok(d)
+}
+
+async fn act(
+    api: Arc<Api>,
+    headers: HeaderMap,
+    id: String,
+    q: Wait,
+    action: Action,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     api.authorize(&headers)?;
-    let control = api.control.clone();
-    tokio::task::spawn_blocking(move || control.act(action, &id))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-        .map(Json)
+    let wait = parse_wait(&q)?;
+    let (status, body) = api.control.act(action, &id, wait).await?;
+    Ok((status, Json(body)))
 }
 
 async fn hibernate(
     State(api): State<Arc<Api>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    act(api, headers, id, Action::Hibernate).await
+    Query(q): Query<Wait>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    act(api, headers, id, q, Action::Hibernate).await
 }
 
 async fn wake(
     State(api): State<Arc<Api>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    act(api, headers, id, Action::Wake).await
+    Query(q): Query<Wait>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    act(api, headers, id, q, Action::Wake).await
+}
+
+async fn restart(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<Wait>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    act(api, headers, id, q, Action::Restart).await
 }
 
 async fn stop(
     State(api): State<Arc<Api>>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    Query(q): Query<Wait>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    act(api, headers, id, q, Action::Stop).await
+}
+
+async fn action_status(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    act(api, headers, id, Action::Stop).await
+    api.authorize(&headers)?;
+    let unknown = || ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no action `{id}`"));
+    let n: u64 = id.parse().map_err(|_| unknown())?;
+    let control = api.control.clone();
+    tokio::task::spawn_blocking(move || control.action(n))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map(Json)
+        .ok_or_else(unknown)
 }
 
 async fn decisions(
@@ -250,7 +329,9 @@ pub fn router(
         .route("/api/v1/instances/{id}", get(get_one))
         .route("/api/v1/instances/{id}/hibernate", post(hibernate))
         .route("/api/v1/instances/{id}/wake", post(wake))
+        .route("/api/v1/instances/{id}/restart", post(restart))
         .route("/api/v1/instances/{id}/stop", post(stop))
+        .route("/api/v1/actions/{id}", get(action_status))
         .route("/api/v1/decisions", get(decisions))
         .route("/api/v1/rules", get(rules))
         .route("/api/v1/dry-run", post(dry_run))
@@ -280,18 +361,32 @@ mod tests {
                 cgroup: "/vigil/echo/echo-0".into(),
                 port: 18080,
                 restarts: 0,
+                last_failure: None,
             }]
         }
-        fn act(&self, action: Action, id: &str) -> Result<Value, ApiError> {
-            if id != "echo-0" {
-                return Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    format!("no managed instance `{id}`"),
-                ));
-            }
-            self.acted.lock().unwrap().push((action, id.to_string()));
-            Ok(json!({"id": id, "outcome": "succeeded"}))
+        fn act<'a>(
+            &'a self,
+            action: Action,
+            id: &'a str,
+            wait: Duration,
+        ) -> BoxFuture<'a, Result<(StatusCode, Value), ApiError>> {
+            Box::pin(async move {
+                if id != "echo-0" {
+                    return Err(ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        format!("no managed instance `{id}`"),
+                    ));
+                }
+                self.acted.lock().unwrap().push((action, id.to_string()));
+                if wait.is_zero() {
+                    return Ok((StatusCode::ACCEPTED, json!({"action_id": 7, "status": "running"})));
+                }
+                Ok((StatusCode::OK, json!({"id": id, "outcome": "succeeded"})))
+            })
+        }
+        fn action(&self, id: u64) -> Option<Value> {
+            (id == 7).then(|| json!({"action_id": 7, "status": "finished"}))
         }
         fn rules(&self) -> Value {
             json!({"files": []})
@@ -342,6 +437,15 @@ mod tests {
         let (code, body) = request(addr, "POST /api/v1/instances/echo-0/wake HTTP/1.0\r\n\r\n").await;
         assert_eq!((code, body["outcome"].as_str()), (200, Some("succeeded")));
         assert_eq!(*fake.acted.lock().unwrap(), vec![(Action::Wake, "echo-0".to_string())]);
+        let (code, body) =
+            request(addr, "POST /api/v1/instances/echo-0/restart?wait=0s HTTP/1.0\r\n\r\n").await;
+        assert_eq!((code, body["action_id"].as_u64()), (202, Some(7)));
+        let (code, body) = request(addr, "GET /api/v1/actions/7 HTTP/1.0\r\n\r\n").await;
+        assert_eq!((code, body["status"].as_str()), (200, Some("finished")));
+        let (code, body) = request(addr, "GET /api/v1/actions/8 HTTP/1.0\r\n\r\n").await;
+        assert_eq!((code, body["error"]["code"].as_str()), (404, Some("not_found")));
+        let (code, body) = request(addr, "POST /api/v1/instances/echo-0/wake?wait=1h HTTP/1.0\r\n\r\n").await;
+        assert_eq!((code, body["error"]["code"].as_str()), (400, Some("bad_request")));
         let (code, body) = request(addr, "GET /api/v1/decisions?limit=5 HTTP/1.0\r\n\r\n").await;
         assert_eq!((code, body["decisions"][0]["seq"].as_u64()), (200, Some(1)));
         let (code, body) = request(addr, "POST /api/v1/dry-run?enabled=true HTTP/1.0\r\n\r\n").await;

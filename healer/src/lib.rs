@@ -3,15 +3,19 @@
 //! today the mechanics of the low-power standby (`standby`) on the cgroups a `CgroupDriver` manages, and
 //! the rule language (`rules`).
 
+pub mod actions;
 pub mod api;
 pub mod audit;
 pub mod cgroup;
 pub mod client;
 pub mod config;
 pub mod engine;
-pub mod executor;
+pub mod instance;
+pub mod lifecycle;
 pub mod metrics;
 pub mod rules;
 pub mod run;
 pub mod standby;
 pub mod supervisor;
+pub mod tcp;
+pub mod traffic;

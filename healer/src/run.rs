@@ -1,9 +1,10 @@
 //! The healer at run time: starts the managed services, then on every collector tick turns the snapshot,
-//! the instances' states and their traffic into signals, steps the engine (rules → gate → standby executor
-//! → audit) and serves the REST API. Until the broker supplies traffic (issue 4), [`ConnectionTraffic`]
-//! reads it from the kernel's TCP table.
+//! the instances' states and their traffic into signals, evaluates the rules and submits what they
+//! propose (`crate::actions`: gate → executor → audit), and serves the REST API. Nothing here waits for
+//! an action: the instances' own tasks run them (`crate::instance`), and their outcomes are recorded
+//! when they end.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -15,14 +16,16 @@ use tokio::task::JoinHandle;
 use vigil_collector::SnapshotReceiver;
 use vigil_collector::cgroupfs::{CgroupError, Layout};
 
+use crate::actions::{Actions, Status, Submitted};
 use crate::api::{self, ApiError, Control, ManagedInstance};
 use crate::audit::{AuditError, AuditLog};
 use crate::cgroup::{CgroupDriverError, driver_for};
 use crate::config::{HealerConfig, HealerConfigError};
-use crate::engine::{Engine, Gate, GateConfig, Outcome, Refusal};
-use crate::executor::StandbyExecutor;
-use crate::rules::{self, Action, Evaluator, InstanceState, Signal, Signals};
-use crate::supervisor::{InstanceInfo, Supervisor, SupervisorError};
+use crate::engine::{BoxFuture, Decision, Engine, Gate, GateConfig, MANUAL_RULE, Outcome, Refusal};
+use crate::metrics::StandbyMetrics;
+use crate::rules::{self, Action, Evaluator, InstanceState, Signals};
+use crate::supervisor::{InstanceInfo, Settings, Supervisor, SupervisorError};
+use crate::traffic::TrafficSource;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealerError {
@@ -39,73 +42,6 @@ pub enum HealerError {
     #[error("{0}")]
     Audit(#[from] AuditError),
 }
-
-/// Per-instance traffic, until the broker reports it.
-pub trait TrafficSource: Send + Sync {
-    /// Adds what it knows about `instances` to `signals`.
-    fn observe(&self, instances: &[InstanceInfo], elapsed: Duration, signals: &mut Signals);
-}
-
-/// Traffic from `/proc/net/tcp{,6}`: established connections to an instance's port. On an active instance
-/// they are in-flight requests and new ones give the request rate; on a hibernated one the kernel has
-/// accepted them on the instance's behalf, so they are requests waiting for it: wake on demand.
-#[derive(Default)]
-pub struct ConnectionTraffic {
-    seen: Mutex<HashMap<u16, HashSet<String>>>,
-}
-
-/// `(local port, remote address:port)` of every ESTABLISHED connection in a `/proc/net/tcp` text.
-pub fn established(text: &str) -> Vec<(u16, String)> {
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let local = f.nth(1)?;
-            let remote = f.next()?;
-            let state = f.next()?;
-            if state != "01" {
-                return None;
-            }
-            let port = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
-            Some((port, remote.to_string()))
-        })
-        .collect()
-}
-
-/// Every ESTABLISHED IPv4 and IPv6 connection on the host now.
-pub fn established_now() -> Vec<(u16, String)> {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(f).ok())
-        .flat_map(|text| established(&text))
-        .collect()
-}
-
-impl TrafficSource for ConnectionTraffic {
-    fn observe(&self, instances: &[InstanceInfo], elapsed: Duration, signals: &mut Signals) {
-        let conns = established_now();
-        let Ok(mut seen) = self.seen.lock() else { return };
-        let secs = elapsed.as_secs_f64().max(0.001);
-        for inst in instances {
-            let now: HashSet<String> =
-                conns.iter().filter(|(p, _)| *p == inst.port).map(|(_, r)| r.clone()).collect();
-            let before = seen.get(&inst.port);
-            let new = now.iter().filter(|r| before.is_none_or(|b| !b.contains(*r))).count();
-            let count = now.len() as f64;
-            if inst.state == InstanceState::Hibernated {
-                signals.set(&inst.id, Signal::QueuedRequests, count);
-                signals.set(&inst.id, Signal::InflightRequests, 0.0);
-            } else {
-                signals.set(&inst.id, Signal::QueuedRequests, 0.0);
-                signals.set(&inst.id, Signal::InflightRequests, count);
-            }
-            signals.set(&inst.id, Signal::RequestsPerS, new as f64 / secs);
-            seen.insert(inst.port, now);
-        }
-    }
-}
-
-type StandbyEngine = Engine<StandbyExecutor<Supervisor>>;
 
 /// The configured rule files and what became of their last load. Files are re-read when one changes
 /// (checked every few ticks by modification time); a file with mistakes leaves the last good rules in
@@ -167,17 +103,17 @@ impl RuleFiles {
 /// The running healer.
 pub struct Healer {
     supervisor: Supervisor,
-    engine: Arc<Mutex<StandbyEngine>>,
-    audit: Arc<AuditLog>,
+    actions: Arc<Actions>,
+    standby_metrics: StandbyMetrics,
     rules: Arc<Mutex<Value>>,
-    started: Instant,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
     grace: Duration,
 }
 
 impl Healer {
-    /// Loads the rules, starts the services, and begins stepping on every snapshot. Needs a tokio runtime.
+    /// Loads the rules, starts the services, and begins evaluating on every snapshot. Needs a tokio
+    /// runtime.
     pub fn start(
         config: &HealerConfig,
         snapshots: SnapshotReceiver,
@@ -194,32 +130,35 @@ impl Healer {
         let driver: Arc<dyn crate::cgroup::CgroupDriver> =
             Arc::from(driver_for(&Layout::detect()?, &config.healer.driver_config())?);
         reconcile(driver.as_ref(), &config.services)?;
-        let supervisor = Supervisor::start(config.services.clone(), driver.clone())?;
-        let executor = StandbyExecutor::new(Arc::new(supervisor.clone()), driver, config.healer.policy());
+        let standby_metrics = StandbyMetrics::default();
+        let settings = Settings {
+            policy: config.healer.policy(),
+            metrics: standby_metrics.clone(),
+            stop_grace: config.healer.stop_grace.0,
+            ..Settings::default()
+        };
+        let supervisor = Supervisor::start_with(config.services.clone(), driver, settings)?;
         let gate = Gate::new(GateConfig {
             dry_run: config.dry_run,
             max_actions_per_minute: config.healer.max_actions_per_minute,
             max_standby_fraction: config.healer.max_standby_fraction,
         });
-        let engine =
-            Arc::new(Mutex::new(Engine::new(Evaluator::new(rule_list), gate, executor, audit.clone())));
+        let engine = Engine::new(Evaluator::new(rule_list), gate);
+        let actions = Actions::new(engine, Arc::new(supervisor.clone()), audit);
         let (stop, stop_rx) = watch::channel(false);
-        let started = Instant::now();
         let task = tokio::spawn(step_loop(
             snapshots,
             stop_rx,
-            engine.clone(),
+            actions.clone(),
             supervisor.clone(),
             traffic,
-            started,
             rule_files,
         ));
         Ok(Healer {
             supervisor,
-            engine,
-            audit,
+            actions,
+            standby_metrics,
             rules: status,
-            started,
             stop,
             task,
             grace: config.healer.stop_grace.0,
@@ -228,13 +167,9 @@ impl Healer {
 
     /// The healer's metrics (decisions, action durations, instance states) for `/metrics`.
     pub fn metrics_registry(&self) -> Arc<prometheus_client::registry::Registry> {
-        let engine = match self.engine.lock() {
-            Ok(e) => e,
-            Err(poisoned) => poisoned.into_inner(),
-        };
         Arc::new(crate::metrics::registry(
-            engine.metrics(),
-            engine.executor().metrics(),
+            self.actions.metrics(),
+            &self.standby_metrics,
             Arc::new(self.supervisor.clone()),
         ))
     }
@@ -243,11 +178,10 @@ impl Healer {
     pub fn router(&self, snapshots: SnapshotReceiver, token: Option<String>) -> Router {
         let control = Arc::new(HealerControl {
             supervisor: self.supervisor.clone(),
-            engine: self.engine.clone(),
-            started: self.started,
+            actions: self.actions.clone(),
             rules: self.rules.clone(),
         });
-        api::router(control, snapshots, self.audit.clone(), token)
+        api::router(control, snapshots, self.actions.audit().clone(), token)
     }
 
     pub fn supervisor(&self) -> &Supervisor {
@@ -258,8 +192,7 @@ impl Healer {
     pub fn handle(&self) -> HealerHandle {
         HealerHandle {
             supervisor: self.supervisor.clone(),
-            engine: self.engine.clone(),
-            started: self.started,
+            actions: self.actions.clone(),
             waking: Arc::new(Mutex::new(HashSet::new())),
         }
     }
@@ -314,10 +247,9 @@ const RULES_CHECK_EVERY_TICKS: u64 = 5;
 async fn step_loop(
     mut snapshots: SnapshotReceiver,
     mut stop: watch::Receiver<bool>,
-    engine: Arc<Mutex<StandbyEngine>>,
+    actions: Arc<Actions>,
     supervisor: Supervisor,
     traffic: Arc<dyn TrafficSource>,
-    started: Instant,
     mut rule_files: RuleFiles,
 ) {
     let mut last = Instant::now();
@@ -329,44 +261,45 @@ async fn step_loop(
         }
         let snapshot = snapshots.borrow_and_update().clone();
         ticks += 1;
-        if ticks.is_multiple_of(RULES_CHECK_EVERY_TICKS) && rule_files.changed() {
-            match rule_files.load() {
-                Ok(new_rules) => {
-                    tracing::info!(rules = new_rules.len(), "rule files changed: reloaded");
-                    if let Ok(mut e) = engine.lock() {
-                        e.replace_rules(new_rules);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "rule files changed but have mistakes; the last good rules stay in force")
-                }
-            }
-        }
+        let reload = ticks.is_multiple_of(RULES_CHECK_EVERY_TICKS);
         let elapsed = last.elapsed();
         last = Instant::now();
-        let engine = engine.clone();
-        let supervisor = supervisor.clone();
-        let traffic = traffic.clone();
-        // Executors block (cgroupfs, madvise): off the runtime.
-        let result = tokio::task::spawn_blocking(move || {
-            let instances = supervisor.instances();
+        let (sup, traffic_source, engine_actions) = (supervisor.clone(), traffic.clone(), actions.clone());
+        // Reading the instances' cgroups, /proc/net/tcp and rule files blocks: off the async workers. The
+        // engine's lock is held for the evaluation only.
+        let evaluated = tokio::task::spawn_blocking(move || {
+            if reload && rule_files.changed() {
+                match rule_files.load() {
+                    Ok(new_rules) => {
+                        tracing::info!(rules = new_rules.len(), "rule files changed: reloaded");
+                        engine_actions.engine().replace_rules(new_rules);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "rule files changed but have mistakes; the last good rules stay in force"),
+                }
+            }
+            let instances = sup.instances();
             let mut signals = Signals::new();
             for i in &instances {
                 signals.set_state(&i.id, i.state);
             }
-            traffic.observe(&instances, elapsed, &mut signals);
-            let mut engine = engine.lock().map_err(|_| "engine lock poisoned".to_string())?;
-            engine.step(started.elapsed(), SystemTime::now(), &snapshot, &signals).map_err(|e| e.to_string())
+            traffic_source.observe(&instances, elapsed, &mut signals);
+            let proposals = engine_actions.engine().evaluate(engine_actions.now(), &snapshot, &signals);
+            (proposals, rule_files)
         })
         .await;
-        match result {
-            Ok(Ok(decisions)) => {
-                for d in decisions {
-                    tracing::info!(rule = %d.rule, action = d.action, instance = %d.instance_id, outcome = ?d.outcome, "decision");
-                }
+        let proposals = match evaluated {
+            Ok((proposals, files)) => {
+                rule_files = files;
+                proposals
             }
-            Ok(Err(e)) => tracing::error!(error = %e, "healer step failed"),
-            Err(e) => tracing::error!(error = %e, "healer step panicked"),
+            Err(e) => {
+                tracing::error!(error = %e, "healer step panicked; stopping the rules");
+                return;
+            }
+        };
+        for p in proposals {
+            // Returns once the instance has taken or refused the action, never after the action itself.
+            actions.submit(p).await;
         }
     }
 }
@@ -379,8 +312,7 @@ pub const DEMAND_RULE: &str = "broker-demand";
 #[derive(Clone)]
 pub struct HealerHandle {
     supervisor: Supervisor,
-    engine: Arc<Mutex<StandbyEngine>>,
-    started: Instant,
+    actions: Arc<Actions>,
     /// Services for which a demanded wake is under way: further demand until it ends adds nothing.
     waking: Arc<Mutex<HashSet<String>>>,
 }
@@ -395,56 +327,104 @@ impl HealerHandle {
     }
 
     /// Requests wait for `service` and none of its instances is ready: wake a hibernated one, unless one is
-    /// already starting or waking. Returns at once; the wake runs on a blocking thread and passes the safety
-    /// gate, and its decision is audited under [`DEMAND_RULE`]. Instances that are starting, or restarting
-    /// after a failure, become ready by themselves.
+    /// already starting or waking, or start a parked one. Returns at once; the wake passes the safety gate
+    /// and is audited under [`DEMAND_RULE`]. Instances that are starting, or restarting after a failure,
+    /// become ready by themselves.
     pub fn demand(&self, service: &str) {
-        let instances: Vec<InstanceInfo> =
-            self.supervisor.instances().into_iter().filter(|i| i.serves == service).collect();
-        let busy = |s: InstanceState| {
+        let instances: Vec<(String, String, InstanceState)> = self
+            .supervisor
+            .states()
+            .into_iter()
+            .filter(|(_, _, serves, _)| serves == service)
+            .map(|(id, name, _, state)| (id, name, state))
+            .collect();
+        let coming = |s: InstanceState| {
             matches!(s, InstanceState::Active | InstanceState::Waking | InstanceState::Starting)
         };
-        if instances.iter().any(|i| busy(i.state)) {
+        if instances.iter().any(|(_, _, s)| coming(*s)) {
             return;
         }
-        let Some(target) = instances.iter().find(|i| i.state == InstanceState::Hibernated) else {
-            // Zero running instances: start one that waits for demand.
-            match instances.iter().find(|i| self.supervisor.start_on_demand(&i.id)) {
-                Some(i) => {
-                    tracing::info!(service, instance_id = %i.id, "requests wait: starting an instance")
-                }
-                None => tracing::debug!(service, "demand, but no instance can be woken or started"),
-            }
-            return;
-        };
         let first = self.waking.lock().map(|mut w| w.insert(service.to_string())).unwrap_or(false);
         if !first {
             return;
         }
-        let (engine, waking) = (self.engine.clone(), self.waking.clone());
-        let (service, id, at) = (service.to_string(), target.id.clone(), self.started.elapsed());
-        tracing::info!(service = %service, instance_id = %id, "requests wait: waking");
-        tokio::task::spawn_blocking(move || {
-            let decision = engine.lock().map_err(|_| "engine lock poisoned".to_string()).and_then(|mut e| {
-                e.act(DEMAND_RULE, at, SystemTime::now(), Action::Wake, &service, &id)
-                    .map_err(|e| e.to_string())
-            });
-            match decision {
-                Ok(d) => tracing::info!(instance_id = %id, outcome = ?d.outcome, "demanded wake"),
-                Err(e) => tracing::error!(instance_id = %id, error = %e, "demanded wake failed"),
-            }
-            if let Ok(mut w) = waking.lock() {
+        let (handle, service) = (self.clone(), service.to_string());
+        tokio::spawn(async move {
+            handle.satisfy(&service, &instances).await;
+            if let Ok(mut w) = handle.waking.lock() {
                 w.remove(&service);
             }
         });
+    }
+
+    async fn satisfy(&self, service: &str, instances: &[(String, String, InstanceState)]) {
+        if let Some((id, name, _)) = instances.iter().find(|(_, _, s)| *s == InstanceState::Hibernated) {
+            tracing::info!(service, instance_id = %id, "requests wait: waking");
+            let mut submitted =
+                self.actions.submit(self.actions.proposal(DEMAND_RULE, Action::Wake, name, id)).await;
+            // The broker watches the states; this wait only keeps further demand out until the wake ends.
+            let decision = submitted.wait(Duration::from_secs(120)).await;
+            tracing::info!(instance_id = %id, outcome = ?decision.map(|d| d.outcome), "demanded wake");
+            return;
+        }
+        // Zero running instances: start one that waits for demand.
+        for (id, _, _) in instances {
+            if self.supervisor.start_on_demand(id).await {
+                tracing::info!(service, instance_id = %id, "requests wait: starting an instance");
+                return;
+            }
+        }
+        tracing::debug!(service, "demand, but no instance can be woken or started");
     }
 }
 
 struct HealerControl {
     supervisor: Supervisor,
-    engine: Arc<Mutex<StandbyEngine>>,
-    started: Instant,
+    actions: Arc<Actions>,
     rules: Arc<Mutex<Value>>,
+}
+
+/// The API's answer for a finished action: the decision, the instance's state and standby record, or the
+/// error that fits the outcome.
+fn finished_answer(supervisor: &Supervisor, id: u64, d: &Decision) -> Result<Value, ApiError> {
+    let instance = supervisor.instance(&d.instance_id);
+    let state = instance.as_ref().map(|i| i.state.as_str()).unwrap_or("stopped");
+    let standby = instance.as_ref().and_then(|i| i.standby.as_ref()).map(|r| {
+        json!({
+            "memory_before_bytes": r.memory_before,
+            "memory_after_bytes": r.memory_after,
+            "memory_kept_resident": r.memory_kept_resident,
+            "hibernate_seconds": r.hibernate_seconds,
+            "wake_seconds": r.wake_seconds,
+            "prefetch_bytes": r.prefetch_bytes,
+        })
+    });
+    let body = json!({
+        "action_id": id, "status": "finished", "id": d.instance_id, "action": d.action, "state": state,
+        "decision": d, "standby": standby,
+    });
+    let instance_id = &d.instance_id;
+    match &d.outcome {
+        Outcome::Succeeded { .. } | Outcome::DryRun => Ok(body),
+        Outcome::Refused { reason: Refusal::RateLimited } => Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "the host-wide action rate limit is used up; try again later",
+        )),
+        Outcome::Refused { reason: Refusal::StandbyFraction } => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "standby_fraction",
+            format!("hibernating `{instance_id}` would exceed healer.max_standby_fraction for its service"),
+        )),
+        Outcome::Refused { reason: Refusal::InProgress } => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "in_progress",
+            format!("`{instance_id}` is busy with another action ({state}); try again when it ends"),
+        )),
+        Outcome::Failed { error, .. } => {
+            Err(ApiError::new(StatusCode::CONFLICT, "action_failed", error.clone()))
+        }
+    }
 }
 
 impl Control for HealerControl {
@@ -460,76 +440,83 @@ impl Control for HealerControl {
                 cgroup: i.cgroup,
                 port: i.port,
                 restarts: i.restarts,
+                last_failure: i.last_failure,
             })
             .collect()
     }
 
-    fn act(&self, action: Action, instance_id: &str) -> Result<Value, ApiError> {
-        let info = self.supervisor.instance(instance_id).ok_or_else(|| {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no managed instance `{instance_id}`"))
-        })?;
-        let mut engine = self.engine.lock().map_err(|_| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "engine lock poisoned")
-        })?;
-        let d = engine
-            .manual(self.started.elapsed(), SystemTime::now(), action, &info.service, instance_id)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "audit", e.to_string()))?;
-        let state = self.supervisor.instance(instance_id).map(|i| i.state.as_str()).unwrap_or("stopped");
-        let standby = engine.executor().record(instance_id).map(|r| {
-            json!({
-                "memory_before_bytes": r.memory_before,
-                "memory_after_bytes": r.memory_after,
-                "memory_kept_resident": r.memory_kept_resident,
-                "hibernate_seconds": r.hibernate_seconds,
-                "wake_seconds": r.wake_seconds,
-                "prefetch_bytes": r.prefetch_bytes,
-            })
-        });
-        let body = json!({ "id": instance_id, "action": d.action, "state": state, "decision": d, "standby": standby });
-        match &d.outcome {
-            Outcome::Succeeded { .. } | Outcome::DryRun => Ok(body),
-            Outcome::Refused { reason: Refusal::RateLimited } => Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "the host-wide action rate limit is used up; try again later",
-            )),
-            Outcome::Refused { reason: Refusal::StandbyFraction } => Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "standby_fraction",
-                format!(
-                    "hibernating `{instance_id}` would exceed healer.max_standby_fraction for its service"
-                ),
-            )),
-            Outcome::Refused { reason: Refusal::InProgress } => {
-                Err(ApiError::new(StatusCode::CONFLICT, "in_progress", format!("`{instance_id}` is busy")))
+    fn act<'a>(
+        &'a self,
+        action: Action,
+        instance_id: &'a str,
+        wait: Duration,
+    ) -> BoxFuture<'a, Result<(StatusCode, Value), ApiError>> {
+        Box::pin(async move {
+            let Some(info) = self.supervisor.spec(instance_id) else {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no managed instance `{instance_id}`"),
+                ));
+            };
+            let p = self.actions.proposal(MANUAL_RULE, action, &info.name, instance_id);
+            let mut submitted: Submitted = self.actions.submit(p).await;
+            match submitted.wait(wait).await {
+                Some(d) => {
+                    let supervisor = self.supervisor.clone();
+                    let id = submitted.id;
+                    // Reading the instance's cgroup for its state: off the async workers.
+                    let answer = tokio::task::spawn_blocking(move || finished_answer(&supervisor, id, &d))
+                        .await
+                        .map_err(|e| {
+                            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                        })?;
+                    answer.map(|body| (StatusCode::OK, body))
+                }
+                None => Ok((
+                    StatusCode::ACCEPTED,
+                    json!({
+                        "action_id": submitted.id, "status": "running", "id": instance_id, "action": action.as_str(),
+                        "state": self.supervisor.state(instance_id).map(InstanceState::as_str),
+                    }),
+                )),
             }
-            Outcome::Failed { error, .. } => {
-                Err(ApiError::new(StatusCode::CONFLICT, "action_failed", error.clone()))
-            }
-        }
+        })
+    }
+
+    fn action(&self, id: u64) -> Option<Value> {
+        Some(match self.actions.status(id)? {
+            Status::Running { action, instance_id } => json!({
+                "action_id": id, "status": "running", "id": instance_id, "action": action,
+                "state": self.supervisor.state(&instance_id).map(InstanceState::as_str),
+            }),
+            Status::Finished(d) => match finished_answer(&self.supervisor, id, &d) {
+                Ok(body) => body,
+                Err(e) => json!({
+                    "action_id": id, "status": "finished", "id": d.instance_id, "action": d.action,
+                    "decision": d, "error": {"code": e.code, "message": e.message},
+                }),
+            },
+        })
     }
 
     fn rules(&self) -> Value {
         let mut v = self.rules.lock().map(|v| v.clone()).unwrap_or(Value::Null);
-        if let Ok(e) = self.engine.lock() {
-            v["dry_run"] = json!(e.dry_run());
-        }
+        v["dry_run"] = json!(self.actions.engine().dry_run());
         v
     }
 
     fn set_dry_run(&self, on: bool) -> Result<bool, ApiError> {
-        let mut e = self.engine.lock().map_err(|_| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "engine lock poisoned")
-        })?;
-        e.set_dry_run(on);
+        let mut engine = self.actions.engine();
+        engine.set_dry_run(on);
         tracing::warn!(dry_run = on, "dry-run mode changed through the API");
-        Ok(e.dry_run())
+        Ok(engine.dry_run())
     }
 }
 
 impl crate::metrics::StateSource for Supervisor {
     fn states(&self) -> Vec<(String, String, InstanceState)> {
-        self.instances().into_iter().map(|i| (i.service, i.id, i.state)).collect()
+        Supervisor::states(self).into_iter().map(|(id, service, _, state)| (service, id, state)).collect()
     }
 }
 
@@ -568,18 +555,5 @@ mod tests {
         assert_eq!(files.load().unwrap().len(), 1);
         assert_eq!(status.lock().unwrap()["last_load"], "ok");
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn established_connections_by_local_port() {
-        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
-   0: 0100007F:46A0 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0\n\
-   1: 0100007F:46A0 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0000000000000000 20 4 30 10 -1\n\
-   2: 0100007F:D2F0 0100007F:46A0 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0000000000000000 20 4 30 10 -1\n";
-        assert_eq!(
-            established(text),
-            vec![(18080, "0100007F:D2F0".to_string()), (54000, "0100007F:46A0".to_string())]
-        );
-        assert!(established("garbage\nx y z\n").is_empty());
     }
 }

@@ -1,53 +1,40 @@
 //! Managed services: the instances Vigil itself starts from the config's `services:` list (DESIGN §4).
 //!
-//! [`Supervisor::start`] creates every instance's cgroups through the [`CgroupDriver`] and runs one tokio
-//! task per instance. The task owns the child process: it spawns it so that the process joins its cgroups
-//! *before* it execs the service (a `sh` wrapper waits on a line from its stdin until the driver has moved
-//! it), probes readiness until the instance turns `active`, reaps the child when it exits, and restarts a
-//! crashed instance with exponential [`Backoff`] (1 s doubling to 30 s, reset after 60 s healthy). A crash
-//! while hibernating or hibernated is restarted the same way. [`Supervisor::shutdown`] stops every instance
-//! gracefully (SIGTERM to its process group, SIGKILL after the grace period), reaps it and removes its
-//! cgroups.
+//! [`Supervisor::start`] creates every instance's cgroups through the [`CgroupDriver`] and runs one task
+//! per instance ([`crate::instance`]), which owns the child process and the instance's lifecycle. The
+//! supervisor is the handle on them: it lists what the tasks publish, routes requests to them
+//! ([`Supervisor::request`] answers at once; the outcome follows), and on [`Supervisor::shutdown`] has
+//! every task stop its instance gracefully (SIGTERM to its process group, SIGKILL after the grace period)
+//! before it removes the cgroups.
 //!
 //! Each child leads its own process group, so signals reach everything the service forked. Children inherit
 //! Vigil's stdout and stderr: a service's own logs stay as the service wrote them. Children are spawned with
 //! `kill_on_drop`, so a runtime torn down without `shutdown` still kills (but cannot gracefully stop) them.
 //!
-//! The pure pieces ([`substitute_port`], [`Backoff`], [`parse_http_status`], spec validation) are plain
-//! functions with unit tests; the process and cgroup handling is checked by `tests/supervisor.rs` (root).
+//! The pure pieces ([`substitute_port`], [`parse_http_status`], spec validation) are plain functions with
+//! unit tests; the process and cgroup handling is checked by `tests/supervisor.rs` (root).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustix::process::{Pid, Signal, kill_process, kill_process_group};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
-use tokio::sync::watch;
+use rustix::process::{Pid, Signal, kill_process};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::cgroup::{CgroupDriver, CgroupDriverError, InstanceCgroup};
-pub use crate::executor::Hook;
-use crate::executor::InstanceRegistry;
-use crate::rules::InstanceState;
+use crate::engine::{BoxFuture, Started};
+use crate::instance::{Board, Command, Context, Finished, InstanceTask};
+pub use crate::instance::{Hook, PORT_PLACEHOLDER, StandbyRecord};
+use crate::lifecycle::{Answer, Request};
+use crate::metrics::StandbyMetrics;
+use crate::rules::{Action, InstanceState};
+use crate::standby::{KernelMemory, MemoryOps, StandbyPolicy};
 
-/// How often a starting instance's readiness check runs.
-const PROBE_INTERVAL: Duration = Duration::from_millis(100);
-/// One readiness probe (connect, request, status line) gives up after this long.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
-/// A pre-hibernate or post-wake hook that runs longer is killed and reported as failed.
-pub const HOOK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `shutdown` waits for a stopped instance's cgroups to empty before killing what is left.
 const CGROUP_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The placeholder in commands, hooks and env values that becomes the instance's port.
-pub const PORT_PLACEHOLDER: &str = "{port}";
-
-/// The shell script that holds the child until its cgroups are set: it reads one line from stdin (written
-/// by the supervisor after `add_process`), then execs the service with stdin from /dev/null.
-const HOLD_SCRIPT: &str = "read _ && exec \"$@\" </dev/null";
+/// Requests queued per instance task; more wait for room (each is answered within one operation step).
+const COMMAND_QUEUE: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
@@ -65,8 +52,8 @@ pub enum SupervisorError {
     },
     #[error("instance {id} did not pass its readiness check within {timeout:?}")]
     NotReady { id: String, timeout: Duration },
-    #[error("instance {id}: {hook} hook {command:?} failed: {reason}")]
-    Hook { id: String, hook: &'static str, command: Vec<String>, reason: String },
+    #[error("instance {id}: {hook} hook: {reason}")]
+    Hook { id: String, hook: &'static str, reason: String },
 }
 
 /// One managed service, as the config's `services:` list declares it.
@@ -104,6 +91,10 @@ pub struct ServiceSpec {
     /// serve one name with different versions are two versions of it, for splits and canaries.
     #[serde(default)]
     pub serves: Option<String>,
+    /// How long readiness may take after a start or a wake before the instance is restarted (default
+    /// 60s).
+    #[serde(default)]
+    pub ready_timeout: Option<vigil_collector::config::HumanDuration>,
     /// `always` (the default): instances start with Vigil. `on_demand`: they stay stopped (zero running
     /// instances) until the broker has a request for the service, and start then.
     #[serde(default)]
@@ -202,14 +193,6 @@ impl Default for Readiness {
     }
 }
 
-/// The name of a hook as the config spells it.
-fn hook_name(hook: Hook) -> &'static str {
-    match hook {
-        Hook::PreHibernate => "pre_hibernate",
-        Hook::PostWake => "post_wake",
-    }
-}
-
 /// A managed instance as the API shows it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InstanceInfo {
@@ -230,44 +213,11 @@ pub struct InstanceInfo {
     pub serves: String,
     /// The version the broker files it under.
     pub version: String,
-}
-
-/// Exponential restart delay: 1 s, doubling to at most 30 s, back to 1 s once an instance ran healthy for
-/// 60 s.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    pub const INITIAL: Duration = Duration::from_secs(1);
-    pub const MAX: Duration = Duration::from_secs(30);
-    /// An instance that stayed active this long earns a fresh backoff.
-    pub const HEALTHY_RESET: Duration = Duration::from_secs(60);
-
-    pub fn new() -> Backoff {
-        Backoff { next: Backoff::INITIAL }
-    }
-
-    /// The delay before the next restart; each call doubles the following one up to [`Backoff::MAX`].
-    pub fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(Backoff::MAX);
-        delay
-    }
-
-    /// Records how long the instance was healthy (active) before it exited.
-    pub fn record_healthy(&mut self, healthy_for: Duration) {
-        if healthy_for >= Backoff::HEALTHY_RESET {
-            self.next = Backoff::INITIAL;
-        }
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff::new()
-    }
+    /// The last thing that went wrong (a failed hook, wake, readiness check, an exit), kept after the
+    /// instance recovered.
+    pub last_failure: Option<String>,
+    /// What the last hibernation and wake did.
+    pub standby: Option<StandbyRecord>,
 }
 
 /// Replaces every `{port}` in `args` with `port`.
@@ -291,6 +241,46 @@ pub fn parse_http_status(response: &[u8]) -> Option<u16> {
     code.parse().ok()
 }
 
+/// How the supervisor runs instances: the standby's memory operations and policy, stop grace, readiness
+/// timeout.
+pub struct Settings {
+    pub memory: Arc<dyn MemoryOps>,
+    pub policy: StandbyPolicy,
+    pub metrics: StandbyMetrics,
+    pub stop_grace: Duration,
+    pub ready_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            memory: Arc::new(KernelMemory),
+            policy: StandbyPolicy::default(),
+            metrics: StandbyMetrics::default(),
+            stop_grace: Duration::from_secs(10),
+            ready_timeout: DEFAULT_READY_TIMEOUT,
+        }
+    }
+}
+
+/// Readiness after a start or a wake must pass within this long, unless a service says otherwise.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A request an instance accepted: its outcome arrives on `done` once the instance settles.
+pub struct Ticket {
+    pub done: oneshot::Receiver<Finished>,
+}
+
+/// Why a request was not accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NotAccepted {
+    UnknownInstance,
+    /// Already in the requested state: nothing to do.
+    AlreadyThere,
+    Busy(InstanceState),
+    Refused(String),
+}
+
 /// A cloneable handle on the managed instances.
 #[derive(Clone)]
 pub struct Supervisor {
@@ -298,38 +288,38 @@ pub struct Supervisor {
 }
 
 struct Inner {
-    /// The runtime the instance tasks run on; the blocking [`InstanceRegistry`] calls enter it.
-    runtime: tokio::runtime::Handle,
-    driver: Arc<dyn CgroupDriver>,
-    slots: Mutex<BTreeMap<String, Slot>>,
+    ctx: Arc<Context>,
+    /// Fixed at start: the instances and their tasks' command channels.
+    slots: BTreeMap<String, Slot>,
     /// `Some(grace)` once shutdown began; every instance task watches it.
     stop: watch::Sender<Option<Duration>>,
     tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
-    /// Counts every change of an instance's state, so watchers (the broker) react at once, without polling.
-    changes: watch::Sender<u64>,
+    /// Instances whose cgroups shutdown removed.
+    removed: std::sync::Mutex<BTreeSet<String>>,
 }
 
 struct Slot {
     spec: Arc<ServiceSpec>,
     port: u16,
     cg: InstanceCgroup,
-    state: InstanceState,
-    main_pid: Option<u32>,
-    restarts: u32,
-    /// Set once `shutdown` removed the cgroups.
-    removed: bool,
-    /// Lets an on-demand instance start.
-    start: Arc<tokio::sync::Notify>,
-    /// Stops a running on-demand instance until demand starts it again.
-    park: Arc<tokio::sync::Notify>,
+    commands: mpsc::Sender<Command>,
 }
 
 impl Supervisor {
-    /// Validates `specs`, creates every instance's cgroups and spawns one task per instance. Must be called
-    /// within a tokio runtime. On a cgroup error, the cgroups created so far are removed again.
+    /// [`Supervisor::start_with`] with the default settings (the real kernel's memory operations).
     pub fn start(
         specs: Vec<ServiceSpec>,
         driver: Arc<dyn CgroupDriver>,
+    ) -> Result<Supervisor, SupervisorError> {
+        Self::start_with(specs, driver, Settings::default())
+    }
+
+    /// Validates `specs`, creates every instance's cgroups and spawns one task per instance. Must be called
+    /// within a tokio runtime. On a cgroup error, the cgroups created so far are removed again.
+    pub fn start_with(
+        specs: Vec<ServiceSpec>,
+        driver: Arc<dyn CgroupDriver>,
+        settings: Settings,
     ) -> Result<Supervisor, SupervisorError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| SupervisorError::NoRuntime)?;
         let mut names = BTreeSet::new();
@@ -342,221 +332,184 @@ impl Supervisor {
                 });
             }
         }
-        let mut slots = BTreeMap::new();
+        let ctx = Arc::new(Context {
+            driver: driver.clone(),
+            memory: settings.memory,
+            policy: settings.policy,
+            metrics: settings.metrics,
+            stop_grace: settings.stop_grace,
+            ready_timeout: settings.ready_timeout,
+            board: Arc::new(Board::new()),
+        });
+        let mut created: Vec<(String, Arc<ServiceSpec>, u16, InstanceCgroup)> = Vec::new();
         for spec in specs {
             let spec = Arc::new(spec);
             for index in 0..spec.instances {
                 let id = spec.instance_id(index);
-                let cg = match driver.create(&spec.name, &id) {
-                    Ok(cg) => cg,
+                match driver.create(&spec.name, &id) {
+                    Ok(cg) => created.push((id, spec.clone(), spec.port_of(index), cg)),
                     Err(source) => {
-                        for slot in slots.values() {
-                            let slot: &Slot = slot;
-                            let _ = driver.remove(&slot.cg);
+                        for (_, _, _, cg) in &created {
+                            let _ = driver.remove(cg);
                         }
                         return Err(SupervisorError::Cgroup { id, source });
                     }
-                };
-                let slot = Slot {
-                    spec: spec.clone(),
-                    port: spec.port_of(index),
-                    cg,
-                    state: InstanceState::Starting,
-                    main_pid: None,
-                    restarts: 0,
-                    removed: false,
-                    start: Arc::new(tokio::sync::Notify::new()),
-                    park: Arc::new(tokio::sync::Notify::new()),
-                };
-                slots.insert(id, slot);
+                }
             }
         }
-        let ids: Vec<String> = slots.keys().cloned().collect();
         let (stop, _) = watch::channel(None);
-        let inner = Arc::new(Inner {
-            runtime: runtime.clone(),
-            driver,
-            slots: Mutex::new(slots),
-            stop,
-            tasks: tokio::sync::Mutex::new(Vec::new()),
-            changes: watch::channel(0).0,
-        });
-        let handles: Vec<JoinHandle<()>> = ids
-            .into_iter()
-            .map(|id| {
-                let stop = inner.stop.subscribe();
-                runtime.spawn(run_instance(inner.clone(), id, stop))
-            })
-            .collect();
-        // Nobody else holds the lock yet.
-        if let Ok(mut tasks) = inner.tasks.try_lock() {
-            *tasks = handles;
+        let mut slots = BTreeMap::new();
+        let mut handles = Vec::new();
+        for (id, spec, port, cg) in created {
+            let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
+            let task =
+                InstanceTask { id: id.clone(), spec: spec.clone(), port, cg: cg.clone(), ctx: ctx.clone() };
+            task.announce();
+            handles.push(runtime.spawn(task.run(rx, stop.subscribe())));
+            slots.insert(id, Slot { spec, port, cg, commands });
         }
+        let inner = Arc::new(Inner {
+            ctx,
+            slots,
+            stop,
+            tasks: tokio::sync::Mutex::new(handles),
+            removed: std::sync::Mutex::new(BTreeSet::new()),
+        });
         Ok(Supervisor { inner })
     }
 
-    /// Every managed instance, ordered by id.
+    /// Every managed instance, ordered by id. Reads each instance's `cgroup.procs`: call it off the async
+    /// runtime's workers.
     pub fn instances(&self) -> Vec<InstanceInfo> {
-        let slots = self.inner.lock();
-        slots.iter().map(|(id, slot)| self.info(id, slot)).collect()
+        let views = self.inner.ctx.board.views();
+        self.inner
+            .slots
+            .iter()
+            .filter_map(|(id, slot)| Some(self.info(id, slot, views.get(id)?.clone())))
+            .collect()
     }
 
     pub fn instance(&self, id: &str) -> Option<InstanceInfo> {
-        let slots = self.inner.lock();
-        slots.get(id).map(|slot| self.info(id, slot))
+        let slot = self.inner.slots.get(id)?;
+        Some(self.info(id, slot, self.inner.ctx.board.view(id)?))
     }
 
-    fn info(&self, id: &str, slot: &Slot) -> InstanceInfo {
+    /// The state of an instance as its task last published it; reads nothing from the kernel.
+    pub fn state(&self, id: &str) -> Option<InstanceState> {
+        self.inner.ctx.board.view(id).map(|v| v.state)
+    }
+
+    /// Whether an operation is under way on the instance.
+    pub fn busy(&self, id: &str) -> bool {
+        self.inner.ctx.board.view(id).is_some_and(|v| v.busy)
+    }
+
+    /// `(id, service, serves, state)` of every instance, without reading the kernel.
+    pub fn states(&self) -> Vec<(String, String, String, InstanceState)> {
+        let views = self.inner.ctx.board.views();
+        self.inner
+            .slots
+            .iter()
+            .filter_map(|(id, s)| {
+                let state = views.get(id)?.state;
+                Some((id.clone(), s.spec.name.clone(), s.spec.routed_name().to_string(), state))
+            })
+            .collect()
+    }
+
+    fn info(&self, id: &str, slot: &Slot, view: crate::instance::View) -> InstanceInfo {
+        let removed = self.inner.removed.lock().map(|r| r.contains(id)).unwrap_or(false);
         let pids =
-            if slot.removed { Vec::new() } else { self.inner.driver.pids(&slot.cg).unwrap_or_default() };
+            if removed { Vec::new() } else { self.inner.ctx.driver.pids(&slot.cg).unwrap_or_default() };
         InstanceInfo {
             id: id.to_owned(),
             service: slot.spec.name.clone(),
-            state: slot.state,
+            state: view.state,
             pids,
-            main_pid: slot.main_pid,
+            main_pid: view.main_pid,
             port: slot.port,
-            restarts: slot.restarts,
+            restarts: view.restarts,
             cgroup: slot.cg.v2_rel.clone(),
             serves: slot.spec.routed_name().to_string(),
             version: slot.spec.version.clone(),
+            last_failure: view.last_failure,
+            standby: view.standby,
         }
     }
 
-    /// Starts an on-demand instance that has not started yet. Returns false for an unknown id or an instance
-    /// that is not waiting to start.
-    pub fn start_on_demand(&self, id: &str) -> bool {
-        let mut slots = self.inner.lock();
-        match slots.get_mut(id) {
-            Some(slot)
-                if slot.spec.start == StartPolicy::OnDemand && slot.state == InstanceState::Stopped =>
-            {
-                // Starting from here on, so a second demand before the task wakes adds no start.
-                slot.state = InstanceState::Starting;
-                slot.start.notify_one();
-                drop(slots);
-                self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
-                true
-            }
-            _ => false,
+    /// Asks an instance's task for `request`. Answers as soon as the task has looked at it: a ticket for
+    /// the outcome when accepted, otherwise why not. Never waits for an operation.
+    pub async fn request(&self, id: &str, request: Request) -> Result<Ticket, NotAccepted> {
+        let slot = self.inner.slots.get(id).ok_or(NotAccepted::UnknownInstance)?;
+        let (ack, ack_rx) = oneshot::channel();
+        let (done, done_rx) = oneshot::channel();
+        let gone =
+            || NotAccepted::Refused(format!("`{id}` is no longer supervised (Vigil is shutting down)"));
+        slot.commands.send(Command { request, ack, done }).await.map_err(|_| gone())?;
+        match ack_rx.await.map_err(|_| gone())? {
+            Answer::Accepted => Ok(Ticket { done: done_rx }),
+            Answer::AlreadyThere => Err(NotAccepted::AlreadyThere),
+            Answer::Busy(state) => Err(NotAccepted::Busy(state)),
+            Answer::Refused(reason) => Err(NotAccepted::Refused(format!("`{id}`: {reason}"))),
         }
     }
 
-    /// Stops a running instance of an on-demand service; it starts again on the next demand. Returns once it
-    /// has stopped (or `timeout` passed).
-    pub async fn stop_until_demand(&self, id: &str, timeout: Duration) -> Result<(), SupervisorError> {
-        let invalid =
-            |reason: &str| SupervisorError::InvalidSpec { service: id.to_owned(), reason: reason.into() };
-        {
-            let slots = self.inner.lock();
-            let slot = slots.get(id).ok_or_else(|| SupervisorError::UnknownInstance { id: id.to_owned() })?;
-            if slot.spec.start != StartPolicy::OnDemand {
-                return Err(invalid("only instances of `start: on_demand` services stop until demand"));
-            }
-            if slot.state != InstanceState::Active {
-                return Err(invalid("only an active instance can be stopped until demand"));
-            }
-            slot.park.notify_one();
-        }
-        let mut changes = self.changes();
-        let deadline = tokio::time::Instant::now() + timeout;
-        while self.instance(id).is_some_and(|i| i.state != InstanceState::Stopped) {
-            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
-                return Err(invalid("did not stop in time"));
-            }
-        }
-        Ok(())
+    /// Starts an on-demand instance that is parked. Returns false for an unknown id or an instance that
+    /// is not waiting to start.
+    pub async fn start_on_demand(&self, id: &str) -> bool {
+        self.request(id, Request::Start).await.is_ok()
     }
 
     /// A receiver that sees a change whenever any instance's state (or process) changes.
     pub fn changes(&self) -> watch::Receiver<u64> {
-        self.inner.changes.subscribe()
-    }
-
-    /// Sets the state for the standby executor (hibernating, hibernated, waking, active). Returns false for
-    /// an unknown id.
-    pub fn set_state(&self, id: &str, state: InstanceState) -> bool {
-        self.inner.set_state(id, state)
+        self.inner.ctx.board.changes()
     }
 
     pub fn cgroup(&self, id: &str) -> Option<InstanceCgroup> {
-        self.inner.lock().get(id).map(|s| s.cg.clone())
+        self.inner.slots.get(id).map(|s| s.cg.clone())
     }
 
     pub fn spec(&self, id: &str) -> Option<ServiceSpec> {
-        self.inner.lock().get(id).map(|s| (*s.spec).clone())
+        self.inner.slots.get(id).map(|s| (*s.spec).clone())
+    }
+
+    /// `(instances, in standby or in transition)` of a service.
+    pub fn standby_counts(&self, service: &str) -> (usize, usize) {
+        let states: Vec<InstanceState> =
+            self.states().into_iter().filter(|(_, s, _, _)| s == service).map(|(_, _, _, st)| st).collect();
+        let standby = states
+            .iter()
+            .filter(|s| {
+                matches!(s, InstanceState::Hibernating | InstanceState::Hibernated | InstanceState::Waking)
+            })
+            .count();
+        (states.len(), standby)
     }
 
     /// Runs the readiness check every 100 ms until it passes or `timeout` elapses.
     pub async fn wait_ready(&self, id: &str, timeout: Duration) -> Result<(), SupervisorError> {
-        let (readiness, port) = self.readiness_of(id)?;
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if probe(&readiness, port).await {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(SupervisorError::NotReady { id: id.to_owned(), timeout });
-            }
-            tokio::time::sleep_until((tokio::time::Instant::now() + PROBE_INTERVAL).min(deadline)).await;
-        }
+        let slot =
+            self.inner.slots.get(id).ok_or_else(|| SupervisorError::UnknownInstance { id: id.to_owned() })?;
+        crate::instance::wait_ready(&slot.spec.readiness, slot.port, timeout)
+            .await
+            .map_err(|_| SupervisorError::NotReady { id: id.to_owned(), timeout })
     }
 
     /// One readiness probe now; false for an unknown id.
     pub async fn check_ready(&self, id: &str) -> bool {
-        match self.readiness_of(id) {
-            Ok((readiness, port)) => probe(&readiness, port).await,
-            Err(_) => false,
+        match self.inner.slots.get(id) {
+            Some(slot) => crate::instance::probe(&slot.spec.readiness, slot.port).await,
+            None => false,
         }
     }
 
-    fn readiness_of(&self, id: &str) -> Result<(Readiness, u16), SupervisorError> {
-        let slots = self.inner.lock();
-        let slot = slots.get(id).ok_or_else(|| SupervisorError::UnknownInstance { id: id.to_owned() })?;
-        Ok((slot.spec.readiness.clone(), slot.port))
-    }
-
-    /// Runs the instance's pre-hibernate or post-wake hook (port substituted, the service's env plus
-    /// `VIGIL_INSTANCE_ID` and `VIGIL_PORT`), killed after [`HOOK_TIMEOUT`]. No hook configured is success.
+    /// Runs the instance's pre-hibernate or post-wake hook (see [`crate::instance::run_hook`]).
     pub async fn run_hook(&self, id: &str, hook: Hook) -> Result<(), SupervisorError> {
-        let (command, env, port) = {
-            let slots = self.inner.lock();
-            let slot = slots.get(id).ok_or_else(|| SupervisorError::UnknownInstance { id: id.to_owned() })?;
-            let command = match hook {
-                Hook::PreHibernate => slot.spec.pre_hibernate.clone(),
-                Hook::PostWake => slot.spec.post_wake.clone(),
-            };
-            (command, slot.spec.env.clone(), slot.port)
-        };
-        let Some(command) = command else { return Ok(()) };
-        let command = substitute_port(&command, port);
-        let fail = |reason: String| {
-            tracing::warn!(instance_id = id, hook = hook_name(hook), ?command, %reason, "hook failed");
-            SupervisorError::Hook {
-                id: id.to_owned(),
-                hook: hook_name(hook),
-                command: command.clone(),
-                reason,
-            }
-        };
-        let mut cmd = Command::new(&command[0]);
-        cmd.args(&command[1..])
-            .envs(env.iter().map(|(k, v)| (k, v.replace(PORT_PLACEHOLDER, &port.to_string()))))
-            .env("VIGIL_INSTANCE_ID", id)
-            .env("VIGIL_PORT", port.to_string())
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|e| fail(format!("cannot start: {e}")))?;
-        match tokio::time::timeout(HOOK_TIMEOUT, child.wait()).await {
-            Ok(Ok(status)) if status.success() => Ok(()),
-            Ok(Ok(status)) => Err(fail(format!("exited with {status}"))),
-            Ok(Err(e)) => Err(fail(format!("cannot wait for it: {e}"))),
-            Err(_) => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                Err(fail(format!("still running after {HOOK_TIMEOUT:?}; killed")))
-            }
-        }
+        let slot =
+            self.inner.slots.get(id).ok_or_else(|| SupervisorError::UnknownInstance { id: id.to_owned() })?;
+        crate::instance::run_hook(id, &slot.spec, slot.port, hook)
+            .await
+            .map_err(|reason| SupervisorError::Hook { id: id.to_owned(), hook: hook.name(), reason })
     }
 
     /// Stops every instance (SIGTERM to its process group, SIGKILL after `grace`), reaps it and removes its
@@ -576,17 +529,14 @@ impl Supervisor {
                 tracing::error!(error = %e, "instance task ended abnormally");
             }
         }
-        let pending: Vec<(String, InstanceCgroup)> = {
-            let slots = self.inner.lock();
-            slots.iter().filter(|(_, s)| !s.removed).map(|(id, s)| (id.clone(), s.cg.clone())).collect()
-        };
-        for (id, cg) in pending {
-            let driver = self.inner.driver.clone();
-            let removed = tokio::task::spawn_blocking(move || remove_cgroups(&*driver, &cg)).await;
-            match removed {
+        let removed = self.inner.removed.lock().map(|r| r.clone()).unwrap_or_default();
+        for (id, slot) in self.inner.slots.iter().filter(|(id, _)| !removed.contains(*id)) {
+            let driver = self.inner.ctx.driver.clone();
+            let cg = slot.cg.clone();
+            match tokio::task::spawn_blocking(move || remove_cgroups(&*driver, &cg)).await {
                 Ok(Ok(())) => {
-                    if let Some(slot) = self.inner.lock().get_mut(&id) {
-                        slot.removed = true;
+                    if let Ok(mut r) = self.inner.removed.lock() {
+                        r.insert(id.clone());
                     }
                 }
                 Ok(Err(e)) => {
@@ -598,57 +548,61 @@ impl Supervisor {
     }
 }
 
-/// The standby executor's view. These calls block: call them off the runtime (from a plain thread or
-/// `spawn_blocking`), never from async code, where blocking on the runtime would panic.
-impl InstanceRegistry for Supervisor {
-    fn cgroup(&self, instance_id: &str) -> Option<InstanceCgroup> {
-        Supervisor::cgroup(self, instance_id)
-    }
-
-    fn inflight(&self, instance_id: &str) -> usize {
-        let Some(port) = self.instance(instance_id).map(|i| i.port) else { return 0 };
-        crate::run::established_now().iter().filter(|(p, _)| *p == port).count()
+/// The executor of the healer's actions on managed instances: each becomes a request to the instance's
+/// task, answered at once; the outcome arrives when the instance settles.
+impl crate::engine::Executor for Supervisor {
+    fn start<'a>(&'a self, action: Action, _service: &'a str, id: &'a str) -> BoxFuture<'a, Started> {
+        Box::pin(async move {
+            let request = match action {
+                Action::Hibernate => Request::Hibernate,
+                Action::Wake => Request::Wake,
+                Action::Restart => Request::Restart,
+                Action::Stop => Request::Stop,
+                Action::Notify => {
+                    tracing::warn!(instance = id, "rule notification");
+                    return Started::Finished(Ok(()));
+                }
+            };
+            match self.request(id, request).await {
+                Ok(ticket) => {
+                    let id = id.to_string();
+                    Started::Running(Box::pin(async move {
+                        let finished =
+                            ticket.done.await.map_err(|_| format!("`{id}` stopped being supervised"))?;
+                        let reached = finished.state == request.target();
+                        match (finished.failure, reached) {
+                            (None, true) => Ok(()),
+                            (Some(failure), true) => Err(format!(
+                                "{failure} (recovered: `{id}` is {} now)",
+                                finished.state.as_str()
+                            )),
+                            (Some(failure), false) => {
+                                Err(format!("{failure} (`{id}` is {} now)", finished.state.as_str()))
+                            }
+                            (None, false) => Err(format!(
+                                "`{id}` ended {} instead of {}",
+                                finished.state.as_str(),
+                                request.target().as_str()
+                            )),
+                        }
+                    }))
+                }
+                Err(NotAccepted::AlreadyThere) => Started::Finished(Ok(())),
+                Err(NotAccepted::Busy(_)) => Started::Busy,
+                Err(NotAccepted::UnknownInstance) => {
+                    Started::Finished(Err(format!("no managed instance `{id}`")))
+                }
+                Err(NotAccepted::Refused(reason)) => Started::Finished(Err(reason)),
+            }
+        })
     }
 
     fn standby_counts(&self, service: &str) -> Option<(usize, usize)> {
-        let instances: Vec<InstanceInfo> =
-            self.instances().into_iter().filter(|i| i.service == service).collect();
-        let standby = instances
-            .iter()
-            .filter(|i| {
-                matches!(
-                    i.state,
-                    InstanceState::Hibernating | InstanceState::Hibernated | InstanceState::Waking
-                )
-            })
-            .count();
-        Some((instances.len(), standby))
+        Some(Supervisor::standby_counts(self, service))
     }
 
-    fn state(&self, instance_id: &str) -> Option<InstanceState> {
-        self.inner.lock().get(instance_id).map(|s| s.state)
-    }
-
-    fn set_state(&self, instance_id: &str, state: InstanceState) -> bool {
-        Supervisor::set_state(self, instance_id, state)
-    }
-
-    fn run_hook(&self, instance_id: &str, hook: Hook) -> Result<(), String> {
-        self.inner.runtime.block_on(Supervisor::run_hook(self, instance_id, hook)).map_err(|e| e.to_string())
-    }
-
-    fn wait_ready(&self, instance_id: &str, timeout: Duration) -> Result<(), String> {
-        self.inner
-            .runtime
-            .block_on(Supervisor::wait_ready(self, instance_id, timeout))
-            .map_err(|e| e.to_string())
-    }
-
-    fn stop_until_demand(&self, instance_id: &str) -> Result<(), String> {
-        self.inner
-            .runtime
-            .block_on(Supervisor::stop_until_demand(self, instance_id, PARK_GRACE + Duration::from_secs(5)))
-            .map_err(|e| e.to_string())
+    fn busy(&self, instance_id: &str) -> bool {
+        Supervisor::busy(self, instance_id)
     }
 }
 
@@ -675,283 +629,6 @@ fn remove_cgroups(driver: &dyn CgroupDriver, cg: &InstanceCgroup) -> Result<(), 
     }
 }
 
-impl Inner {
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Slot>> {
-        // A panic while holding the lock leaves plain data behind, still worth serving.
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn set_state(&self, id: &str, state: InstanceState) -> bool {
-        let found = match self.lock().get_mut(id) {
-            Some(slot) => {
-                slot.state = state;
-                true
-            }
-            None => false,
-        };
-        if found {
-            self.changes.send_modify(|n| *n = n.wrapping_add(1));
-        }
-        found
-    }
-
-    fn update(&self, id: &str, f: impl FnOnce(&mut Slot)) {
-        if let Some(slot) = self.lock().get_mut(id) {
-            f(slot);
-        }
-        self.changes.send_modify(|n| *n = n.wrapping_add(1));
-    }
-}
-
-/// What ended one run of an instance.
-enum RunEnd {
-    Exited {
-        healthy_for: Duration,
-    },
-    Stopped,
-    /// Stopped until demand (scale to zero).
-    Parked,
-}
-
-/// How long an instance stopped until demand has to exit after SIGTERM.
-const PARK_GRACE: Duration = Duration::from_secs(10);
-
-/// The life of one instance: start, watch, restart with backoff, until shutdown.
-async fn run_instance(inner: Arc<Inner>, id: String, mut stop: watch::Receiver<Option<Duration>>) {
-    let mut backoff = Backoff::new();
-    let mut first = true;
-    let on_demand =
-        inner.lock().get(&id).filter(|s| s.spec.start == StartPolicy::OnDemand).map(|s| s.start.clone());
-    if let Some(start) = on_demand {
-        inner.set_state(&id, InstanceState::Stopped);
-        tokio::select! {
-            () = start.notified() => tracing::info!(instance_id = %id, "starting on demand"),
-            _ = stop_requested(&mut stop) => return,
-        }
-    }
-    loop {
-        if !first {
-            let delay = backoff.next_delay();
-            tracing::info!(instance_id = %id, ?delay, "restarting after backoff");
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                _ = stop_requested(&mut stop) => break,
-            }
-            inner.update(&id, |s| s.restarts += 1);
-        }
-        first = false;
-        if stop.borrow().is_some() {
-            break;
-        }
-        inner.set_state(&id, InstanceState::Starting);
-        match run_once(&inner, &id, &mut stop).await {
-            RunEnd::Exited { healthy_for } => {
-                backoff.record_healthy(healthy_for);
-                inner.update(&id, |s| {
-                    s.state = InstanceState::Failed;
-                    s.main_pid = None;
-                });
-            }
-            RunEnd::Stopped => return,
-            RunEnd::Parked => {
-                let Some(start) = inner.lock().get(&id).map(|s| s.start.clone()) else { return };
-                tokio::select! {
-                    () = start.notified() => tracing::info!(instance_id = %id, "starting on demand"),
-                    _ = stop_requested(&mut stop) => return,
-                }
-                first = true;
-                backoff = Backoff::new();
-            }
-        }
-    }
-    inner.update(&id, |s| {
-        s.state = InstanceState::Stopped;
-        s.main_pid = None;
-    });
-}
-
-/// Resolves once shutdown was requested, with its grace period.
-async fn stop_requested(stop: &mut watch::Receiver<Option<Duration>>) -> Duration {
-    match stop.wait_for(Option::is_some).await {
-        Ok(grace) => grace.unwrap_or_default(),
-        // The sender lives in `Inner`, which this task holds; treat its loss as an immediate stop.
-        Err(_) => Duration::ZERO,
-    }
-}
-
-/// Starts the instance once and watches it until it exits or shutdown stops it.
-async fn run_once(inner: &Arc<Inner>, id: &str, stop: &mut watch::Receiver<Option<Duration>>) -> RunEnd {
-    let Some((spec, port, cg, park)) =
-        inner.lock().get(id).map(|s| (s.spec.clone(), s.port, s.cg.clone(), s.park.clone()))
-    else {
-        return RunEnd::Stopped;
-    };
-    let mut child = match spawn_in_cgroup(inner, id, &spec, port, &cg).await {
-        Ok(child) => child,
-        Err(reason) => {
-            tracing::error!(instance_id = %id, %reason, "cannot start instance");
-            return RunEnd::Exited { healthy_for: Duration::ZERO };
-        }
-    };
-    let pid = child.id();
-    inner.update(id, |s| s.main_pid = pid);
-    tracing::info!(instance_id = %id, pid, port, "instance started");
-
-    let mut active_since: Option<Instant> = None;
-    let mut probe_tick = tokio::time::interval(PROBE_INTERVAL);
-    probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let status = loop {
-        tokio::select! {
-            status = child.wait() => break status,
-            grace = stop_requested(stop) => {
-                stop_child(inner, id, &cg, &mut child, pid, grace).await;
-                return RunEnd::Stopped;
-            }
-            () = park.notified() => {
-                stop_child(inner, id, &cg, &mut child, pid, PARK_GRACE).await;
-                return RunEnd::Parked;
-            }
-            _ = probe_tick.tick(), if active_since.is_none() => {
-                if probe(&spec.readiness, port).await {
-                    active_since = Some(Instant::now());
-                    inner.update(id, |s| {
-                        // The standby executor may already own the state; only a starting instance turns active.
-                        if s.state == InstanceState::Starting {
-                            s.state = InstanceState::Active;
-                        }
-                    });
-                    tracing::info!(instance_id = %id, "instance ready");
-                }
-            }
-        }
-    };
-    log_exit(id, &status);
-    // Whatever the service forked and left behind in its group goes with it.
-    signal_group(pid, Signal::KILL);
-    RunEnd::Exited { healthy_for: active_since.map(|t| t.elapsed()).unwrap_or_default() }
-}
-
-fn log_exit(id: &str, status: &std::io::Result<ExitStatus>) {
-    match status {
-        Ok(status) => tracing::warn!(instance_id = %id, %status, "instance exited"),
-        Err(e) => tracing::error!(instance_id = %id, error = %e, "cannot wait for instance"),
-    }
-}
-
-/// Spawns `sh` holding on stdin, moves it into the instance's cgroups, then lets it exec the service.
-async fn spawn_in_cgroup(
-    inner: &Inner,
-    id: &str,
-    spec: &ServiceSpec,
-    port: u16,
-    cg: &InstanceCgroup,
-) -> Result<Child, String> {
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(HOLD_SCRIPT)
-        .arg("sh")
-        .args(substitute_port(&spec.command, port))
-        .envs(spec.env.iter().map(|(k, v)| (k, v.replace(PORT_PLACEHOLDER, &port.to_string()))))
-        .env("VIGIL_INSTANCE_ID", id)
-        .env("VIGIL_PORT", port.to_string())
-        .stdin(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| format!("cannot spawn {:?}: {e}", spec.command))?;
-    let Some(pid) = child.id() else {
-        let _ = child.wait().await;
-        return Err("the child exited before it could join its cgroups".into());
-    };
-    let abort = |mut child: Child, reason: String| async move {
-        let _ = child.start_kill();
-        let _ = child.wait().await;
-        Err(reason)
-    };
-    if let Err(e) = inner.driver.add_process(cg, pid) {
-        return abort(child, format!("cannot move pid {pid} into its cgroups: {e}")).await;
-    }
-    let Some(mut stdin) = child.stdin.take() else {
-        return abort(child, "the child has no stdin".into()).await;
-    };
-    if let Err(e) = stdin.write_all(b"go\n").await {
-        return abort(child, format!("cannot release the child: {e}")).await;
-    }
-    drop(stdin);
-    Ok(child)
-}
-
-/// SIGTERM to the instance's process group, SIGKILL after `grace`, then reap.
-async fn stop_child(
-    inner: &Inner,
-    id: &str,
-    cg: &InstanceCgroup,
-    child: &mut Child,
-    pid: Option<u32>,
-    grace: Duration,
-) {
-    inner.set_state(id, InstanceState::Stopping);
-    // A frozen process cannot act on SIGTERM: thaw first (a no-op for a thawed cgroup).
-    if let Err(e) = inner.driver.set_frozen(cg, false) {
-        tracing::warn!(instance_id = %id, error = %e, "cannot thaw instance before stopping it");
-    }
-    signal_group(pid, Signal::TERM);
-    let status = match tokio::time::timeout(grace, child.wait()).await {
-        Ok(status) => status,
-        Err(_) => {
-            tracing::warn!(instance_id = %id, ?grace, "instance ignored SIGTERM; killing it");
-            signal_group(pid, Signal::KILL);
-            let _ = child.start_kill();
-            child.wait().await
-        }
-    };
-    if let Err(e) = status {
-        tracing::error!(instance_id = %id, error = %e, "cannot reap instance");
-    }
-    signal_group(pid, Signal::KILL);
-    inner.update(id, |s| {
-        s.state = InstanceState::Stopped;
-        s.main_pid = None;
-    });
-    tracing::info!(instance_id = %id, "instance stopped");
-}
-
-/// Signals the process group led by `pid`; a group that is already gone is fine.
-fn signal_group(pid: Option<u32>, signal: Signal) {
-    let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()).and_then(Pid::from_raw) else { return };
-    if let Err(e) = kill_process_group(pid, signal)
-        && e != rustix::io::Errno::SRCH
-    {
-        tracing::warn!(pgid = pid.as_raw_nonzero().get(), error = %e, "cannot signal process group");
-    }
-}
-
-/// One readiness probe on 127.0.0.1:`port`, bounded by [`PROBE_TIMEOUT`].
-async fn probe(readiness: &Readiness, port: u16) -> bool {
-    tokio::time::timeout(PROBE_TIMEOUT, probe_unbounded(readiness, port)).await.unwrap_or(false)
-}
-
-async fn probe_unbounded(readiness: &Readiness, port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await else { return false };
-    let path = match readiness {
-        Readiness::Tcp(_) => return true,
-        Readiness::Http(path) => path,
-    };
-    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return false;
-    }
-    // The status line is all that matters; read until it is complete (or the peer closes).
-    let mut buf = Vec::with_capacity(256);
-    let mut chunk = [0u8; 256];
-    while !buf.contains(&b'\n') && buf.len() < 4096 {
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-    parse_http_status(&buf).is_some_and(|code| (200..300).contains(&code))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -967,18 +644,6 @@ mod tests {
             .map(String::from)
             .collect();
         assert_eq!(substitute_port(&args, 18081), ["app", "--port=18081", "18081", "x1808118081", "none"]);
-    }
-
-    #[test]
-    fn backoff_doubles_to_30s_and_resets_after_a_healthy_minute() {
-        let mut b = Backoff::new();
-        let secs: Vec<u64> = (0..8).map(|_| b.next_delay().as_secs()).collect();
-        assert_eq!(secs, [1, 2, 4, 8, 16, 30, 30, 30]);
-        b.record_healthy(Duration::from_secs(59));
-        assert_eq!(b.next_delay(), Duration::from_secs(30));
-        b.record_healthy(Duration::from_secs(60));
-        assert_eq!(b.next_delay(), Duration::from_secs(1));
-        assert_eq!(b.next_delay(), Duration::from_secs(2));
     }
 
     #[test]

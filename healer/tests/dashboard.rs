@@ -18,7 +18,8 @@ use vigil_collector::Collector;
 use vigil_collector::config::CollectorConfig;
 use vigil_collector::discovery::WatchConfig;
 use vigil_healer::config::HealerConfig;
-use vigil_healer::run::{ConnectionTraffic, Healer};
+use vigil_healer::run::Healer;
+use vigil_healer::traffic::ConnectionTraffic;
 
 fn post(addr: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect(addr).expect("connect to the API");

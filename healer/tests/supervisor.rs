@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use vigil_collector::cgroupfs::Layout;
 use vigil_healer::cgroup::{CgroupDriver, DriverConfig, InstanceCgroup, driver_for};
-use vigil_healer::executor::InstanceRegistry;
+use vigil_healer::lifecycle::Request;
 use vigil_healer::rules::InstanceState;
-use vigil_healer::supervisor::{Hook, Readiness, ServiceSpec, Supervisor};
+use vigil_healer::supervisor::{Hook, NotAccepted, Readiness, ServiceSpec, Supervisor};
 
 fn assert_root() {
     let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
@@ -117,6 +117,7 @@ fn spec(name: &str, command: Vec<String>, port: u16, instances: u32, readiness: 
         version: vigil_healer::supervisor::DEFAULT_VERSION.into(),
         start: Default::default(),
         serves: None,
+        ready_timeout: None,
     }
 }
 
@@ -206,27 +207,31 @@ fn instances_start_in_their_cgroups_restart_after_a_kill_and_shut_down_clean() {
         assert_eq!(written.trim(), (port + 1).to_string());
         assert!(sup.run_hook(&ids[1], Hook::PostWake).await.is_err());
 
-        // The standby executor's states stick while the instance runs.
-        assert!(sup.set_state(&ids[1], InstanceState::Hibernated));
-        assert_eq!(sup.instance(&ids[1]).map(|i| i.state), Some(InstanceState::Hibernated));
-        assert!(sup.set_state(&ids[1], InstanceState::Active));
-        assert!(!sup.set_state("nope-0", InstanceState::Active));
-
-        // The standby executor's blocking view, from off the runtime as it runs.
-        let registry = sup.clone();
-        let id = ids[1].clone();
-        let (state, ready, hook) = tokio::task::spawn_blocking(move || {
-            (
-                InstanceRegistry::state(&registry, &id),
-                InstanceRegistry::wait_ready(&registry, &id, Duration::from_secs(5)),
-                InstanceRegistry::run_hook(&registry, &id, Hook::PostWake),
-            )
-        })
-        .await
-        .expect("registry calls");
-        assert_eq!(state, Some(InstanceState::Active));
-        assert_eq!(ready, Ok(()));
-        assert!(hook.is_err_and(|e| e.contains("post_wake")), "post_wake runs `false`");
+        // Requests go to the instance's task and are answered at once: hibernate (the CPU part only
+        // without swap; the pre-hibernate hook runs), a second request while it runs is busy, then a wake
+        // whose post-wake hook fails restarts the instance, which serves again.
+        let ticket = sup.request(&ids[1], Request::Hibernate).await.expect("hibernate accepted");
+        let answer = sup.request(&ids[1], Request::Hibernate).await.err();
+        assert!(
+            matches!(answer, Some(NotAccepted::Busy(_) | NotAccepted::AlreadyThere)),
+            "a second hibernate is refused at once: {answer:?}"
+        );
+        let finished = ticket.done.await.expect("hibernate finished");
+        assert_eq!((finished.state, finished.failure), (InstanceState::Hibernated, None));
+        assert_eq!(sup.request(&ids[1], Request::Hibernate).await.err(), Some(NotAccepted::AlreadyThere));
+        let _ = std::fs::remove_file(&marker);
+        let pid_before = sup.instance(&ids[1]).and_then(|i| i.main_pid).expect("pid");
+        let ticket = sup.request(&ids[1], Request::Wake).await.expect("wake accepted");
+        let finished = ticket.done.await.expect("wake finished");
+        assert_eq!(finished.state, InstanceState::Active, "restarted after the failed hook");
+        assert!(finished.failure.as_deref().is_some_and(|f| f.contains("post_wake")), "{finished:?}");
+        let info = sup.instance(&ids[1]).expect("instance");
+        assert_eq!(info.restarts, 1);
+        assert!(info.main_pid.is_some_and(|p| p != pid_before), "a new process: {info:?}");
+        assert!(info.last_failure.as_deref().is_some_and(|f| f.contains("post_wake")));
+        assert!(!proc_exists(pid_before), "the old process was stopped and reaped");
+        sup.wait_ready(&ids[1], Duration::from_secs(5)).await.expect("the restarted instance serves");
+        assert_eq!(sup.request("nope-0", Request::Wake).await.err(), Some(NotAccepted::UnknownInstance));
 
         // (2) SIGKILL one instance: it is reaped and restarted, active again after the 1 s backoff.
         let old = infos[0].main_pid.expect("main pid");
@@ -244,7 +249,7 @@ fn instances_start_in_their_cgroups_restart_after_a_kill_and_shut_down_clean() {
         let cg = sup.cgroup(&ids[0]).expect("cgroup");
         assert_eq!(driver.pids(&cg).expect("cgroup pids"), vec![new_pid]);
         sup.wait_ready(&ids[0], Duration::from_secs(5)).await.expect("restarted instance serves");
-        assert_eq!(sup.instance(&ids[1]).map(|i| i.restarts), Some(0));
+        assert_eq!(sup.instance(&ids[1]).map(|i| i.restarts), Some(1), "only its own restart");
 
         // (3) Shutdown: every process gone and reaped (no /proc entry, so no zombie), cgroups removed.
         let pids = [new_pid, infos[1].main_pid.expect("main pid")];

@@ -1,0 +1,666 @@
+//! One managed instance, driven by a task of its own. The task owns the child process and the instance's
+//! [`Lifecycle`]; it takes [`Command`]s from a channel, answers each at once (accepted, already there,
+//! busy, refused), and runs the operations the lifecycle picks one at a time, as futures it polls beside
+//! the child's exit and the command channel, so a busy instance still answers `busy` immediately and a
+//! crash is noticed mid-operation. What it knows is published on the [`Board`] after every change, for
+//! the API, the broker and the rules; nobody else writes an instance's state.
+//!
+//! Blocking work (cgroupfs writes, `process_madvise`, `/proc` reads) runs on the blocking pool; hooks,
+//! readiness probes and the child's signals are async. No lock is held across any of it.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal, kill_process_group};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command as ProcessCommand};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::cgroup::{CgroupDriver, CpuLimit, InstanceCgroup};
+use crate::lifecycle::{Answer, Event, Goal, Lifecycle, Op, Request};
+use crate::metrics::StandbyMetrics;
+use crate::rules::InstanceState;
+use crate::standby::{self, HibernateReport, MemoryOps, StandbyPolicy, WakeReport, WorkingSet};
+use crate::supervisor::{Readiness, ServiceSpec, StartPolicy, substitute_port};
+
+/// How often readiness is probed while an instance starts or wakes.
+const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// One readiness probe (connect, request, status line) gives up after this long.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
+/// A pre-hibernate or post-wake hook that runs longer is killed and reported as failed.
+pub const HOOK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long hibernate waits for connections to the instance to finish before it goes ahead anyway.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The placeholder in commands, hooks and env values that becomes the instance's port.
+pub const PORT_PLACEHOLDER: &str = "{port}";
+/// The shell script that holds the child until its cgroups are set: it reads one line from stdin (written
+/// after `add_process`), then execs the service with stdin from /dev/null.
+const HOLD_SCRIPT: &str = "read _ && exec \"$@\" </dev/null";
+
+/// Hooks a service may declare around standby.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    PreHibernate,
+    PostWake,
+}
+
+impl Hook {
+    /// The name of the hook as the config spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::PreHibernate => "pre_hibernate",
+            Hook::PostWake => "post_wake",
+        }
+    }
+}
+
+/// Standby results kept for the API.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StandbyRecord {
+    pub memory_before: u64,
+    pub memory_after: u64,
+    pub memory_kept_resident: bool,
+    pub hibernate_seconds: f64,
+    pub wake_seconds: Option<f64>,
+    pub prefetch_bytes: u64,
+}
+
+/// What the instance's task publishes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct View {
+    pub state: InstanceState,
+    /// The process Vigil spawned (the service after exec), while it runs.
+    pub main_pid: Option<u32>,
+    pub restarts: u32,
+    /// An operation (other than waiting out a backoff) is under way.
+    pub busy: bool,
+    pub last_failure: Option<String>,
+    pub standby: Option<StandbyRecord>,
+}
+
+impl View {
+    fn new(state: InstanceState) -> View {
+        View { state, main_pid: None, restarts: 0, busy: false, last_failure: None, standby: None }
+    }
+}
+
+/// Where every instance task publishes its [`View`]; readers see a change on [`Board::changes`] at once.
+pub struct Board {
+    views: Mutex<BTreeMap<String, View>>,
+    changes: watch::Sender<u64>,
+}
+
+impl Board {
+    pub fn new() -> Board {
+        Board { views: Mutex::new(BTreeMap::new()), changes: watch::channel(0).0 }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, View>> {
+        // A panic while holding the lock leaves plain data behind, still worth serving.
+        self.views.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn view(&self, id: &str) -> Option<View> {
+        self.lock().get(id).cloned()
+    }
+
+    pub fn views(&self) -> BTreeMap<String, View> {
+        self.lock().clone()
+    }
+
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn insert(&self, id: &str, view: View) {
+        self.lock().insert(id.to_string(), view);
+    }
+
+    fn publish(&self, id: &str, view: View) {
+        let changed = {
+            let mut views = self.lock();
+            let slot = views.entry(id.to_string()).or_insert_with(|| view.clone());
+            let changed = *slot != view;
+            *slot = view;
+            changed
+        };
+        if changed {
+            self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+}
+
+impl Default for Board {
+    fn default() -> Self {
+        Board::new()
+    }
+}
+
+/// What every instance task shares: the cgroup driver, the memory operations and the standby policy.
+pub struct Context {
+    pub driver: Arc<dyn CgroupDriver>,
+    pub memory: Arc<dyn MemoryOps>,
+    pub policy: StandbyPolicy,
+    pub metrics: StandbyMetrics,
+    /// SIGTERM → SIGKILL for stops other than shutdown (restart, stop until demand).
+    pub stop_grace: Duration,
+    /// Readiness after a start or a wake must pass within this long.
+    pub ready_timeout: Duration,
+    pub board: Arc<Board>,
+}
+
+/// A request to an instance's task. `ack` is answered at once; `done` once the instance settles after an
+/// accepted request.
+pub struct Command {
+    pub request: Request,
+    pub ack: oneshot::Sender<Answer>,
+    pub done: oneshot::Sender<Finished>,
+}
+
+/// Where an accepted request left the instance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finished {
+    pub state: InstanceState,
+    /// The first failure on the way, if any (the instance may still have reached its target, e.g. by a
+    /// restart after a failed wake).
+    pub failure: Option<String>,
+    pub standby: Option<StandbyRecord>,
+}
+
+/// The outcome of one operation, with what it produced.
+enum Done {
+    Spawned(Child),
+    Hibernated(HibernateReport),
+    Woken(WakeReport),
+    Plain(Event),
+}
+
+type OpFuture = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+/// One instance's task.
+pub struct InstanceTask {
+    pub id: String,
+    pub spec: Arc<ServiceSpec>,
+    pub port: u16,
+    pub cg: InstanceCgroup,
+    pub ctx: Arc<Context>,
+}
+
+/// Polls `f` if there is one; never resolves otherwise.
+async fn maybe<F: Future + Unpin>(f: Option<&mut F>) -> F::Output {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_child(child: Option<&mut Child>) -> std::io::Result<ExitStatus> {
+    match child {
+        Some(c) => c.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves once shutdown was requested, with its grace period.
+pub async fn stop_requested(stop: &mut watch::Receiver<Option<Duration>>) -> Duration {
+    match stop.wait_for(Option::is_some).await {
+        Ok(grace) => grace.unwrap_or_default(),
+        // The sender lives with the supervisor, which outlives this task; treat its loss as a stop now.
+        Err(_) => Duration::ZERO,
+    }
+}
+
+impl InstanceTask {
+    /// Publishes the initial view, so the instance is listed before its task first runs.
+    pub fn announce(&self) {
+        let on_demand = self.spec.start == StartPolicy::OnDemand;
+        self.ctx.board.insert(&self.id, View::new(Lifecycle::new(on_demand).state()));
+    }
+
+    /// The instance's life, until shutdown has stopped it.
+    pub async fn run(
+        self,
+        mut commands: mpsc::Receiver<Command>,
+        mut stop: watch::Receiver<Option<Duration>>,
+    ) {
+        let mut life = Lifecycle::new(self.spec.start == StartPolicy::OnDemand);
+        let mut child: Option<Child> = None;
+        let mut op: Option<OpFuture> = None;
+        let mut working_set = WorkingSet::default();
+        let mut record: Option<StandbyRecord> = None;
+        let mut waiter: Option<oneshot::Sender<Finished>> = None;
+        let mut active_since: Option<Instant> = None;
+        let mut grace = self.ctx.stop_grace;
+        let mut shutting_down = false;
+        loop {
+            if life.in_flight().is_none() {
+                // Abandoned by the lifecycle (a probe or a backoff): nothing to undo.
+                op = None;
+            }
+            if op.is_none()
+                && let Some(next) = life.next_op()
+            {
+                if let Op::Backoff(delay) = next {
+                    tracing::info!(instance_id = %self.id, ?delay, "restarting after backoff");
+                }
+                op = Some(self.start(next, &mut child, &mut working_set, grace));
+            }
+            let state = life.state();
+            if state == InstanceState::Active && active_since.is_none() {
+                active_since = Some(Instant::now());
+            }
+            self.ctx.board.publish(
+                &self.id,
+                View {
+                    state,
+                    main_pid: child.as_ref().and_then(Child::id),
+                    restarts: life.restarts(),
+                    busy: !life.settled(),
+                    last_failure: life.last_failure().map(str::to_string),
+                    standby: record.clone(),
+                },
+            );
+            if life.settled()
+                && let Some(tx) = waiter.take()
+            {
+                let _ = tx.send(self.finished(&life, &record));
+            }
+            if life.goal() == Goal::Shutdown && life.in_flight().is_none() && !life.running() {
+                return;
+            }
+            tokio::select! {
+                done = maybe(op.as_mut()) => {
+                    op = None;
+                    let event = self.absorb(done, &mut child, &mut working_set, &mut record, &mut active_since);
+                    if let Event::NotReady(reason) | Event::WakeFailed(reason) | Event::HibernateFailed(reason)
+                        | Event::HookFailed(reason) | Event::SpawnFailed(reason) | Event::RestoreFailed(reason) = &event
+                    {
+                        tracing::warn!(instance_id = %self.id, %reason, "operation failed");
+                    }
+                    if !life.apply(event) {
+                        tracing::debug!(instance_id = %self.id, "stale operation outcome ignored");
+                    }
+                }
+                status = wait_child(child.as_mut()) => {
+                    let pid = child.take().and_then(|c| c.id());
+                    // Whatever the service forked and left behind in its group goes with it.
+                    signal_group(pid, Signal::KILL);
+                    let status = match status {
+                        Ok(s) => s.to_string(),
+                        Err(e) => format!("cannot wait for it: {e}"),
+                    };
+                    tracing::warn!(instance_id = %self.id, %status, "instance exited");
+                    let healthy_for = active_since.take().map(|t| t.elapsed()).unwrap_or_default();
+                    life.apply(Event::Exited { healthy_for, status });
+                }
+                Some(command) = commands.recv() => {
+                    let answer = life.request(command.request);
+                    if answer == Answer::Accepted {
+                        tracing::info!(instance_id = %self.id, request = ?command.request, "request accepted");
+                        if let Some(previous) = waiter.replace(command.done) {
+                            let _ = previous.send(self.finished(&life, &record));
+                        }
+                    }
+                    let _ = command.ack.send(answer);
+                }
+                g = stop_requested(&mut stop), if !shutting_down => {
+                    shutting_down = true;
+                    grace = g;
+                    life.request(Request::Shutdown);
+                }
+            }
+        }
+    }
+
+    fn finished(&self, life: &Lifecycle, record: &Option<StandbyRecord>) -> Finished {
+        Finished {
+            state: life.state(),
+            failure: life.request_failure().map(str::to_string),
+            standby: record.clone(),
+        }
+    }
+
+    /// Turns an operation's outcome into the lifecycle's event, keeping what it produced.
+    fn absorb(
+        &self,
+        done: Done,
+        child: &mut Option<Child>,
+        working_set: &mut WorkingSet,
+        record: &mut Option<StandbyRecord>,
+        active_since: &mut Option<Instant>,
+    ) -> Event {
+        match done {
+            Done::Spawned(c) => {
+                tracing::info!(instance_id = %self.id, pid = c.id(), port = self.port, "instance started");
+                *child = Some(c);
+                *active_since = None;
+                Event::Spawned
+            }
+            Done::Hibernated(report) => {
+                if report.memory_kept_resident {
+                    tracing::warn!(instance_id = %self.id, "{}", report.message);
+                }
+                self.ctx
+                    .metrics
+                    .released_bytes
+                    .inc_by(report.memory_before.saturating_sub(report.memory_after));
+                *record = Some(StandbyRecord {
+                    memory_before: report.memory_before,
+                    memory_after: report.memory_after,
+                    memory_kept_resident: report.memory_kept_resident,
+                    hibernate_seconds: report.seconds,
+                    ..StandbyRecord::default()
+                });
+                *working_set = report.working_set;
+                Event::Hibernated
+            }
+            Done::Woken(report) => {
+                let prefetched = report.prefetch.as_ref().map_or(0, |p| p.advised_bytes);
+                if let Some(p) = &report.prefetch {
+                    self.ctx.metrics.prefetched_bytes.inc_by(p.advised_bytes);
+                    self.ctx.metrics.prefetch_seconds.inc_by(p.seconds);
+                }
+                if let Some(r) = record.as_mut() {
+                    r.wake_seconds = Some(report.seconds);
+                    r.prefetch_bytes = prefetched;
+                }
+                Event::Woken
+            }
+            Done::Plain(event) => event,
+        }
+    }
+
+    /// Starts `op` as a future the task polls; everything it needs is moved or cloned into it.
+    fn start(
+        &self,
+        op: Op,
+        child: &mut Option<Child>,
+        working_set: &mut WorkingSet,
+        grace: Duration,
+    ) -> OpFuture {
+        let ctx = self.ctx.clone();
+        let spec = self.spec.clone();
+        let cg = self.cg.clone();
+        let id = self.id.clone();
+        let port = self.port;
+        match op {
+            Op::Spawn => Box::pin(async move {
+                // Created again (idempotent) in case someone removed it, and reset: a crash may have left
+                // it frozen or squeezed.
+                let (driver, service, instance) = (ctx.driver.clone(), spec.name.clone(), id.clone());
+                let prepared = blocking(move || {
+                    let cg = driver.create(&service, &instance).map_err(|e| e.to_string())?;
+                    reset_cgroup(driver.as_ref(), &cg)?;
+                    Ok(cg)
+                })
+                .await;
+                let cg = match prepared {
+                    Ok(cg) => cg,
+                    Err(e) => {
+                        return Done::Plain(Event::SpawnFailed(format!("cannot prepare its cgroups: {e}")));
+                    }
+                };
+                match spawn_in_cgroup(ctx.driver.as_ref(), &id, &spec, port, &cg).await {
+                    Ok(child) => Done::Spawned(child),
+                    Err(reason) => Done::Plain(Event::SpawnFailed(reason)),
+                }
+            }),
+            Op::Probe => Box::pin(async move {
+                match wait_ready(&spec.readiness, port, ready_timeout(&spec, &ctx)).await {
+                    Ok(()) => {
+                        tracing::info!(instance_id = %id, "instance ready");
+                        Done::Plain(Event::Ready)
+                    }
+                    Err(reason) => Done::Plain(Event::NotReady(reason)),
+                }
+            }),
+            Op::Hibernate => Box::pin(async move {
+                // Let in-flight work finish (bounded) before the instance is frozen under it.
+                let _ = blocking(move || {
+                    drain(port, DRAIN_TIMEOUT);
+                    Ok(())
+                })
+                .await;
+                if let Err(e) = run_hook(&id, &spec, port, Hook::PreHibernate).await {
+                    return Done::Plain(Event::HookFailed(e));
+                }
+                let result = blocking(move || {
+                    standby::hibernate_with(ctx.driver.as_ref(), ctx.memory.as_ref(), &cg, &ctx.policy)
+                        .map_err(|e| e.to_string())
+                })
+                .await;
+                match result {
+                    Ok(report) => Done::Hibernated(report),
+                    Err(e) => Done::Plain(Event::HibernateFailed(format!("hibernating `{id}`: {e}"))),
+                }
+            }),
+            Op::Wake => {
+                let ws = std::mem::take(working_set);
+                Box::pin(async move {
+                    let memory = ctx.memory.clone();
+                    let driver = ctx.driver.clone();
+                    let report = match blocking(move || {
+                        standby::wake_with(driver.as_ref(), memory.as_ref(), &cg, &ws)
+                            .map_err(|e| e.to_string())
+                    })
+                    .await
+                    {
+                        Ok(report) => report,
+                        Err(e) => return Done::Plain(Event::WakeFailed(format!("waking `{id}`: {e}"))),
+                    };
+                    if let Err(e) = run_hook(&id, &spec, port, Hook::PostWake).await {
+                        return Done::Plain(Event::WakeFailed(e));
+                    }
+                    if let Err(e) = wait_ready(&spec.readiness, port, ready_timeout(&spec, &ctx)).await {
+                        return Done::Plain(Event::WakeFailed(format!("`{id}` not ready after wake: {e}")));
+                    }
+                    Done::Woken(report)
+                })
+            }
+            Op::Restore => Box::pin(async move {
+                match blocking(move || reset_cgroup(ctx.driver.as_ref(), &cg)).await {
+                    Ok(()) => Done::Plain(Event::Restored),
+                    Err(e) => Done::Plain(Event::RestoreFailed(format!("restoring `{id}`: {e}"))),
+                }
+            }),
+            Op::Stop => {
+                let taken = child.take();
+                Box::pin(async move {
+                    stop_process(&ctx, &id, &cg, taken, grace).await;
+                    Done::Plain(Event::Stopped)
+                })
+            }
+            Op::Backoff(delay) => Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                Done::Plain(Event::BackoffElapsed)
+            }),
+        }
+    }
+}
+
+fn ready_timeout(spec: &ServiceSpec, ctx: &Context) -> Duration {
+    spec.ready_timeout.map_or(ctx.ready_timeout, |d| d.0)
+}
+
+/// Runs blocking work on the blocking pool; a panic there becomes an error.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(format!("the worker panicked: {e}")))
+}
+
+/// Thaws the instance and lifts its CPU limits: what a restore, and every start, begins with.
+fn reset_cgroup(driver: &dyn CgroupDriver, cg: &InstanceCgroup) -> Result<(), String> {
+    driver.set_frozen(cg, false).map_err(|e| e.to_string())?;
+    driver.set_cpu(cg, &CpuLimit::unlimited()).map_err(|e| e.to_string())
+}
+
+/// Waits (bounded) until no established connection to `port` is left.
+fn drain(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while crate::tcp::connections_to(port) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Replaces every `{port}` in env values.
+fn env_of(spec: &ServiceSpec, port: u16) -> impl Iterator<Item = (&String, String)> {
+    spec.env.iter().map(move |(k, v)| (k, v.replace(PORT_PLACEHOLDER, &port.to_string())))
+}
+
+/// Spawns `sh` holding on stdin, moves it into the instance's cgroups, then lets it exec the service.
+async fn spawn_in_cgroup(
+    driver: &dyn CgroupDriver,
+    id: &str,
+    spec: &ServiceSpec,
+    port: u16,
+    cg: &InstanceCgroup,
+) -> Result<Child, String> {
+    let mut cmd = ProcessCommand::new("sh");
+    cmd.arg("-c")
+        .arg(HOLD_SCRIPT)
+        .arg("sh")
+        .args(substitute_port(&spec.command, port))
+        .envs(env_of(spec, port))
+        .env("VIGIL_INSTANCE_ID", id)
+        .env("VIGIL_PORT", port.to_string())
+        .stdin(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| format!("cannot spawn {:?}: {e}", spec.command))?;
+    let Some(pid) = child.id() else {
+        let _ = child.wait().await;
+        return Err("the child exited before it could join its cgroups".into());
+    };
+    let abort = |mut child: Child, reason: String| async move {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        Err(reason)
+    };
+    // One cgroupfs write per hierarchy: short enough to do here rather than hop to the blocking pool.
+    if let Err(e) = driver.add_process(cg, pid) {
+        return abort(child, format!("cannot move pid {pid} into its cgroups: {e}")).await;
+    }
+    let Some(mut stdin) = child.stdin.take() else {
+        return abort(child, "the child has no stdin".into()).await;
+    };
+    if let Err(e) = stdin.write_all(b"go\n").await {
+        return abort(child, format!("cannot release the child: {e}")).await;
+    }
+    drop(stdin);
+    Ok(child)
+}
+
+/// Thaw, SIGTERM to the instance's process group, SIGKILL after `grace`, then reap.
+async fn stop_process(ctx: &Context, id: &str, cg: &InstanceCgroup, child: Option<Child>, grace: Duration) {
+    // A frozen process cannot act on SIGTERM: thaw first (a no-op for a thawed cgroup).
+    let driver = ctx.driver.clone();
+    let cg = cg.clone();
+    if let Err(e) = blocking(move || driver.set_frozen(&cg, false).map_err(|e| e.to_string())).await {
+        tracing::warn!(instance_id = %id, error = %e, "cannot thaw instance before stopping it");
+    }
+    let Some(mut child) = child else { return };
+    let pid = child.id();
+    signal_group(pid, Signal::TERM);
+    let status = match tokio::time::timeout(grace, child.wait()).await {
+        Ok(status) => status,
+        Err(_) => {
+            tracing::warn!(instance_id = %id, ?grace, "instance ignored SIGTERM; killing it");
+            signal_group(pid, Signal::KILL);
+            let _ = child.start_kill();
+            child.wait().await
+        }
+    };
+    if let Err(e) = status {
+        tracing::error!(instance_id = %id, error = %e, "cannot reap instance");
+    }
+    signal_group(pid, Signal::KILL);
+    tracing::info!(instance_id = %id, "instance stopped");
+}
+
+/// Signals the process group led by `pid`; a group that is already gone is fine.
+pub fn signal_group(pid: Option<u32>, signal: Signal) {
+    let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()).and_then(Pid::from_raw) else { return };
+    if let Err(e) = kill_process_group(pid, signal)
+        && e != rustix::io::Errno::SRCH
+    {
+        tracing::warn!(pgid = pid.as_raw_nonzero().get(), error = %e, "cannot signal process group");
+    }
+}
+
+/// Runs the instance's pre-hibernate or post-wake hook (port substituted, the service's env plus
+/// `VIGIL_INSTANCE_ID` and `VIGIL_PORT`), killed after [`HOOK_TIMEOUT`]. No hook configured is success.
+pub async fn run_hook(id: &str, spec: &ServiceSpec, port: u16, hook: Hook) -> Result<(), String> {
+    let command = match hook {
+        Hook::PreHibernate => &spec.pre_hibernate,
+        Hook::PostWake => &spec.post_wake,
+    };
+    let Some(command) = command else { return Ok(()) };
+    let command = substitute_port(command, port);
+    let fail = |reason: String| format!("{} hook {command:?} of `{id}` failed: {reason}", hook.name());
+    let Some((program, args)) = command.split_first() else { return Err(fail("empty command".into())) };
+    let mut cmd = ProcessCommand::new(program);
+    cmd.args(args)
+        .envs(env_of(spec, port))
+        .env("VIGIL_INSTANCE_ID", id)
+        .env("VIGIL_PORT", port.to_string())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| fail(format!("cannot start: {e}")))?;
+    match tokio::time::timeout(HOOK_TIMEOUT, child.wait()).await {
+        Ok(Ok(status)) if status.success() => Ok(()),
+        Ok(Ok(status)) => Err(fail(format!("exited with {status}"))),
+        Ok(Err(e)) => Err(fail(format!("cannot wait for it: {e}"))),
+        Err(_) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            Err(fail(format!("still running after {HOOK_TIMEOUT:?}; killed")))
+        }
+    }
+}
+
+/// Probes every [`PROBE_INTERVAL`] until the readiness check passes or `timeout` elapses.
+pub async fn wait_ready(readiness: &Readiness, port: u16, timeout: Duration) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if probe(readiness, port).await {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("readiness check on port {port} did not pass within {timeout:?}"));
+        }
+        tokio::time::sleep_until((tokio::time::Instant::now() + PROBE_INTERVAL).min(deadline)).await;
+    }
+}
+
+/// One readiness probe on 127.0.0.1:`port`, bounded by [`PROBE_TIMEOUT`].
+pub async fn probe(readiness: &Readiness, port: u16) -> bool {
+    tokio::time::timeout(PROBE_TIMEOUT, probe_unbounded(readiness, port)).await.unwrap_or(false)
+}
+
+async fn probe_unbounded(readiness: &Readiness, port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await else { return false };
+    let path = match readiness {
+        Readiness::Tcp(_) => return true,
+        Readiness::Http(path) => path,
+    };
+    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    // The status line is all that matters; read until it is complete (or the peer closes).
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 256];
+    while !buf.contains(&b'\n') && buf.len() < 4096 {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    crate::supervisor::parse_http_status(&buf).is_some_and(|code| (200..300).contains(&code))
+}
