@@ -12,9 +12,11 @@ pub mod conn;
 pub mod http;
 pub mod hub;
 pub mod metrics;
+pub mod outcome;
 pub mod rsocket;
 pub mod signals;
 pub mod trace;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,8 +29,8 @@ use tokio::task::JoinHandle;
 
 use crate::balance::Balancer;
 use crate::config::{BrokerConfigError, BrokerFile};
-use crate::conn::ConnSettings;
-use crate::hub::{Activator, Hub, Target};
+use crate::conn::{ConnSettings, Hub, Target};
+use crate::hub::Activator;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -186,12 +188,26 @@ impl Broker {
 
     /// The broker's metrics, for `/metrics`.
     pub fn metrics_registry(&self) -> Arc<prometheus_client::registry::Registry> {
-        Arc::new(metrics::registry(self.hub.clone()))
+        let hub = self.hub.clone();
+        let balancer = move || {
+            hub.with_balancer(|b| metrics::BalancerSnapshot {
+                instances: b.instances(),
+                breakers: b.breakers(),
+            })
+        };
+        Arc::new(metrics::registry(self.hub.metrics.clone(), balancer))
     }
 
     /// The broker's signals for the healer (merged with the kernel's view of direct connections).
     pub fn traffic(&self) -> Arc<signals::BrokerTraffic> {
-        Arc::new(signals::BrokerTraffic::new(self.hub.clone()))
+        let hub = self.hub.clone();
+        Arc::new(signals::BrokerTraffic::new(move || signals::Traffic {
+            completed_by_instance: hub.take_completed(),
+            queued_by_service: hub.queued(),
+            inflight_by_instance: hub.with_balancer(|b| {
+                b.instances().into_iter().map(|v| (v.instance_id.to_string(), v.inflight)).collect()
+            }),
+        }))
     }
 
     /// Stops accepting and flushes traces; open connections end with the process.
