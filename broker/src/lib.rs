@@ -4,6 +4,12 @@
 //! breaks circuits (`balance`), holds requests while a hibernated instance wakes (`hub`), fronts plain HTTP
 //! services and HTTP clients (`http`), and reports demand, concurrency and latency to the healer
 //! (`signals`, `metrics`) and full-link traces to OpenTelemetry (`trace`).
+//!
+//! The modules form layers, which `tests/module_graph.rs` keeps free of cycles: `rsocket`, `balance`,
+//! `outcome` (how a request ended) and `upstream` (what a request is sent to, and the client for HTTP
+//! endpoints) at the bottom; `config`, `metrics` and `trace` on them; `hub` on those, holding upstreams
+//! only through the `Upstream` trait; the relay (`conn`, which owns connections and the `Target` they are)
+//! and the trigger (`http`) on the hub; `signals` on snapshots it is handed. This file wires them together.
 
 pub mod activator;
 pub mod balance;
