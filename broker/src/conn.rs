@@ -9,8 +9,12 @@
 //! and its later frames are held until it is linked or refused.
 //!
 //! The HTTP trigger uses the same relay through a local connection (`Conn::local`) with no socket.
+//!
+//! A [`Target`] is what the hub picks for a request: an instance's connection here, or an HTTP endpoint
+//! the relay POSTs to. The hub holds targets as [`Upstream`]s, without knowing connections.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -24,11 +28,50 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::AbortHandle;
 use tokio_util::codec::FramedRead;
 
-use crate::hub::{Admission, Hub, Lease, Refusal, RequestOutcome, Target};
+use crate::hub::{self, Admission, Refusal};
+use crate::outcome::RequestOutcome;
 use crate::rsocket::fragment::{Reassembler, fragment};
-use crate::rsocket::frame::{Body, ErrorCode, Frame, FrameCodec, Payload, encode_head};
+use crate::rsocket::frame::{Body, CodecError, ErrorCode, Frame, FrameCodec, Payload, encode_head};
 use crate::rsocket::metadata::{self, Registration, Route, TraceParent};
 use crate::trace::RequestTrace;
+use crate::upstream::{self, Upstream};
+
+/// The hub over the broker's targets: the one the relay, the HTTP trigger and the broker share. The hub is
+/// generic only so that it need not know this module; every user names this one.
+pub type Hub = hub::Hub<Target>;
+/// A request's claim on one of the broker's targets.
+pub type Lease = hub::Lease<Target>;
+
+/// Where a picked request goes.
+#[derive(Clone)]
+pub enum Target {
+    /// An RSocket connection that registered as an instance.
+    Rsocket(Arc<Conn>),
+    /// A plain HTTP server (managed by Vigil, or an upstream address).
+    Http(SocketAddr),
+}
+
+impl Upstream for Target {
+    fn http(address: SocketAddr) -> Self {
+        Target::Http(address)
+    }
+
+    fn connection_id(&self) -> Option<u64> {
+        match self {
+            Target::Rsocket(c) => Some(c.id),
+            Target::Http(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Rsocket(c) => write!(f, "Rsocket(conn {})", c.id),
+            Target::Http(a) => write!(f, "Http({a})"),
+        }
+    }
+}
 
 /// Connection settings from the broker config.
 #[derive(Clone, Debug)]
@@ -529,7 +572,7 @@ impl Conn {
                 let traceparent = traceparent.map(|tp| tp.to_string());
                 let task = tokio::spawn(async move {
                     let result =
-                        crate::http::call_instance(addr, &path, payload, timeout, traceparent.as_deref())
+                        upstream::call_instance(addr, &path, payload.data, timeout, traceparent.as_deref())
                             .await;
                     let (outcome, reply) = match result {
                         Ok((status, body)) if status < 400 => (
@@ -542,7 +585,7 @@ impl Conn {
                             },
                         ),
                         Ok((status, body)) => (
-                            crate::http::status_outcome(
+                            upstream::status_outcome(
                                 http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY),
                             ),
                             Body::Error {
@@ -846,8 +889,8 @@ async fn read_loop(conn: &Arc<Conn>, frames: &mut Frames, lifetime: Duration) {
             None => return,
             Some(Err(e)) => {
                 let code = match &e {
-                    crate::rsocket::frame::CodecError::Decode(d) => d.code(),
-                    crate::rsocket::frame::CodecError::Io(_) => return,
+                    CodecError::Decode(d) => d.code(),
+                    CodecError::Io(_) => return,
                 };
                 conn.close_with(code, &e.to_string());
                 return;

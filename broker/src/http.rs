@@ -6,43 +6,34 @@
 //! admitted by the hub like any RSocket request. An HTTP instance gets the request proxied unchanged over a
 //! pooled HTTP/1.1 connection; an RSocket instance gets it as a request-response through a local,
 //! socketless connection ([`Conn::local`]), so the relay's accounting and cancellation apply to it too.
-//!
-//! [`call_instance`] is the other direction: an RSocket request routed to an HTTP instance is POSTed to it.
-//!
-//! Pooled connections to instances idle out after [`POOL_IDLE`]: the healer counts open connections to an
-//! instance as traffic, and a long-lived idle pool would keep a quiet instance from hibernating.
+//! The client towards HTTP instances is shared with the relay and lives in [`crate::upstream`].
 //!
 //! Every error the trigger answers itself is JSON `{"error": {"code": "...", "message": "..."}}`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::balance::NoTarget;
 use crate::config::{HttpRoute, HttpTriggerConfig};
-use crate::conn::{Conn, ConnSettings, Out};
-use crate::hub::{Admission, Hub, Lease, Refusal, RequestOutcome, Target};
+use crate::conn::{Conn, ConnSettings, Hub, Lease, Out, Target};
+use crate::hub::{Admission, Refusal};
+use crate::outcome::RequestOutcome;
 use crate::rsocket::frame::{Body, ErrorCode, Frame, Payload};
 use crate::rsocket::metadata::{self, Route};
 use crate::trace::RequestTrace;
-
-/// How long a pooled connection to an instance may sit idle before it is closed.
-pub const POOL_IDLE: Duration = Duration::from_secs(2);
-
-/// Largest answer [`call_instance`] reads from an HTTP instance.
-pub const MAX_INSTANCE_ANSWER: usize = 16 << 20;
+use crate::upstream::{InstanceClient, error_chain, instance_client, status_outcome};
 
 /// The request headers that pick a version, a traffic-split alias or a sticky key, like the routing
 /// metadata's `version=`, `alias=` and `key=` tags.
@@ -52,8 +43,6 @@ pub const KEY_HEADER: &str = "x-vigil-key";
 
 /// Bodies the trigger answers with: an instance's streamed body, or one the trigger made.
 pub type ResponseBody = BoxBody<Bytes, hyper::Error>;
-
-type InstanceClient = Client<HttpConnector, Full<Bytes>>;
 
 /// Maps HTTP requests to services and carries them to instances.
 pub struct Trigger {
@@ -217,7 +206,7 @@ impl Trigger {
                 let response = error(
                     StatusCode::BAD_GATEWAY,
                     "bad_gateway",
-                    format!("instance {addr} failed: {}", chain(&e)),
+                    format!("instance {addr} failed: {}", error_chain(&e)),
                 );
                 (response, RequestOutcome::Failure)
             }
@@ -428,51 +417,6 @@ pub async fn serve(trigger: Trigger, listener: TcpListener, mut stop: watch::Rec
     }
 }
 
-/// RSocket request → HTTP instance: POSTs the payload's data to `path` on `addr` and returns the status
-/// and the body (at most [`MAX_INSTANCE_ANSWER`] bytes), within `timeout` for the whole exchange.
-pub async fn call_instance(
-    addr: SocketAddr,
-    path: &str,
-    payload: Payload,
-    timeout: Duration,
-    traceparent: Option<&str>,
-) -> Result<(u16, Bytes), String> {
-    static CLIENT: OnceLock<InstanceClient> = OnceLock::new();
-    let client = CLIENT.get_or_init(instance_client);
-    let uri = Uri::try_from(format!("http://{addr}{path}")).map_err(|e| format!("bad path {path:?}: {e}"))?;
-    let mut request = Request::new(Full::new(payload.data));
-    *request.method_mut() = Method::POST;
-    *request.uri_mut() = uri;
-    request.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-    if let Some(tp) = traceparent.and_then(|tp| HeaderValue::from_str(tp).ok()) {
-        request.headers_mut().insert("traceparent", tp);
-    }
-    let exchange = async {
-        let response = client.request(request).await.map_err(|e| format!("{addr}: {}", chain(&e)))?;
-        let status = response.status().as_u16();
-        let body = Limited::new(response.into_body(), MAX_INSTANCE_ANSWER)
-            .collect()
-            .await
-            .map_err(|e| format!("{addr}: reading the answer: {e}"))?
-            .to_bytes();
-        Ok((status, body))
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| format!("{addr} did not answer within {timeout:?}"))?
-}
-
-/// A pooled HTTP/1.1 client towards instances, with a short idle time (see the module docs).
-fn instance_client() -> InstanceClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.enforce_http(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE)
-        .pool_timer(TokioTimer::new())
-        .build(connector)
-}
-
 /// The route for a request to `host` (port stripped, or `None`) and `path`: the longest matching prefix (`/`
 /// counts as none), then a route naming the host before one that does not.
 fn pick_route<'a>(routes: &'a [HttpRoute], host: Option<&str>, path: &str) -> Option<&'a HttpRoute> {
@@ -662,17 +606,6 @@ fn forwarded_headers(headers: &mut HeaderMap, authority: Option<&str>, peer: Soc
     }
 }
 
-/// How an HTTP instance's status counts: 502/503/504 say the instance (or what it fronts) is failing, other
-/// 4xx/5xx are the application's answers from a live instance, the rest is ok. Also fits the answers of
-/// [`call_instance`].
-pub fn status_outcome(status: StatusCode) -> RequestOutcome {
-    match status.as_u16() {
-        502..=504 => RequestOutcome::Failure,
-        400..=599 => RequestOutcome::AppError,
-        _ => RequestOutcome::Ok,
-    }
-}
-
 /// The answer to a request the hub did not admit: 503 with Retry-After when it may work later, else 404.
 /// Ends the request's trace with the refusal's outcome and answers it.
 fn end_refused(trace: Option<RequestTrace>, refusal: &Refusal) -> Response<ResponseBody> {
@@ -683,7 +616,6 @@ fn end_refused(trace: Option<RequestTrace>, refusal: &Refusal) -> Response<Respo
 }
 
 fn refused(refusal: &Refusal) -> Response<ResponseBody> {
-    use crate::balance::NoTarget;
     let (code, retry_after) = match refusal {
         Refusal::QueueFull { .. } => ("queue_full", 1),
         Refusal::Timeout { .. } => ("timeout", 2),
@@ -745,18 +677,6 @@ fn full(data: Bytes) -> ResponseBody {
     Full::new(data).map_err(|never: Infallible| match never {}).boxed()
 }
 
-/// An error and its causes, `a: b: c` (hyper's own messages are terse, the cause says what happened).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -784,16 +704,6 @@ mod tests {
         assert_eq!(host_name("[::1]:80"), "[::1]");
         assert_eq!(host_name("[::1]"), "[::1]");
         assert_eq!(host_name("user@h:1"), "h");
-    }
-
-    #[test]
-    fn statuses_map_to_outcomes() {
-        assert_eq!(status_outcome(StatusCode::OK), RequestOutcome::Ok);
-        assert_eq!(status_outcome(StatusCode::FOUND), RequestOutcome::Ok);
-        assert_eq!(status_outcome(StatusCode::NOT_FOUND), RequestOutcome::AppError);
-        assert_eq!(status_outcome(StatusCode::INTERNAL_SERVER_ERROR), RequestOutcome::AppError);
-        assert_eq!(status_outcome(StatusCode::BAD_GATEWAY), RequestOutcome::Failure);
-        assert_eq!(status_outcome(StatusCode::GATEWAY_TIMEOUT), RequestOutcome::Failure);
     }
 
     #[test]

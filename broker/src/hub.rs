@@ -3,6 +3,9 @@
 //! instance at once ([`Admission::Ready`]), or waits in a bounded per-service queue while the healer wakes
 //! or starts an instance ([`Admission::Queued`]), or is refused with a reason that maps to REJECTED / 503.
 //!
+//! The hub holds what requests are sent to only as an [`Upstream`]: sending is the relay's and the
+//! trigger's business, so they build on the hub and the hub knows neither of them.
+//!
 //! Lock order: `queue` before `balancer`; neither is held across an await.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -12,31 +15,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
-use crate::balance::{Balancer, NoTarget, Outcome, Picked, RouteRequest, Split, SplitError};
+use crate::balance::{Balancer, NoTarget, Picked, RouteRequest, Split, SplitError};
 use crate::config::QueueConfig;
 use crate::metrics::BrokerMetrics;
+use crate::outcome::RequestOutcome;
 use crate::rsocket::metadata::{Route, TraceParent};
 use crate::trace::{RequestTrace, Tracing};
+use crate::upstream::Upstream;
 #[cfg(test)]
 use vigil_collector::config::HumanDuration;
-
-/// Where a picked request goes.
-#[derive(Clone)]
-pub enum Target {
-    /// An RSocket connection that registered as an instance.
-    Rsocket(Arc<crate::conn::Conn>),
-    /// A plain HTTP server (managed by Vigil, or an upstream address).
-    Http(SocketAddr),
-}
-
-impl std::fmt::Debug for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Target::Rsocket(c) => write!(f, "Rsocket(conn {})", c.id),
-            Target::Http(a) => write!(f, "Http({a})"),
-        }
-    }
-}
 
 /// A managed HTTP instance as the healer reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,48 +46,6 @@ pub trait Activator: Send + Sync + 'static {
     fn endpoints(&self) -> Vec<ManagedEndpoint>;
     /// Changes whenever an instance changes state.
     fn changes(&self) -> watch::Receiver<u64>;
-}
-
-/// How a request ended, as `vigil_broker_requests_total{outcome}` counts it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RequestOutcome {
-    Ok,
-    /// The instance answered with an application error.
-    AppError,
-    /// The instance failed: connection lost, transport error, timeout.
-    Failure,
-    /// The requester cancelled.
-    Cancelled,
-    /// Refused before reaching an instance: queue full, or no instance came in time.
-    Rejected,
-    Timeout,
-    /// No such service, alias or version; or its circuit is open.
-    NoRoute,
-    CircuitOpen,
-}
-
-impl RequestOutcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RequestOutcome::Ok => "ok",
-            RequestOutcome::AppError => "app_error",
-            RequestOutcome::Failure => "failure",
-            RequestOutcome::Cancelled => "cancelled",
-            RequestOutcome::Rejected => "rejected",
-            RequestOutcome::Timeout => "timeout",
-            RequestOutcome::NoRoute => "no_route",
-            RequestOutcome::CircuitOpen => "circuit_open",
-        }
-    }
-
-    fn health(self) -> Outcome {
-        match self {
-            RequestOutcome::Failure | RequestOutcome::Timeout => Outcome::Failure,
-            RequestOutcome::Ok => Outcome::Success,
-            // Neither the instance's fault nor a sign of its health.
-            _ => Outcome::ApplicationError,
-        }
-    }
 }
 
 /// Why a request was not admitted. Every refusal is safe to retry.
@@ -135,26 +80,37 @@ impl Refusal {
     }
 }
 
-struct Waiter {
+struct Waiter<U> {
     id: u64,
     route: Route,
     bytes: usize,
-    tx: oneshot::Sender<Picked<Target>>,
+    tx: oneshot::Sender<Picked<U>>,
 }
 
-#[derive(Default)]
-struct ServiceQueue {
-    waiters: VecDeque<Waiter>,
+struct ServiceQueue<U> {
+    waiters: VecDeque<Waiter<U>>,
     bytes: usize,
 }
 
-#[derive(Default)]
-struct Queue {
-    services: HashMap<String, ServiceQueue>,
+// By hand: a derive would ask for `U: Default`, which upstreams need not be.
+impl<U> Default for ServiceQueue<U> {
+    fn default() -> Self {
+        Self { waiters: VecDeque::new(), bytes: 0 }
+    }
+}
+
+struct Queue<U> {
+    services: HashMap<String, ServiceQueue<U>>,
     total: usize,
     next_id: u64,
     /// When demand was last signalled per service: while requests keep waiting, once a second is plenty.
     demanded: HashMap<String, Instant>,
+}
+
+impl<U> Default for Queue<U> {
+    fn default() -> Self {
+        Self { services: HashMap::new(), total: 0, next_id: 0, demanded: HashMap::new() }
+    }
 }
 
 /// Requests completed per instance since the healer last looked (for `requests_per_s`).
@@ -163,11 +119,12 @@ struct Completed {
     by_instance: HashMap<Arc<str>, u64>,
 }
 
-pub struct Hub {
+/// The shared state, over the upstreams `U` that picked requests are sent to.
+pub struct Hub<U: Upstream> {
     started: Instant,
     queue_config: QueueConfig,
-    balancer: Mutex<Balancer<Target>>,
-    queue: Mutex<Queue>,
+    balancer: Mutex<Balancer<U>>,
+    queue: Mutex<Queue<U>>,
     completed: Mutex<Completed>,
     /// Ids of the managed instances the balancer holds (the rest registered over RSocket or are upstreams).
     managed: Mutex<HashMap<String, ManagedEndpoint>>,
@@ -185,14 +142,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl Hub {
+impl<U: Upstream> Hub<U> {
     pub fn new(
-        balancer: Balancer<Target>,
+        balancer: Balancer<U>,
         queue_config: QueueConfig,
         managed_capacity: u32,
         activator: Arc<OnceLock<Arc<dyn Activator>>>,
         tracing: Option<Arc<Tracing>>,
-    ) -> Arc<Hub> {
+    ) -> Arc<Hub<U>> {
         Arc::new(Hub {
             started: Instant::now(),
             queue_config,
@@ -226,7 +183,7 @@ impl Hub {
     }
 
     /// Admits one request of `bytes` payload bytes for `route`.
-    pub fn admit(self: &Arc<Self>, route: &Route, bytes: usize) -> Result<Admission, Refusal> {
+    pub fn admit(self: &Arc<Self>, route: &Route, bytes: usize) -> Result<Admission<U>, Refusal> {
         let mut queue = lock(&self.queue);
         let picked = self.pick(route);
         let reason = match picked {
@@ -288,7 +245,7 @@ impl Hub {
         self.metrics.request(&route.service, "none", outcome, None);
     }
 
-    fn pick(&self, route: &Route) -> Result<Picked<Target>, NoTarget> {
+    fn pick(&self, route: &Route) -> Result<Picked<U>, NoTarget> {
         let req = RouteRequest {
             service: &route.service,
             alias: route.alias.as_deref(),
@@ -300,7 +257,7 @@ impl Hub {
         lock(&self.balancer).pick(&req, now, &mut rng)
     }
 
-    fn lease(self: &Arc<Self>, picked: Picked<Target>) -> Lease {
+    fn lease(self: &Arc<Self>, picked: Picked<U>) -> Lease<U> {
         self.metrics.inflight_add(&picked.service, 1);
         Lease { hub: self.clone(), picked, started: Instant::now(), done: false }
     }
@@ -348,12 +305,12 @@ impl Hub {
         }
     }
 
-    fn release(&self, picked: &Picked<Target>, outcome: RequestOutcome, latency: Duration) {
+    fn release(&self, picked: &Picked<U>, outcome: RequestOutcome, latency: Duration) {
         lock(&self.balancer).finish(&picked.instance_id, outcome.health(), latency, self.now());
         self.metrics.inflight_add(&picked.service, -1);
     }
 
-    fn finish(self: &Arc<Self>, picked: &Picked<Target>, outcome: RequestOutcome, latency: Duration) {
+    fn finish(self: &Arc<Self>, picked: &Picked<U>, outcome: RequestOutcome, latency: Duration) {
         self.release(picked, outcome, latency);
         self.metrics.request(&picked.service, &picked.version, outcome, Some(latency));
         *lock(&self.completed).by_instance.entry(picked.instance_id.clone()).or_default() += 1;
@@ -371,7 +328,7 @@ impl Hub {
         instance_id: &str,
         capacity: u32,
         ready: bool,
-        target: Target,
+        target: U,
     ) {
         lock(&self.balancer).add(service, version, instance_id, capacity, ready, target);
         tracing::info!(service, version, instance_id, capacity, ready, "instance registered");
@@ -390,10 +347,7 @@ impl Hub {
     /// registered again on another connection.
     pub fn remove_instance_if(&self, instance_id: &str, conn_id: u64) {
         let mut balancer = lock(&self.balancer);
-        let current = balancer.handle(instance_id).and_then(|t| match t {
-            Target::Rsocket(c) => Some(c.id),
-            Target::Http(_) => None,
-        });
+        let current = balancer.handle(instance_id).and_then(U::connection_id);
         if current == Some(conn_id) && balancer.remove(instance_id) {
             tracing::info!(instance_id, "instance deregistered: its connection ended");
         }
@@ -434,7 +388,7 @@ impl Hub {
                         &e.instance_id,
                         self.managed_capacity,
                         e.ready,
-                        Target::Http(e.address),
+                        U::http(e.address),
                     ),
                 }
                 changed.insert(e.service.clone());
@@ -463,7 +417,7 @@ impl Hub {
         lock(&self.queue).services.iter().map(|(s, q)| (s.clone(), q.waiters.len())).collect()
     }
 
-    pub fn with_balancer<R>(&self, f: impl FnOnce(&Balancer<Target>) -> R) -> R {
+    pub fn with_balancer<R>(&self, f: impl FnOnce(&Balancer<U>) -> R) -> R {
         f(&lock(&self.balancer))
     }
 
@@ -490,22 +444,22 @@ impl Hub {
 }
 
 /// What admission gave a request.
-pub enum Admission {
-    Ready(Lease),
-    Queued(QueueTicket),
+pub enum Admission<U: Upstream> {
+    Ready(Lease<U>),
+    Queued(QueueTicket<U>),
 }
 
 /// A request's claim on an instance: counted in flight until finished (or dropped, which counts as
 /// cancelled).
-pub struct Lease {
-    hub: Arc<Hub>,
-    picked: Picked<Target>,
+pub struct Lease<U: Upstream> {
+    hub: Arc<Hub<U>>,
+    picked: Picked<U>,
     started: Instant,
     done: bool,
 }
 
-impl Lease {
-    pub fn target(&self) -> &Target {
+impl<U: Upstream> Lease<U> {
+    pub fn target(&self) -> &U {
         &self.picked.handle
     }
     pub fn service(&self) -> &Arc<str> {
@@ -520,7 +474,7 @@ impl Lease {
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
     }
-    pub fn hub(&self) -> &Arc<Hub> {
+    pub fn hub(&self) -> &Arc<Hub<U>> {
         &self.hub
     }
     pub fn finish(mut self, outcome: RequestOutcome) {
@@ -529,7 +483,7 @@ impl Lease {
     }
 }
 
-impl Drop for Lease {
+impl<U: Upstream> Drop for Lease<U> {
     fn drop(&mut self) {
         if !self.done {
             self.hub.finish(&self.picked, RequestOutcome::Cancelled, self.started.elapsed());
@@ -538,22 +492,22 @@ impl Drop for Lease {
 }
 
 /// A place in a service's queue. Dropping it (the request was cancelled) leaves the queue.
-pub struct QueueTicket {
-    hub: Arc<Hub>,
+pub struct QueueTicket<U: Upstream> {
+    hub: Arc<Hub<U>>,
     service: String,
     id: u64,
-    rx: Option<oneshot::Receiver<Picked<Target>>>,
+    rx: Option<oneshot::Receiver<Picked<U>>>,
     since: Instant,
     timeout: Duration,
 }
 
-impl QueueTicket {
+impl<U: Upstream> QueueTicket<U> {
     pub fn service(&self) -> &str {
         &self.service
     }
 
     /// Waits for an instance, at most the configured queue timeout from when the request was queued.
-    pub async fn wait(mut self) -> Result<Lease, Refusal> {
+    pub async fn wait(mut self) -> Result<Lease<U>, Refusal> {
         let Some(mut rx) = self.rx.take() else {
             return Err(Refusal::Timeout { service: self.service.clone(), waited: Duration::ZERO });
         };
@@ -577,7 +531,7 @@ impl QueueTicket {
     }
 }
 
-impl Drop for QueueTicket {
+impl<U: Upstream> Drop for QueueTicket<U> {
     fn drop(&mut self) {
         let Some(mut rx) = self.rx.take() else { return };
         if !self.hub.dequeue(&self.service, self.id)
@@ -592,6 +546,25 @@ impl Drop for QueueTicket {
 mod tests {
     use super::*;
     use crate::balance::HealthPolicy;
+
+    /// An upstream that is only a name: the hub never sends anything.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    enum FakeUpstream {
+        Connection(u64),
+        Http(SocketAddr),
+    }
+
+    impl Upstream for FakeUpstream {
+        fn http(address: SocketAddr) -> Self {
+            FakeUpstream::Http(address)
+        }
+        fn connection_id(&self) -> Option<u64> {
+            match self {
+                FakeUpstream::Connection(id) => Some(*id),
+                FakeUpstream::Http(_) => None,
+            }
+        }
+    }
 
     /// The healer's seam, recording demand.
     #[derive(Default)]
@@ -615,7 +588,7 @@ mod tests {
         }
     }
 
-    fn hub(queue: QueueConfig) -> (Arc<Hub>, Arc<Recorder>) {
+    fn hub(queue: QueueConfig) -> (Arc<Hub<FakeUpstream>>, Arc<Recorder>) {
         let recorder = Arc::new(Recorder::default());
         let activator: Arc<OnceLock<Arc<dyn Activator>>> = Arc::new(OnceLock::new());
         let _ = activator.set(recorder.clone());
@@ -639,7 +612,7 @@ mod tests {
         }
     }
 
-    fn queued(a: Result<Admission, Refusal>) -> QueueTicket {
+    fn queued(a: Result<Admission<FakeUpstream>, Refusal>) -> QueueTicket<FakeUpstream> {
         match a {
             Ok(Admission::Queued(t)) => t,
             Ok(Admission::Ready(_)) => panic!("admitted at once"),
@@ -661,7 +634,7 @@ mod tests {
         hub.sync_managed(vec![endpoint(true)]);
         let lease = ticket.wait().await.expect("an instance");
         assert_eq!(&**lease.instance_id(), "svc-0");
-        assert!(matches!(lease.target(), Target::Http(_)));
+        assert!(matches!(lease.target(), FakeUpstream::Http(_)));
         let other = second.wait().await.expect("an instance");
         assert_eq!(hub.with_balancer(|b| b.inflight("svc-0")), Some(2));
         assert!(hub.queued().is_empty());
@@ -720,6 +693,18 @@ mod tests {
         // have been stopped again meanwhile).
         let _ticket = queued(hub.admit(&route("svc"), 1));
         assert_eq!(lock(&recorder.demanded).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_instance_leaves_with_the_connection_it_registered_on_not_an_older_one() {
+        let (hub, _) = hub(QueueConfig::default());
+        hub.add_instance("svc", "v1", "rs-1", 1, true, FakeUpstream::Connection(1));
+        // It registered again on connection 2 before connection 1 was seen to end.
+        hub.add_instance("svc", "v1", "rs-1", 1, true, FakeUpstream::Connection(2));
+        hub.remove_instance_if("rs-1", 1);
+        assert_eq!(hub.with_balancer(|b| b.handle("rs-1").cloned()), Some(FakeUpstream::Connection(2)));
+        hub.remove_instance_if("rs-1", 2);
+        assert_eq!(hub.with_balancer(|b| b.handle("rs-1").cloned()), None);
     }
 
     #[tokio::test]

@@ -4,6 +4,12 @@
 //! breaks circuits (`balance`), holds requests while a hibernated instance wakes (`hub`), fronts plain HTTP
 //! services and HTTP clients (`http`), and reports demand, concurrency and latency to the healer
 //! (`signals`, `metrics`) and full-link traces to OpenTelemetry (`trace`).
+//!
+//! The modules form layers, which `tests/module_graph.rs` keeps free of cycles: `rsocket`, `balance`,
+//! `outcome` (how a request ended) and `upstream` (what a request is sent to, and the client for HTTP
+//! endpoints) at the bottom; `config`, `metrics` and `trace` on them; `hub` on those, holding upstreams
+//! only through the `Upstream` trait; the relay (`conn`, which owns connections and the `Target` they are)
+//! and the trigger (`http`) on the hub; `signals` on snapshots it is handed. This file wires them together.
 
 pub mod activator;
 pub mod balance;
@@ -12,9 +18,11 @@ pub mod conn;
 pub mod http;
 pub mod hub;
 pub mod metrics;
+pub mod outcome;
 pub mod rsocket;
 pub mod signals;
 pub mod trace;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,8 +35,8 @@ use tokio::task::JoinHandle;
 
 use crate::balance::Balancer;
 use crate::config::{BrokerConfigError, BrokerFile};
-use crate::conn::ConnSettings;
-use crate::hub::{Activator, Hub, Target};
+use crate::conn::{ConnSettings, Hub, Target};
+use crate::hub::Activator;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -186,12 +194,26 @@ impl Broker {
 
     /// The broker's metrics, for `/metrics`.
     pub fn metrics_registry(&self) -> Arc<prometheus_client::registry::Registry> {
-        Arc::new(metrics::registry(self.hub.clone()))
+        let hub = self.hub.clone();
+        let balancer = move || {
+            hub.with_balancer(|b| metrics::BalancerSnapshot {
+                instances: b.instances(),
+                breakers: b.breakers(),
+            })
+        };
+        Arc::new(metrics::registry(self.hub.metrics.clone(), balancer))
     }
 
     /// The broker's signals for the healer (merged with the kernel's view of direct connections).
     pub fn traffic(&self) -> Arc<signals::BrokerTraffic> {
-        Arc::new(signals::BrokerTraffic::new(self.hub.clone()))
+        let hub = self.hub.clone();
+        Arc::new(signals::BrokerTraffic::new(move || signals::Traffic {
+            completed_by_instance: hub.take_completed(),
+            queued_by_service: hub.queued(),
+            inflight_by_instance: hub.with_balancer(|b| {
+                b.instances().into_iter().map(|v| (v.instance_id.to_string(), v.inflight)).collect()
+            }),
+        }))
     }
 
     /// Stops accepting and flushes traces; open connections end with the process.

@@ -2,8 +2,11 @@
 //! `vigil_broker_request_duration_seconds{service}`, `vigil_broker_inflight{service}`,
 //! `vigil_broker_queued{service}`, plus the wake-on-demand waits, connections, instances and breaker
 //! states. Appended to the collector's `/metrics`.
+//!
+//! The hub records into [`BrokerMetrics`] as requests move; the instance and breaker states are read at
+//! scrape time from a [`BalancerSnapshot`] the registry is given a way to take. So this module builds on
+//! the request outcomes and the balancer's views only, and the hub can own its metrics.
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
@@ -16,8 +19,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::balance::BreakerState;
-use crate::hub::{Hub, RequestOutcome};
+use crate::balance::{BreakerState, BreakerView, InstanceView};
+use crate::outcome::RequestOutcome;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -90,8 +93,17 @@ impl BrokerMetrics {
     }
 }
 
+/// The balancer's instances and breakers at one moment.
+pub struct BalancerSnapshot {
+    pub instances: Vec<InstanceView>,
+    pub breakers: Vec<BreakerView>,
+}
+
+/// Takes a [`BalancerSnapshot`] now.
+type TakeSnapshot = Box<dyn Fn() -> BalancerSnapshot + Send + Sync>;
+
 /// Instances and breakers, read from the balancer at scrape time.
-struct BalancerState(Arc<Hub>);
+struct BalancerState(TakeSnapshot);
 
 impl std::fmt::Debug for BalancerState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -101,7 +113,7 @@ impl std::fmt::Debug for BalancerState {
 
 impl Collector for BalancerState {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (instances, breakers) = self.0.with_balancer(|b| (b.instances(), b.breakers()));
+        let BalancerSnapshot { instances, breakers } = (self.0)();
         {
             let mut m = enc.encode_descriptor(
                 "vigil_broker_instance_ready",
@@ -135,9 +147,12 @@ impl Collector for BalancerState {
     }
 }
 
-/// A registry with every broker metric.
-pub fn registry(hub: Arc<Hub>) -> Registry {
-    let m = hub.metrics.clone();
+/// A registry with every broker metric: those recorded in `m`, and the instance and breaker states of
+/// `balancer`'s snapshot at each scrape.
+pub fn registry(
+    m: BrokerMetrics,
+    balancer: impl Fn() -> BalancerSnapshot + Send + Sync + 'static,
+) -> Registry {
     let mut r = Registry::default();
     r.register("vigil_broker_requests", "Requests by service, version and outcome", m.requests);
     r.register(
@@ -153,6 +168,6 @@ pub fn registry(hub: Arc<Hub>) -> Registry {
         m.queue_waits,
     );
     r.register("vigil_broker_connections", "Open RSocket connections by role", m.connections);
-    r.register_collector(Box::new(BalancerState(hub)));
+    r.register_collector(Box::new(BalancerState(Box::new(balancer))));
     r
 }

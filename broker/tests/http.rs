@@ -16,8 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use vigil_broker::Broker;
 use vigil_broker::config::BrokerFile;
-use vigil_broker::conn::{Conn, ConnSettings, Out};
-use vigil_broker::hub::Target;
+use vigil_broker::conn::{Conn, ConnSettings, Out, Target};
 use vigil_broker::rsocket::frame::{Body, ErrorCode, Frame, Payload};
 use vigil_broker::rsocket::metadata;
 
