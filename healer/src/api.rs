@@ -1,18 +1,18 @@
 //! REST API v1 (DESIGN.md §4): instances with their state and metrics, hibernate and wake by hand, the
 //! decision log and the rules in force. JSON in and out; errors are `{"error": {"code", "message"}}` with a
 //! fitting status. A bearer token, when configured, is required on every request (the config refuses a
-//! non-loopback bind without one).
+//! non-loopback bind without one) and compared in constant time ([`vigil_collector::auth`]).
 
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use vigil_collector::{InstanceSnapshot, SnapshotReceiver};
+use vigil_collector::{InstanceSnapshot, SnapshotReceiver, auth};
 
 use crate::audit::AuditLog;
 use crate::rules::{Action, InstanceState};
@@ -102,11 +102,7 @@ fn instance_json(snap: Option<&InstanceSnapshot>, managed: Option<&ManagedInstan
 impl Api {
     fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let Some(token) = &self.token else { return Ok(()) };
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given == Some(token.as_str()) {
+        if auth::bearer_matches(headers, token) {
             Ok(())
         } else {
             Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required"))
