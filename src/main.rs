@@ -249,9 +249,11 @@ async fn run_collector(config: Config, parts: Parts) -> anyhow::Result<()> {
     let mut registries = Vec::new();
     registries.extend(healer.as_ref().map(Healer::metrics_registry));
     registries.extend(broker.as_ref().map(Broker::metrics_registry));
-    let mut router = collector.router_with(registries);
+    // One token rule for the whole listener: metrics, probes and API alike.
+    let token = config.http.token.clone().filter(|t| !t.is_empty());
+    let mut router = collector.router_with(registries, token.as_deref());
     if let Some(h) = &healer {
-        router = router.merge(h.router(collector.snapshots(), config.http.token.clone()));
+        router = router.merge(h.router(collector.snapshots(), token));
     }
     let listen: SocketAddr = config.http.listen.value;
     let served = async {
@@ -305,6 +307,7 @@ async fn run_broker(config: Config, file: BrokerFile, path: Option<PathBuf>) -> 
             }),
         )
         .route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    let router = vigil_collector::auth::require_bearer(router, config.http.token.as_deref());
     let listen: SocketAddr = config.http.listen.value;
     let listener = tokio::net::TcpListener::bind(listen)
         .await

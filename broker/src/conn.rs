@@ -27,6 +27,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::AbortHandle;
 use tokio_util::codec::FramedRead;
+use vigil_collector::auth;
 
 use crate::hub::{self, Admission, Refusal};
 use crate::outcome::RequestOutcome;
@@ -850,7 +851,7 @@ async fn setup(
     }
     if let Some(expected) = &conn.settings.token {
         let presented = metadata::token(&setup.metadata_mime, setup.payload.metadata.as_ref()).ok().flatten();
-        if !presented.is_some_and(|p| metadata::same_secret(&p, expected.as_bytes())) {
+        if !presented.is_some_and(|p| auth::same_secret(&p, expected.as_bytes())) {
             conn.close_with(
                 ErrorCode::REJECTED_SETUP,
                 "this broker needs its token: a message/x.vigil.token.v0 entry in SETUP's composite metadata",

@@ -24,6 +24,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use vigil_collector::auth;
 
 use crate::balance::NoTarget;
 use crate::config::{HttpRoute, HttpTriggerConfig};
@@ -73,12 +74,7 @@ impl Trigger {
 
     async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
         if let Some(expected) = &self.settings.token {
-            let presented = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            if !presented.is_some_and(|p| metadata::same_secret(p.trim().as_bytes(), expected.as_bytes())) {
+            if !auth::bearer_matches(req.headers(), expected) {
                 let mut response = error(
                     StatusCode::UNAUTHORIZED,
                     "unauthorized",

@@ -91,7 +91,7 @@ impl Stack {
                 Healer::start(&healer_config, collector.snapshots(), broker.traffic()).expect("healer");
             broker.attach(Arc::new(healer.handle()));
             let router = collector
-                .router_with(vec![healer.metrics_registry(), broker.metrics_registry()])
+                .router_with(vec![healer.metrics_registry(), broker.metrics_registry()], None)
                 .merge(healer.router(collector.snapshots(), None));
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let addr = listener.local_addr().expect("addr");

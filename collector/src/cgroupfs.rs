@@ -404,6 +404,17 @@ pub fn parse_proc_cgroup(text: &str) -> CgroupPaths {
     paths
 }
 
+/// Every process listed in `dir/cgroup.procs`, in the kernel's order. A cgroup that is gone (or was never
+/// there) lists none: cgroups vanish at any moment, and that is not an error to whoever asked.
+pub fn procs(dir: &Path) -> Vec<u32> {
+    std::fs::read_to_string(dir.join("cgroup.procs")).map(|text| parse_procs(&text)).unwrap_or_default()
+}
+
+/// The pids of a `cgroup.procs` text, one a line.
+pub fn parse_procs(text: &str) -> Vec<u32> {
+    text.lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
 /// The first process listed in `dir/cgroup.procs`, if any. Reads only the first bytes, as a busy cgroup
 /// can list thousands of processes.
 pub fn first_pid(dir: &Path) -> Option<u32> {
@@ -643,6 +654,19 @@ mod tests {
         assert_eq!(first_pid(&dir), None);
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(first_pid(&dir), None);
+    }
+
+    #[test]
+    fn procs_lists_every_pid_and_nothing_for_a_vanished_cgroup() {
+        let dir = std::env::temp_dir().join(format!("vigil-cgroupfs-procs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cgroup.procs"), "4194303\n17\n").unwrap();
+        assert_eq!(procs(&dir), vec![4194303, 17]);
+        std::fs::write(dir.join("cgroup.procs"), "").unwrap();
+        assert_eq!(procs(&dir), Vec::<u32>::new());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(procs(&dir), Vec::<u32>::new());
+        assert_eq!(parse_procs("1\n\nx\n 2 \n"), vec![1, 2]);
     }
 
     proptest! {

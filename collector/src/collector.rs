@@ -16,6 +16,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::aggregate::{Aggregator, TickInput};
+use crate::auth;
 use crate::cgroupfs::{self, CgroupError, CgroupStats, Layout};
 use crate::config::CollectorConfig;
 use crate::discovery::{DiscoveredCgroup, Discovery};
@@ -123,33 +124,15 @@ impl Collector {
         self.snapshots.clone()
     }
 
-    /// `/metrics`, `/healthz`, `/readyz`.
+    /// `/metrics`, `/healthz`, `/readyz`, open to anyone who can reach them (a loopback listener).
     pub fn router(&self) -> Router {
-        self.router_with(Vec::new())
+        self.router_with(Vec::new(), None)
     }
 
-    /// The same, with another component's metrics (the healer's) appended to `/metrics`.
-    pub fn router_with(&self, extra: Vec<Arc<Registry>>) -> Router {
-        let registry = self.registry.clone();
-        let snapshots = self.snapshots.clone();
-        let interval = self.interval;
-        Router::new()
-            .route(
-                "/metrics",
-                get(move |headers: HeaderMap| {
-                    let registry = registry.clone();
-                    let extra = extra.clone();
-                    async move { metrics_response(&registry, &extra, &headers) }
-                }),
-            )
-            .route("/healthz", get(|| async { "ok\n" }))
-            .route(
-                "/readyz",
-                get(move || {
-                    let snap = snapshots.borrow().clone();
-                    async move { readiness(&snap, interval, SystemTime::now()).into_response() }
-                }),
-            )
+    /// The same, with other components' metrics (the healer's, the broker's) appended to `/metrics`, and
+    /// every route behind `token` when one is set (`http.token`), as the API is.
+    pub fn router_with(&self, extra: Vec<Arc<Registry>>, token: Option<&str>) -> Router {
+        http_routes(self.registry.clone(), extra, self.snapshots.clone(), self.interval, token)
     }
 
     /// Stops the loop and waits for it (at most one tick).
@@ -169,6 +152,36 @@ impl Drop for Collector {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The collector's HTTP routes over a registry and a snapshot stream; apart from [`Collector`] so that they
+/// can be served without probes.
+fn http_routes(
+    registry: Arc<Registry>,
+    extra: Vec<Arc<Registry>>,
+    snapshots: SnapshotReceiver,
+    interval: Duration,
+    token: Option<&str>,
+) -> Router {
+    let router = Router::new()
+        .route(
+            "/metrics",
+            get(move |headers: HeaderMap| {
+                let registry = registry.clone();
+                let extra = extra.clone();
+                async move { metrics_response(&registry, &extra, &headers) }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let snap = snapshots.borrow().clone();
+                async move { readiness(&snap, interval, SystemTime::now()).into_response() }
+            }),
+        );
+    // Metrics name every instance and service on the host, so they are no more public than the API.
+    auth::require_bearer(router, token)
 }
 
 /// OpenMetrics for scrapers that accept it (Prometheus does), the classic text format otherwise.
@@ -322,5 +335,58 @@ mod tests {
         let (code, body) = readiness(&s, Duration::from_secs(1), later);
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
         assert!(body.contains("\"stale\""), "{body}");
+    }
+
+    /// Serves the collector's routes on an ephemeral loopback port, with a snapshot from tick 1.
+    async fn serve_routes(token: Option<&str>) -> std::net::SocketAddr {
+        let mut snap = Snapshot::empty();
+        snap.tick = 1;
+        // The sender goes; the receiver keeps the last value.
+        let (_, rx) = watch::channel(Arc::new(snap));
+        let registry = Arc::new(export::registry(rx.clone()));
+        let app = http_routes(registry, Vec::new(), rx, Duration::from_secs(3600), token);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    async fn get(addr: std::net::SocketAddr, path: &str, authorization: Option<&str>) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let auth = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+        s.write_all(format!("GET {path} HTTP/1.0\r\n{auth}\r\n").as_bytes()).await.unwrap();
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).await.unwrap();
+        let status = buf[9..12].parse().unwrap();
+        (status, buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn routes_are_open_without_a_token() {
+        let addr = serve_routes(None).await;
+        for path in ["/metrics", "/healthz", "/readyz"] {
+            let (code, _) = get(addr, path, None).await;
+            assert_eq!(code, 200, "{path}");
+        }
+        let (_, body) = get(addr, "/metrics", None).await;
+        assert!(body.contains("vigil_instances 0"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn routes_need_the_token_when_one_is_set() {
+        let addr = serve_routes(Some("s3cret")).await;
+        for path in ["/metrics", "/healthz", "/readyz"] {
+            for wrong in [None, Some("Bearer nope"), Some("Bearer s3cre"), Some("Basic s3cret")] {
+                let (code, body) = get(addr, path, wrong).await;
+                assert_eq!(code, 401, "{path} with {wrong:?}");
+                let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+                assert_eq!(body["error"]["code"], "unauthorized", "{path}");
+            }
+            let (code, _) = get(addr, path, Some("Bearer s3cret")).await;
+            assert_eq!(code, 200, "{path} with the token");
+        }
+        let (_, body) = get(addr, "/metrics", Some("Bearer s3cret")).await;
+        assert!(body.contains("vigil_instances 0"), "{body}");
     }
 }

@@ -7,6 +7,7 @@
 //! `aggregate` are plain functions over data, tested without a kernel.
 
 pub mod aggregate;
+pub mod auth;
 pub mod btf;
 pub mod cgroupfs;
 pub mod collector;

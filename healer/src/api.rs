@@ -1,19 +1,23 @@
 //! REST API v1 (DESIGN.md §4): instances with their state and metrics, hibernate and wake by hand, the
 //! decision log and the rules in force. JSON in and out; errors are `{"error": {"code", "message"}}` with a
 //! fitting status. A bearer token, when configured, is required on every request (the config refuses a
-//! non-loopback bind without one).
+//! non-loopback bind without one) and compared in constant time ([`vigil_collector::auth`]).
+//!
+//! Instances Vigil did not start (discovered cgroups) are `observed`: Vigil sees them and reports their
+//! processes as the kernel lists them at request time, but it runs none of their lifecycle.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use vigil_collector::{InstanceSnapshot, SnapshotReceiver};
+use vigil_collector::cgroupfs::{self, Layout};
+use vigil_collector::{InstanceSnapshot, SnapshotReceiver, auth};
 
 use crate::audit::AuditLog;
 use crate::engine::BoxFuture;
@@ -79,14 +83,26 @@ struct Api {
     snapshots: SnapshotReceiver,
     audit: Arc<AuditLog>,
     token: Option<String>,
+    /// Where the v2 hierarchy is mounted, to list a discovered instance's processes; `None` when it could
+    /// not be found, and then they list none.
+    layout: Option<Layout>,
 }
+
+/// The state of an instance Vigil did not start: it is seen, not run, so none of the managed lifecycle
+/// states (`active`, `hibernated`, ...) would be true of it.
+pub const OBSERVED: &str = "observed";
 
 fn serde_state(state: InstanceState) -> &'static str {
     state.as_str()
 }
 
-/// The JSON of one instance: identity, state, processes, and the latest metrics.
-fn instance_json(snap: Option<&InstanceSnapshot>, managed: Option<&ManagedInstance>) -> Value {
+/// The JSON of one instance: identity, state, processes, and the latest metrics. For a discovered instance
+/// this reads its `cgroup.procs`, so it blocks (briefly) on the file system.
+fn instance_json(
+    snap: Option<&InstanceSnapshot>,
+    managed: Option<&ManagedInstance>,
+    layout: Option<&Layout>,
+) -> Value {
     let metrics = snap.map(|s| {
         json!({
             "cpu_cores": s.rates.cpu_cores,
@@ -105,10 +121,15 @@ fn instance_json(snap: Option<&InstanceSnapshot>, managed: Option<&ManagedInstan
             "pids": m.pids, "cgroup": m.cgroup, "port": m.port, "restarts": m.restarts,
             "last_failure": m.last_failure, "metrics": metrics,
         }),
-        (None, Some(s)) => json!({
-            "id": &*s.instance_id, "service": &*s.service, "state": "active", "managed": false,
-            "pids": Vec::<u32>::new(), "cgroup": &*s.cgroup, "kind": s.kind.as_str(), "metrics": metrics,
-        }),
+        (None, Some(s)) => {
+            // Read now rather than at the last tick: the snapshot does not carry pids, and a cgroup gone
+            // since then simply lists none.
+            let pids = layout.map(|l| cgroupfs::procs(&l.v2_dir(&s.cgroup))).unwrap_or_default();
+            json!({
+                "id": &*s.instance_id, "service": &*s.service, "state": OBSERVED, "managed": false,
+                "pids": pids, "cgroup": &*s.cgroup, "kind": s.kind.as_str(), "metrics": metrics,
+            })
+        }
         (None, None) => Value::Null,
     }
 }
@@ -116,31 +137,40 @@ fn instance_json(snap: Option<&InstanceSnapshot>, managed: Option<&ManagedInstan
 impl Api {
     fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let Some(token) = &self.token else { return Ok(()) };
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given == Some(token.as_str()) {
+        if auth::bearer_matches(headers, token) {
             Ok(())
         } else {
             Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required"))
         }
     }
 
-    fn instances(&self) -> Vec<Value> {
+    /// Every instance, or only the one with id `only`: managed ones first, then the discovered ones.
+    /// Blocking (see [`instance_json`]); the filter comes before any file is read.
+    fn instances(&self, only: Option<&str>) -> Vec<Value> {
         let snap = self.snapshots.borrow().clone();
         let managed = self.control.managed();
+        let layout = self.layout.as_ref();
         let mut out: Vec<Value> = managed
             .iter()
-            .map(|m| instance_json(snap.instances.iter().find(|s| *s.cgroup == m.cgroup), Some(m)))
+            .filter(|m| only.is_none_or(|id| m.id == id))
+            .map(|m| instance_json(snap.instances.iter().find(|s| *s.cgroup == m.cgroup), Some(m), layout))
             .collect();
         out.extend(
             snap.instances
                 .iter()
                 .filter(|s| !managed.iter().any(|m| m.cgroup == *s.cgroup))
-                .map(|s| instance_json(Some(s), None)),
+                .filter(|s| only.is_none_or(|id| *s.instance_id == *id))
+                .map(|s| instance_json(Some(s), None, layout)),
         );
         out
+    }
+
+    /// [`Api::instances`] off the async runtime's workers.
+    async fn instances_blocking(self: &Arc<Self>, only: Option<String>) -> Result<Vec<Value>, ApiError> {
+        let api = self.clone();
+        tokio::task::spawn_blocking(move || api.instances(only.as_deref()))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
     }
 }
 
@@ -149,17 +179,9 @@ struct Limit {
     limit: Option<usize>,
 }
 
-/// The instances, read off the async workers (each managed instance's `cgroup.procs` is read).
-async fn all_instances(api: &Arc<Api>) -> Result<Vec<Value>, ApiError> {
-    let api = api.clone();
-    tokio::task::spawn_blocking(move || api.instances())
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
-}
-
 async fn list(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     api.authorize(&headers)?;
-    Ok(Json(json!({ "instances": all_instances(&api).await? })))
+    Ok(Json(json!({ "instances": api.instances_blocking(None).await? })))
 }
 
 async fn get_one(
@@ -168,7 +190,7 @@ async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     api.authorize(&headers)?;
-    all_instances(&api)
+    api.instances_blocking(Some(id.clone()))
         .await?
         .into_iter()
         .find(|i| i["id"] == id.as_str())
@@ -316,14 +338,34 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /api/v1/instances")
 }
 
-/// The `/api/v1/` routes.
+/// The `/api/v1/` routes, on this host's cgroup layout.
 pub fn router(
     control: Arc<dyn Control>,
     snapshots: SnapshotReceiver,
     audit: Arc<AuditLog>,
     token: Option<String>,
 ) -> Router {
-    let api = Arc::new(Api { control, snapshots, audit, token });
+    let layout = match Layout::detect() {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "discovered instances will list no pids");
+            None
+        }
+    };
+    router_on(control, snapshots, audit, token, layout)
+}
+
+/// The `/api/v1/` routes, reading discovered instances' processes under `layout`'s v2 root.
+pub fn router_on(
+    control: Arc<dyn Control>,
+    snapshots: SnapshotReceiver,
+    audit: Arc<AuditLog>,
+    token: Option<String>,
+    layout: Option<Layout>,
+) -> Router {
+    // An empty token is no token, as in the config's check and on the other routes of the listener.
+    let token = token.filter(|t| !t.is_empty());
+    let api = Arc::new(Api { control, snapshots, audit, token, layout });
     Router::new()
         .route("/api/v1/instances", get(list))
         .route("/api/v1/instances/{id}", get(get_one))
@@ -407,14 +449,24 @@ mod tests {
     }
 
     async fn serve(token: Option<String>) -> (std::net::SocketAddr, Arc<Fake>, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("vigil-api-{}-{}", std::process::id(), token.is_some()));
+        serve_on(token, vigil_collector::Snapshot::empty(), None, "").await
+    }
+
+    async fn serve_on(
+        token: Option<String>,
+        snapshot: vigil_collector::Snapshot,
+        layout: Option<Layout>,
+        name: &str,
+    ) -> (std::net::SocketAddr, Arc<Fake>, std::path::PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("vigil-api-{}-{}{name}", std::process::id(), token.is_some()));
         let _ = std::fs::remove_dir_all(&dir);
         let audit = Arc::new(AuditLog::open(&dir).unwrap());
         audit.append(&json!({"rule": "idle", "action": "hibernate", "instance_id": "echo-0"})).unwrap();
         let fake = Arc::new(Fake { acted: Mutex::new(Vec::new()) });
         // The receiver keeps the last value after the sender is gone.
-        let (_, rx) = tokio::sync::watch::channel(Arc::new(vigil_collector::Snapshot::empty()));
-        let app = router(fake.clone(), rx, audit, token);
+        let (_, rx) = tokio::sync::watch::channel(Arc::new(snapshot));
+        let app = router_on(fake.clone(), rx, audit, token, layout);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -465,6 +517,78 @@ mod tests {
         let (code, _) =
             request(addr, "GET /api/v1/instances HTTP/1.0\r\nAuthorization: Bearer s3cret\r\n\r\n").await;
         assert_eq!(code, 200);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A snapshot with the managed `echo-0` and two cgroups Vigil did not start.
+    fn snapshot_with_discovered() -> vigil_collector::Snapshot {
+        use vigil_collector::snapshot::InstanceKind;
+        let mut snap = vigil_collector::Snapshot::empty();
+        snap.tick = 1;
+        let instance = |id: &str, cgroup: &str, kind| InstanceSnapshot {
+            service: "svc".into(),
+            instance_id: id.into(),
+            kind,
+            cgroup: cgroup.into(),
+            cgroup_id: None,
+            memcg_id: None,
+            counters: Default::default(),
+            rates: Default::default(),
+            memory: Default::default(),
+            pressure: Default::default(),
+        };
+        snap.instances.push(instance("echo-0", "/vigil/echo/echo-0", InstanceKind::Managed));
+        snap.instances.push(instance("cg:/system.slice/x", "/system.slice/x", InstanceKind::SystemdUnit));
+        snap.instances.push(instance("cg:/gone", "/gone", InstanceKind::SystemdUnit));
+        snap
+    }
+
+    #[tokio::test]
+    async fn discovered_instances_are_observed_with_their_current_pids() {
+        // A directory laid out like a v2 mount: `/system.slice/x` lists two processes, `/gone` vanished
+        // after the snapshot was taken.
+        let root = std::env::temp_dir().join(format!("vigil-api-v2-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("system.slice/x")).unwrap();
+        std::fs::write(root.join("system.slice/x/cgroup.procs"), "4242\n4243\n").unwrap();
+        let layout = Layout { v2_root: root.clone(), v1: None };
+        let (addr, _fake, dir) = serve_on(None, snapshot_with_discovered(), Some(layout), "-observed").await;
+
+        let (code, body) = request(addr, "GET /api/v1/instances HTTP/1.0\r\n\r\n").await;
+        assert_eq!(code, 200);
+        let all = body["instances"].as_array().unwrap();
+        assert_eq!(all.len(), 3, "{body}");
+        let managed = &all[0];
+        assert_eq!((managed["id"].as_str(), managed["state"].as_str()), (Some("echo-0"), Some("hibernated")));
+        assert_eq!(managed["pids"], json!([42]), "a managed instance keeps its supervisor's pids");
+        let x = all.iter().find(|i| i["id"] == "cg:/system.slice/x").unwrap();
+        assert_eq!((x["state"].as_str(), x["managed"].as_bool()), (Some("observed"), Some(false)));
+        assert_eq!(x["pids"], json!([4242, 4243]));
+        let gone = all.iter().find(|i| i["id"] == "cg:/gone").unwrap();
+        assert_eq!((gone["state"].as_str(), &gone["pids"]), (Some("observed"), &json!([])));
+
+        // The pids are read at request time, not at the last tick.
+        std::fs::write(root.join("system.slice/x/cgroup.procs"), "4243\n").unwrap();
+        let (code, x) = request(addr, "GET /api/v1/instances/cg:%2Fsystem.slice%2Fx HTTP/1.0\r\n\r\n").await;
+        assert_eq!((code, x["state"].as_str()), (200, Some("observed")), "{x}");
+        assert_eq!(x["pids"], json!([4243]));
+        std::fs::remove_dir_all(root.join("system.slice")).unwrap();
+        let (code, x) = request(addr, "GET /api/v1/instances/cg:%2Fsystem.slice%2Fx HTTP/1.0\r\n\r\n").await;
+        assert_eq!((code, &x["pids"]), (200, &json!([])), "a vanished cgroup lists no pids: {x}");
+
+        let _ = std::fs::remove_dir_all(root);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn token_is_compared_whole() {
+        let (addr, _fake, dir) =
+            serve_on(Some("s3cret".into()), vigil_collector::Snapshot::empty(), None, "-whole").await;
+        for wrong in ["Bearer s3cre", "Bearer s3cret2", "Bearer ", "Basic s3cret"] {
+            let (code, body) =
+                request(addr, &format!("GET /api/v1/rules HTTP/1.0\r\nAuthorization: {wrong}\r\n\r\n")).await;
+            assert_eq!((code, body["error"]["code"].as_str()), (401, Some("unauthorized")), "{wrong}");
+        }
         let _ = std::fs::remove_dir_all(dir);
     }
 }

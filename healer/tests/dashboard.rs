@@ -56,7 +56,7 @@ fn every_hibernation_panel_has_data() {
             .expect("healer")
     });
     let router = collector
-        .router_with(vec![healer.metrics_registry()])
+        .router_with(vec![healer.metrics_registry()], None)
         .merge(healer.router(collector.snapshots(), None));
     let addr = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");

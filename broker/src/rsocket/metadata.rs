@@ -638,12 +638,6 @@ pub fn token(metadata_mime: &str, metadata: Option<&Bytes>) -> Result<Option<Byt
     }
 }
 
-/// Compares a presented secret with the expected one in time independent of where they differ.
-pub fn same_secret(presented: &[u8], expected: &[u8]) -> bool {
-    presented.len() == expected.len()
-        && presented.iter().zip(expected).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
