@@ -114,14 +114,11 @@ impl Gate {
         Self { config, recent: VecDeque::new() }
     }
 
-    /// Admits a proposal at monotonic time `at` for an instance that is `busy` or not, or says why not.
-    /// An admitted proposal counts against the rate limit; a busy instance's does not.
-    pub fn admit(&mut self, at: Duration, busy: bool) -> Result<(), Refusal> {
+    /// Admits a proposal at monotonic time `at` under the rate limit, or says why not. An admitted proposal
+    /// counts against it.
+    pub fn admit(&mut self, at: Duration) -> Result<(), Refusal> {
         while self.recent.front().is_some_and(|t| at.saturating_sub(*t) >= Duration::from_secs(60)) {
             self.recent.pop_front();
-        }
-        if busy {
-            return Err(Refusal::InProgress);
         }
         if self.recent.len() >= self.config.max_actions_per_minute {
             return Err(Refusal::RateLimited);
@@ -161,13 +158,18 @@ impl Engine {
         if self.gate.dry_run() {
             return Err(Outcome::DryRun);
         }
+        // A notification changes nothing on the instance, so an action under way does not stand in its
+        // way. A busy instance is refused before anything is counted.
+        if p.action != Action::Notify && fleet.busy(&p.instance_id) {
+            return Err(Outcome::Refused { reason: Refusal::InProgress });
+        }
         if p.action == Action::Hibernate
             && let Some((total, standby)) = fleet.standby_counts(&p.service)
             && (standby + 1) as f64 > self.gate.config.max_standby_fraction * total as f64
         {
             return Err(Outcome::Refused { reason: Refusal::StandbyFraction });
         }
-        self.gate.admit(at, fleet.busy(&p.instance_id)).map_err(|reason| Outcome::Refused { reason })
+        self.gate.admit(at).map_err(|reason| Outcome::Refused { reason })
     }
 
     /// Turns dry-run mode on or off (decide and audit, execute nothing).
@@ -193,13 +195,12 @@ mod tests {
     use crate::audit::AuditLog;
 
     #[test]
-    fn gate_window_slides_and_a_busy_instance_costs_nothing() {
+    fn gate_window_slides() {
         let mut g = Gate::new(GateConfig { max_actions_per_minute: 2, ..GateConfig::default() });
-        assert_eq!(g.admit(Duration::from_secs(0), false), Ok(()));
-        assert_eq!(g.admit(Duration::from_secs(1), true), Err(Refusal::InProgress));
-        assert_eq!(g.admit(Duration::from_secs(1), false), Ok(()));
-        assert_eq!(g.admit(Duration::from_secs(30), false), Err(Refusal::RateLimited));
-        assert_eq!(g.admit(Duration::from_secs(60), false), Ok(()), "the first action left the window");
+        assert_eq!(g.admit(Duration::from_secs(0)), Ok(()));
+        assert_eq!(g.admit(Duration::from_secs(1)), Ok(()));
+        assert_eq!(g.admit(Duration::from_secs(30)), Err(Refusal::RateLimited));
+        assert_eq!(g.admit(Duration::from_secs(60)), Ok(()), "the first action left the window");
     }
 
     #[test]

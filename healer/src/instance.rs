@@ -25,8 +25,8 @@ use crate::cgroup::{CgroupDriver, CpuLimit, InstanceCgroup};
 use crate::lifecycle::{Answer, Event, Goal, Lifecycle, Op, Request};
 use crate::metrics::StandbyMetrics;
 use crate::rules::InstanceState;
+use crate::service::{Readiness, ServiceSpec, StartPolicy};
 use crate::standby::{self, HibernateReport, MemoryOps, StandbyPolicy, WakeReport, WorkingSet};
-use crate::supervisor::{Readiness, ServiceSpec, StartPolicy, substitute_port};
 
 /// How often readiness is probed while an instance starts or wakes.
 const PROBE_INTERVAL: Duration = Duration::from_millis(100);
@@ -662,5 +662,49 @@ async fn probe_unbounded(readiness: &Readiness, port: u16) -> bool {
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     }
-    crate::supervisor::parse_http_status(&buf).is_some_and(|code| (200..300).contains(&code))
+    parse_http_status(&buf).is_some_and(|code| (200..300).contains(&code))
+}
+
+/// Replaces every `{port}` in `args` with `port`.
+pub fn substitute_port(args: &[String], port: u16) -> Vec<String> {
+    args.iter().map(|a| a.replace(PORT_PLACEHOLDER, &port.to_string())).collect()
+}
+
+/// The status code of an HTTP/1.x status line (`HTTP/1.0 200 OK`).
+pub fn parse_http_status(response: &[u8]) -> Option<u16> {
+    let line_end = response.iter().position(|b| *b == b'\n')?;
+    let line = std::str::from_utf8(&response[..line_end]).ok()?;
+    let mut parts = line.trim_end().split(' ');
+    let version = parts.next()?;
+    if !version.starts_with("HTTP/1.") {
+        return None;
+    }
+    let code = parts.next()?;
+    if code.len() != 3 {
+        return None;
+    }
+    code.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_substitution() {
+        let args: Vec<String> = ["app", "--port={port}", "{port}", "x{port}{port}", "none"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        assert_eq!(substitute_port(&args, 18081), ["app", "--port=18081", "18081", "x1808118081", "none"]);
+    }
+
+    #[test]
+    fn http_status_lines() {
+        assert_eq!(parse_http_status(b"HTTP/1.0 200 OK\r\nServer: x\r\n"), Some(200));
+        assert_eq!(parse_http_status(b"HTTP/1.1 503 Service Unavailable\r\n"), Some(503));
+        assert_eq!(parse_http_status(b"HTTP/1.1 200 OK"), None);
+        assert_eq!(parse_http_status(b"SSH-2.0-OpenSSH\r\n"), None);
+        assert_eq!(parse_http_status(b"HTTP/1.1 20 OK\r\n"), None);
+    }
 }

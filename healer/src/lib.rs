@@ -15,6 +15,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod rules;
 pub mod run;
+pub mod service;
 pub mod standby;
 pub mod supervisor;
 pub mod tcp;

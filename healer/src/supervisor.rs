@@ -25,10 +25,11 @@ use tokio::task::JoinHandle;
 use crate::cgroup::{CgroupDriver, CgroupDriverError, InstanceCgroup};
 use crate::engine::{BoxFuture, Started};
 use crate::instance::{Board, Command, Context, Finished, InstanceTask};
-pub use crate::instance::{Hook, PORT_PLACEHOLDER, StandbyRecord};
+pub use crate::instance::{Hook, PORT_PLACEHOLDER, StandbyRecord, parse_http_status, substitute_port};
 use crate::lifecycle::{Answer, Request};
 use crate::metrics::StandbyMetrics;
 use crate::rules::{Action, InstanceState};
+pub use crate::service::{DEFAULT_VERSION, InvalidService, Readiness, ServiceSpec, StartPolicy};
 use crate::standby::{KernelMemory, MemoryOps, StandbyPolicy};
 
 /// How long `shutdown` waits for a stopped instance's cgroups to empty before killing what is left.
@@ -38,8 +39,8 @@ const COMMAND_QUEUE: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
-    #[error("invalid service {service:?}: {reason}")]
-    InvalidSpec { service: String, reason: String },
+    #[error(transparent)]
+    InvalidSpec(#[from] InvalidService),
     #[error("Supervisor::start must be called within a tokio runtime")]
     NoRuntime,
     #[error("no managed instance {id:?}")]
@@ -54,143 +55,6 @@ pub enum SupervisorError {
     NotReady { id: String, timeout: Duration },
     #[error("instance {id}: {hook} hook: {reason}")]
     Hook { id: String, hook: &'static str, reason: String },
-}
-
-/// One managed service, as the config's `services:` list declares it.
-#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServiceSpec {
-    pub name: String,
-    /// Program and arguments; `{port}` is replaced by the instance's port.
-    pub command: Vec<String>,
-    /// Extra environment for the service (on top of Vigil's own); `{port}` is replaced in values.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// The first instance's port; instance `n` listens on `port + n`.
-    pub port: u16,
-    #[serde(default = "one")]
-    pub instances: u32,
-    #[serde(default)]
-    pub readiness: Readiness,
-    /// Runs before the instance is hibernated (`{port}` substituted).
-    #[serde(default)]
-    pub pre_hibernate: Option<Vec<String>>,
-    /// Runs after the instance has woken (`{port}` substituted).
-    #[serde(default)]
-    pub post_wake: Option<Vec<String>>,
-    /// HTTP trigger path prefix, for the broker.
-    #[serde(default)]
-    pub route: Option<String>,
-    /// HTTP trigger host name (the request's `Host`, without port), for the broker.
-    #[serde(default)]
-    pub host: Option<String>,
-    /// The version the broker files the instances under (for traffic splits between versions).
-    #[serde(default = "default_version")]
-    pub version: String,
-    /// The service the broker routes these instances under (default: `name`). Two managed services that
-    /// serve one name with different versions are two versions of it, for splits and canaries.
-    #[serde(default)]
-    pub serves: Option<String>,
-    /// How long readiness may take after a start or a wake before the instance is restarted (default
-    /// 60s).
-    #[serde(default)]
-    pub ready_timeout: Option<vigil_collector::config::HumanDuration>,
-    /// `always` (the default): instances start with Vigil. `on_demand`: they stay stopped (zero running
-    /// instances) until the broker has a request for the service, and start then.
-    #[serde(default)]
-    pub start: StartPolicy,
-}
-
-/// When a managed instance first starts.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StartPolicy {
-    #[default]
-    Always,
-    OnDemand,
-}
-
-/// The version of instances that name none.
-pub const DEFAULT_VERSION: &str = "v1";
-
-fn default_version() -> String {
-    DEFAULT_VERSION.to_string()
-}
-
-fn one() -> u32 {
-    1
-}
-
-impl ServiceSpec {
-    /// The port of instance `index` (from 0).
-    pub fn port_of(&self, index: u32) -> u16 {
-        self.port.saturating_add(u16::try_from(index).unwrap_or(u16::MAX))
-    }
-
-    /// The service name requests use to reach these instances.
-    pub fn routed_name(&self) -> &str {
-        self.serves.as_deref().unwrap_or(&self.name)
-    }
-
-    /// The id of instance `index`: `<service>-<index>`.
-    pub fn instance_id(&self, index: u32) -> String {
-        format!("{}-{index}", self.name)
-    }
-
-    /// Checks what serde cannot: names usable as cgroup directories, a command, ports that fit.
-    pub fn validate(&self) -> Result<(), SupervisorError> {
-        let invalid = |reason: String| SupervisorError::InvalidSpec { service: self.name.clone(), reason };
-        if self.name.is_empty()
-            || self.name == "."
-            || self.name == ".."
-            || self.name.contains(['/', '\0'])
-            || self.name.chars().any(char::is_whitespace)
-        {
-            return Err(invalid("name must be non-empty, without '/' or whitespace".into()));
-        }
-        if self.command.first().is_none_or(|p| p.is_empty()) {
-            return Err(invalid("command must name a program".into()));
-        }
-        if self.instances == 0 {
-            return Err(invalid("instances must be at least 1".into()));
-        }
-        if self.port == 0 {
-            return Err(invalid("port must be above 0".into()));
-        }
-        let last = u32::from(self.port) + self.instances - 1;
-        if last > u32::from(u16::MAX) {
-            return Err(invalid(format!("ports {}..={last} do not fit below 65536", self.port)));
-        }
-        for (hook, cmd) in [("pre_hibernate", &self.pre_hibernate), ("post_wake", &self.post_wake)] {
-            if cmd.as_ref().is_some_and(|c| c.first().is_none_or(|p| p.is_empty())) {
-                return Err(invalid(format!("{hook} must name a program")));
-            }
-        }
-        match &self.readiness {
-            Readiness::Http(path) if !path.starts_with('/') => {
-                Err(invalid(format!("readiness http path {path:?} must start with '/'")))
-            }
-            Readiness::Tcp(false) => {
-                Err(invalid("readiness tcp: false is not a check; use tcp: true".into()))
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
-/// How Vigil decides that a started instance serves: YAML `{ http: /healthz }` (a GET on the instance's port
-/// answers 2xx) or `{ tcp: true }` (the port accepts a connection, the default).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum Readiness {
-    Http(String),
-    Tcp(bool),
-}
-
-impl Default for Readiness {
-    fn default() -> Self {
-        Readiness::Tcp(true)
-    }
 }
 
 /// A managed instance as the API shows it.
@@ -218,27 +82,6 @@ pub struct InstanceInfo {
     pub last_failure: Option<String>,
     /// What the last hibernation and wake did.
     pub standby: Option<StandbyRecord>,
-}
-
-/// Replaces every `{port}` in `args` with `port`.
-pub fn substitute_port(args: &[String], port: u16) -> Vec<String> {
-    args.iter().map(|a| a.replace(PORT_PLACEHOLDER, &port.to_string())).collect()
-}
-
-/// The status code of an HTTP/1.x status line (`HTTP/1.0 200 OK`).
-pub fn parse_http_status(response: &[u8]) -> Option<u16> {
-    let line_end = response.iter().position(|b| *b == b'\n')?;
-    let line = std::str::from_utf8(&response[..line_end]).ok()?;
-    let mut parts = line.trim_end().split(' ');
-    let version = parts.next()?;
-    if !version.starts_with("HTTP/1.") {
-        return None;
-    }
-    let code = parts.next()?;
-    if code.len() != 3 {
-        return None;
-    }
-    code.parse().ok()
 }
 
 /// How the supervisor runs instances: the standby's memory operations and policy, stop grace, readiness
@@ -326,10 +169,9 @@ impl Supervisor {
         for spec in &specs {
             spec.validate()?;
             if !names.insert(spec.name.clone()) {
-                return Err(SupervisorError::InvalidSpec {
-                    service: spec.name.clone(),
-                    reason: "declared twice".into(),
-                });
+                return Err(
+                    InvalidService { service: spec.name.clone(), reason: "declared twice".into() }.into()
+                );
             }
         }
         let ctx = Arc::new(Context {
@@ -626,91 +468,5 @@ fn remove_cgroups(driver: &dyn CgroupDriver, cg: &InstanceCgroup) -> Result<(), 
             }
             other => return other,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec_yaml(readiness: &str) -> String {
-        format!("name: echo\ncommand: [python3, app.py, --port, \"{{port}}\"]\nport: 18080\n{readiness}")
-    }
-
-    #[test]
-    fn port_substitution() {
-        let args: Vec<String> = ["app", "--port={port}", "{port}", "x{port}{port}", "none"]
-            .into_iter()
-            .map(String::from)
-            .collect();
-        assert_eq!(substitute_port(&args, 18081), ["app", "--port=18081", "18081", "x1808118081", "none"]);
-    }
-
-    #[test]
-    fn readiness_from_yaml() {
-        let spec: ServiceSpec =
-            serde_saphyr::from_str(&spec_yaml("readiness: { http: /healthz }\n")).unwrap();
-        assert_eq!(spec.readiness, Readiness::Http("/healthz".into()));
-        assert_eq!(spec.instances, 1);
-        assert!(spec.validate().is_ok());
-        let spec: ServiceSpec = serde_saphyr::from_str(&spec_yaml("readiness: { tcp: true }\n")).unwrap();
-        assert_eq!(spec.readiness, Readiness::Tcp(true));
-        let spec: ServiceSpec = serde_saphyr::from_str(&spec_yaml("")).unwrap();
-        assert_eq!(spec.readiness, Readiness::Tcp(true));
-        assert!(serde_saphyr::from_str::<ServiceSpec>(&spec_yaml("readiness: { grpc: x }\n")).is_err());
-        assert!(serde_saphyr::from_str::<ServiceSpec>(&spec_yaml("bogus: 1\n")).is_err());
-    }
-
-    #[test]
-    fn full_spec_from_yaml() {
-        let yaml = "\
-name: echo
-command: [python3, app.py]
-env: { PORT: \"{port}\" }
-port: 18080
-instances: 2
-pre_hibernate: [curl, \"http://127.0.0.1:{port}/flush\"]
-post_wake: [true]
-route: /echo
-";
-        let spec: ServiceSpec = serde_saphyr::from_str(yaml).unwrap();
-        assert_eq!(spec.instances, 2);
-        assert_eq!(spec.port_of(1), 18081);
-        assert_eq!(spec.instance_id(1), "echo-1");
-        assert_eq!(spec.env.get("PORT").map(String::as_str), Some("{port}"));
-        assert_eq!(spec.post_wake, Some(vec!["true".to_string()]));
-        assert_eq!(spec.route.as_deref(), Some("/echo"));
-        assert!(spec.validate().is_ok());
-    }
-
-    #[test]
-    fn validation() {
-        let base: ServiceSpec = serde_saphyr::from_str(&spec_yaml("")).unwrap();
-        let bad = |f: &dyn Fn(&mut ServiceSpec)| {
-            let mut s = base.clone();
-            f(&mut s);
-            s.validate().is_err()
-        };
-        assert!(bad(&|s| s.name = "a/b".into()));
-        assert!(bad(&|s| s.name = String::new()));
-        assert!(bad(&|s| s.command.clear()));
-        assert!(bad(&|s| s.instances = 0));
-        assert!(bad(&|s| s.port = 0));
-        assert!(bad(&|s| {
-            s.port = 65535;
-            s.instances = 2;
-        }));
-        assert!(bad(&|s| s.readiness = Readiness::Http("healthz".into())));
-        assert!(bad(&|s| s.readiness = Readiness::Tcp(false)));
-        assert!(bad(&|s| s.pre_hibernate = Some(Vec::new())));
-    }
-
-    #[test]
-    fn http_status_lines() {
-        assert_eq!(parse_http_status(b"HTTP/1.0 200 OK\r\nServer: x\r\n"), Some(200));
-        assert_eq!(parse_http_status(b"HTTP/1.1 503 Service Unavailable\r\n"), Some(503));
-        assert_eq!(parse_http_status(b"HTTP/1.1 200 OK"), None);
-        assert_eq!(parse_http_status(b"SSH-2.0-OpenSSH\r\n"), None);
-        assert_eq!(parse_http_status(b"HTTP/1.1 20 OK\r\n"), None);
     }
 }
