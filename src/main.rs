@@ -76,6 +76,10 @@ enum CtlCommand {
     Wake { id: String },
     /// Stop an instance of an on-demand service until requests come again (scale to zero).
     Stop { id: String },
+    /// Restart an instance now: stop its process, start it again, wait until it is ready.
+    Restart { id: String },
+    /// Show an action by the id its request returned (running, or finished with its decision).
+    Action { id: u64 },
     /// The latest decisions, newest first.
     Decisions {
         #[arg(long, default_value_t = 20)]
@@ -98,11 +102,30 @@ fn ctl_command(api: SocketAddr, token: Option<String>, command: CtlCommand) -> a
         CtlCommand::Hibernate { id } => ("POST", format!("/api/v1/instances/{id}/hibernate")),
         CtlCommand::Wake { id } => ("POST", format!("/api/v1/instances/{id}/wake")),
         CtlCommand::Stop { id } => ("POST", format!("/api/v1/instances/{id}/stop")),
+        CtlCommand::Restart { id } => ("POST", format!("/api/v1/instances/{id}/restart")),
+        CtlCommand::Action { id } => ("GET", format!("/api/v1/actions/{id}")),
         CtlCommand::Decisions { limit } => ("GET", format!("/api/v1/decisions?limit={limit}")),
         CtlCommand::Rules => ("GET", "/api/v1/rules".to_string()),
         CtlCommand::DryRun { mode } => ("POST", format!("/api/v1/dry-run?enabled={}", mode == "on")),
     };
-    let answer = client.call(method, &path)?;
+    let mut answer = client.call(method, &path)?;
+    // An action still running after the API's wait: follow it until it ends.
+    if method == "POST"
+        && answer["status"] == "running"
+        && let Some(action_id) = answer["action_id"].as_u64()
+    {
+        eprintln!(
+            "action {action_id} is running ({}); waiting for it",
+            answer["state"].as_str().unwrap_or("?")
+        );
+        while answer["status"] == "running" {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            answer = client.call("GET", &format!("/api/v1/actions/{action_id}"))?;
+        }
+        if let Some(message) = answer["error"]["message"].as_str() {
+            anyhow::bail!("{}: {message}", answer["error"]["code"].as_str().unwrap_or("error"));
+        }
+    }
     if let CtlCommand::Instances = command {
         println!("{:<28} {:<16} {:<12} {:>8} {:>14}", "ID", "SERVICE", "STATE", "CPU", "MEMORY");
         for i in answer["instances"].as_array().into_iter().flatten() {
