@@ -241,17 +241,23 @@ impl Lifecycle {
         self.last_failure = Some(reason);
     }
 
+    /// Stops for good: abandons a probe or backoff under way; anything else finishes first.
+    fn shut_down(&mut self) -> Answer {
+        self.goal = Goal::Shutdown;
+        if self.in_flight.is_some_and(Op::abandonable) {
+            self.in_flight = None;
+        }
+        self.request_failure = None;
+        Answer::Accepted
+    }
+
     /// Takes a request. On [`Answer::Accepted`] call [`Lifecycle::next_op`] and run what it returns.
     pub fn request(&mut self, request: Request) -> Answer {
         let state = self.state();
         let busy = self.in_flight.is_some_and(|op| !matches!(op, Op::Backoff(_)));
+        // Shutdown is taken in any state, busy or not; everything else waits for the operation under way.
         if request == Request::Shutdown {
-            self.goal = Goal::Shutdown;
-            if self.in_flight.is_some_and(Op::abandonable) {
-                self.in_flight = None;
-            }
-            self.request_failure = None;
-            return Answer::Accepted;
+            return self.shut_down();
         }
         if self.goal == Goal::Shutdown {
             return Answer::Refused("Vigil is shutting down".into());
@@ -310,7 +316,7 @@ impl Lifecycle {
                 _ if state == InstanceState::Active => Answer::AlreadyThere,
                 _ => refused("cannot start"),
             },
-            Request::Shutdown => unreachable_shutdown(),
+            Request::Shutdown => self.shut_down(),
         };
         if answer == Answer::Accepted {
             self.request_failure = None;
@@ -487,11 +493,6 @@ impl Lifecycle {
         self.squeezed = false;
         self.restore_failures = 0;
     }
-}
-
-/// `Request::Shutdown` is answered before the match in [`Lifecycle::request`].
-fn unreachable_shutdown() -> Answer {
-    Answer::Accepted
 }
 
 /// Exponential restart delay: 1 s, doubling to at most 30 s, back to 1 s once an instance ran healthy for

@@ -427,6 +427,14 @@ fn finished_answer(supervisor: &Supervisor, id: u64, d: &Decision) -> Result<Val
     }
 }
 
+/// The API's answer for an action still running: its id and the instance's state now.
+fn running_answer(supervisor: &Supervisor, id: u64, action: &str, instance_id: &str) -> Value {
+    json!({
+        "action_id": id, "status": "running", "id": instance_id, "action": action,
+        "state": supervisor.state(instance_id).map(InstanceState::as_str),
+    })
+}
+
 impl Control for HealerControl {
     fn managed(&self) -> Vec<ManagedInstance> {
         self.supervisor
@@ -475,10 +483,7 @@ impl Control for HealerControl {
                 }
                 None => Ok((
                     StatusCode::ACCEPTED,
-                    json!({
-                        "action_id": submitted.id, "status": "running", "id": instance_id, "action": action.as_str(),
-                        "state": self.supervisor.state(instance_id).map(InstanceState::as_str),
-                    }),
+                    running_answer(&self.supervisor, submitted.id, action.as_str(), instance_id),
                 )),
             }
         })
@@ -486,10 +491,9 @@ impl Control for HealerControl {
 
     fn action(&self, id: u64) -> Option<Value> {
         Some(match self.actions.status(id)? {
-            Status::Running { action, instance_id } => json!({
-                "action_id": id, "status": "running", "id": instance_id, "action": action,
-                "state": self.supervisor.state(&instance_id).map(InstanceState::as_str),
-            }),
+            Status::Running { action, instance_id } => {
+                running_answer(&self.supervisor, id, action, &instance_id)
+            }
             Status::Finished(d) => match finished_answer(&self.supervisor, id, &d) {
                 Ok(body) => body,
                 Err(e) => json!({
