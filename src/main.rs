@@ -74,8 +74,10 @@ enum CtlCommand {
     Hibernate { id: String },
     /// Wake an instance now.
     Wake { id: String },
-    /// Stop an instance of an on-demand service until requests come again (scale to zero).
+    /// Stop an instance of an on-demand or scaled service until it is needed again.
     Stop { id: String },
+    /// Start a stopped instance of an on-demand or scaled service.
+    Start { id: String },
     /// Restart an instance now: stop its process, start it again, wait until it is ready.
     Restart { id: String },
     /// Show an action by the id its request returned (running, or finished with its decision).
@@ -102,6 +104,7 @@ fn ctl_command(api: SocketAddr, token: Option<String>, command: CtlCommand) -> a
         CtlCommand::Hibernate { id } => ("POST", format!("/api/v1/instances/{id}/hibernate")),
         CtlCommand::Wake { id } => ("POST", format!("/api/v1/instances/{id}/wake")),
         CtlCommand::Stop { id } => ("POST", format!("/api/v1/instances/{id}/stop")),
+        CtlCommand::Start { id } => ("POST", format!("/api/v1/instances/{id}/start")),
         CtlCommand::Restart { id } => ("POST", format!("/api/v1/instances/{id}/restart")),
         CtlCommand::Action { id } => ("GET", format!("/api/v1/actions/{id}")),
         CtlCommand::Decisions { limit } => ("GET", format!("/api/v1/decisions?limit={limit}")),

@@ -17,6 +17,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::balance::{Balancer, NoTarget, Picked, RouteRequest, Split, SplitError};
 use crate::config::QueueConfig;
+use crate::load::Load;
 use crate::metrics::BrokerMetrics;
 use crate::outcome::RequestOutcome;
 use crate::rsocket::metadata::{Route, TraceParent};
@@ -126,6 +127,8 @@ pub struct Hub<U: Upstream> {
     balancer: Mutex<Balancer<U>>,
     queue: Mutex<Queue<U>>,
     completed: Mutex<Completed>,
+    /// Requests in flight and held per service, as time averages for the autoscaler.
+    pub load: Load,
     /// Ids of the managed instances the balancer holds (the rest registered over RSocket or are upstreams).
     managed: Mutex<HashMap<String, ManagedEndpoint>>,
     /// The healer, once attached.
@@ -156,6 +159,7 @@ impl<U: Upstream> Hub<U> {
             balancer: Mutex::new(balancer),
             queue: Mutex::new(Queue::default()),
             completed: Mutex::new(Completed::default()),
+            load: Load::default(),
             managed: Mutex::new(HashMap::new()),
             activator,
             managed_capacity,
@@ -184,6 +188,7 @@ impl<U: Upstream> Hub<U> {
 
     /// Admits one request of `bytes` payload bytes for `route`.
     pub fn admit(self: &Arc<Self>, route: &Route, bytes: usize) -> Result<Admission<U>, Refusal> {
+        self.load.arrived(&route.service);
         let mut queue = lock(&self.queue);
         let picked = self.pick(route);
         let reason = match picked {
@@ -219,6 +224,7 @@ impl<U: Upstream> Hub<U> {
         sq.bytes += bytes;
         let queued = sq.waiters.len();
         queue.total += 1;
+        self.load.held(&service, true);
         // The first request to wait asks at once; a flood behind it asks once a second at most.
         let demand = wake
             && (queued == 1
@@ -259,6 +265,7 @@ impl<U: Upstream> Hub<U> {
 
     fn lease(self: &Arc<Self>, picked: Picked<U>) -> Lease<U> {
         self.metrics.inflight_add(&picked.service, 1);
+        self.load.inflight(&picked.service, &picked.instance_id, true);
         Lease { hub: self.clone(), picked, started: Instant::now(), done: false }
     }
 
@@ -275,7 +282,9 @@ impl<U: Upstream> Hub<U> {
                     let Some(w) = sq.waiters.remove(i) else { break };
                     sq.bytes -= w.bytes;
                     served += 1;
+                    self.load.held(service, false);
                     self.metrics.inflight_add(&p.service, 1);
+                    self.load.inflight(&p.service, &p.instance_id, true);
                     if let Err(p) = w.tx.send(p) {
                         // The ticket is gone (its drop takes the queue lock first, so this is rare).
                         self.release(&p, RequestOutcome::Cancelled, Duration::ZERO);
@@ -308,6 +317,7 @@ impl<U: Upstream> Hub<U> {
     fn release(&self, picked: &Picked<U>, outcome: RequestOutcome, latency: Duration) {
         lock(&self.balancer).finish(&picked.instance_id, outcome.health(), latency, self.now());
         self.metrics.inflight_add(&picked.service, -1);
+        self.load.inflight(&picked.service, &picked.instance_id, false);
     }
 
     fn finish(self: &Arc<Self>, picked: &Picked<U>, outcome: RequestOutcome, latency: Duration) {
@@ -437,6 +447,7 @@ impl<U: Upstream> Hub<U> {
             queue.services.remove(service);
         }
         queue.total -= 1;
+        self.load.held(service, false);
         drop(queue);
         self.metrics.set_queued(service, left);
         true

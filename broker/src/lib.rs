@@ -17,6 +17,7 @@ pub mod config;
 pub mod conn;
 pub mod http;
 pub mod hub;
+pub mod load;
 pub mod metrics;
 pub mod outcome;
 pub mod rsocket;

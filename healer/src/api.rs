@@ -222,53 +222,24 @@ fn parse_wait(q: &Wait) -> Result<Duration, ApiError> {
     Ok(d)
 }
 
+/// `POST /api/v1/instances/{id}/{action}`: hibernate, wake, restart, stop, start.
 async fn act(
-    api: Arc<Api>,
+    State(api): State<Arc<Api>>,
     headers: HeaderMap,
-    id: String,
-    q: Wait,
-    action: Action,
+    Path((id, action)): Path<(String, String)>,
+    Query(q): Query<Wait>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     api.authorize(&headers)?;
+    let action = Action::from_name(&action).filter(|a| *a != Action::Notify).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no action `{action}`; instances take hibernate, wake, restart, stop, start"),
+        )
+    })?;
     let wait = parse_wait(&q)?;
     let (status, body) = api.control.act(action, &id, wait).await?;
     Ok((status, Json(body)))
-}
-
-async fn hibernate(
-    State(api): State<Arc<Api>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Query(q): Query<Wait>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    act(api, headers, id, q, Action::Hibernate).await
-}
-
-async fn wake(
-    State(api): State<Arc<Api>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Query(q): Query<Wait>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    act(api, headers, id, q, Action::Wake).await
-}
-
-async fn restart(
-    State(api): State<Arc<Api>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Query(q): Query<Wait>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    act(api, headers, id, q, Action::Restart).await
-}
-
-async fn stop(
-    State(api): State<Arc<Api>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Query(q): Query<Wait>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    act(api, headers, id, q, Action::Stop).await
 }
 
 async fn action_status(
@@ -369,10 +340,7 @@ pub fn router_on(
     Router::new()
         .route("/api/v1/instances", get(list))
         .route("/api/v1/instances/{id}", get(get_one))
-        .route("/api/v1/instances/{id}/hibernate", post(hibernate))
-        .route("/api/v1/instances/{id}/wake", post(wake))
-        .route("/api/v1/instances/{id}/restart", post(restart))
-        .route("/api/v1/instances/{id}/stop", post(stop))
+        .route("/api/v1/instances/{id}/{action}", post(act))
         .route("/api/v1/actions/{id}", get(action_status))
         .route("/api/v1/decisions", get(decisions))
         .route("/api/v1/rules", get(rules))

@@ -25,7 +25,7 @@ use crate::cgroup::{CgroupDriver, CpuLimit, InstanceCgroup};
 use crate::lifecycle::{Answer, Event, Goal, Lifecycle, Op, Request};
 use crate::metrics::StandbyMetrics;
 use crate::rules::InstanceState;
-use crate::service::{Readiness, ServiceSpec, StartPolicy};
+use crate::service::{Readiness, ServiceSpec};
 use crate::standby::{self, HibernateReport, MemoryOps, StandbyPolicy, WakeReport, WorkingSet};
 
 /// How often readiness is probed while an instance starts or wakes.
@@ -74,6 +74,9 @@ pub struct StandbyRecord {
 #[derive(Clone, Debug, PartialEq)]
 pub struct View {
     pub state: InstanceState,
+    /// What the instance should be (the autoscaler counts instances by it: a restarting instance is
+    /// `stopping` on its way to serving again).
+    pub goal: Goal,
     /// The process Vigil spawned (the service after exec), while it runs.
     pub main_pid: Option<u32>,
     pub restarts: u32,
@@ -84,8 +87,16 @@ pub struct View {
 }
 
 impl View {
-    fn new(state: InstanceState) -> View {
-        View { state, main_pid: None, restarts: 0, busy: false, last_failure: None, standby: None }
+    fn new(life: &Lifecycle) -> View {
+        View {
+            state: life.state(),
+            goal: life.goal(),
+            main_pid: None,
+            restarts: 0,
+            busy: false,
+            last_failure: None,
+            standby: None,
+        }
     }
 }
 
@@ -189,6 +200,10 @@ pub struct InstanceTask {
     pub port: u16,
     pub cg: InstanceCgroup,
     pub ctx: Arc<Context>,
+    /// Starts at once (otherwise it waits parked until demand or the autoscaler starts it).
+    pub serve_at_start: bool,
+    /// May be stopped until needed (`start: on_demand` and `scale:` services).
+    pub stoppable: bool,
 }
 
 /// Polls `f` if there is one; never resolves otherwise.
@@ -218,8 +233,11 @@ pub async fn stop_requested(stop: &mut watch::Receiver<Option<Duration>>) -> Dur
 impl InstanceTask {
     /// Publishes the initial view, so the instance is listed before its task first runs.
     pub fn announce(&self) {
-        let on_demand = self.spec.start == StartPolicy::OnDemand;
-        self.ctx.board.insert(&self.id, View::new(Lifecycle::new(on_demand).state()));
+        self.ctx.board.insert(&self.id, View::new(&self.lifecycle()));
+    }
+
+    fn lifecycle(&self) -> Lifecycle {
+        Lifecycle::with_start(self.serve_at_start, self.stoppable)
     }
 
     /// The instance's life, until shutdown has stopped it.
@@ -228,7 +246,7 @@ impl InstanceTask {
         mut commands: mpsc::Receiver<Command>,
         mut stop: watch::Receiver<Option<Duration>>,
     ) {
-        let mut life = Lifecycle::new(self.spec.start == StartPolicy::OnDemand);
+        let mut life = self.lifecycle();
         let mut child: Option<Child> = None;
         let mut op: Option<OpFuture> = None;
         let mut working_set = WorkingSet::default();
@@ -248,7 +266,10 @@ impl InstanceTask {
                 if let Op::Backoff(delay) = next {
                     tracing::info!(instance_id = %self.id, ?delay, "restarting after backoff");
                 }
-                op = Some(self.start(next, &mut child, &mut working_set, grace));
+                // An instance stopped until needed is taken out of service, not cut off: let what is in
+                // flight finish first (the broker sends it nothing new once it is `stopping`).
+                let drain = life.goal() == Goal::Parked;
+                op = Some(self.start(next, &mut child, &mut working_set, grace, drain));
             }
             let state = life.state();
             if state == InstanceState::Active && active_since.is_none() {
@@ -258,6 +279,7 @@ impl InstanceTask {
                 &self.id,
                 View {
                     state,
+                    goal: life.goal(),
                     main_pid: child.as_ref().and_then(Child::id),
                     restarts: life.restarts(),
                     busy: !life.settled(),
@@ -382,6 +404,7 @@ impl InstanceTask {
         child: &mut Option<Child>,
         working_set: &mut WorkingSet,
         grace: Duration,
+        drain_first: bool,
     ) -> OpFuture {
         let ctx = self.ctx.clone();
         let spec = self.spec.clone();
@@ -471,6 +494,13 @@ impl InstanceTask {
             Op::Stop => {
                 let taken = child.take();
                 Box::pin(async move {
+                    if drain_first {
+                        let _ = blocking(move || {
+                            drain(port, DRAIN_TIMEOUT);
+                            Ok(())
+                        })
+                        .await;
+                    }
                     stop_process(&ctx, &id, &cg, taken, grace).await;
                     Done::Plain(Event::Stopped)
                 })

@@ -26,7 +26,8 @@ pub enum Goal {
     Serve,
     /// Running in the low-power standby.
     Standby,
-    /// Stopped until demand starts it (a `start: on_demand` service at zero).
+    /// Stopped until demand or the autoscaler starts it (a `start: on_demand` service at zero, or an
+    /// instance a `scale:` service does not need now).
     Parked,
     /// Stopped for good: Vigil is shutting down.
     Shutdown,
@@ -139,7 +140,8 @@ pub enum Answer {
 #[derive(Clone, Debug)]
 pub struct Lifecycle {
     goal: Goal,
-    on_demand: bool,
+    /// It may be stopped until needed (`start: on_demand` and `scale:` services).
+    stoppable: bool,
     running: bool,
     ready: bool,
     /// The cgroup may be frozen (a thaw failed or a hibernate broke off).
@@ -164,9 +166,15 @@ pub struct Lifecycle {
 impl Lifecycle {
     /// A new instance: it starts at once, or (on demand) waits parked for demand.
     pub fn new(on_demand: bool) -> Lifecycle {
+        Lifecycle::with_start(!on_demand, on_demand)
+    }
+
+    /// A new instance that starts at once (`serve`) or waits parked, and that may (`stoppable`) or may not
+    /// be stopped until needed.
+    pub fn with_start(serve: bool, stoppable: bool) -> Lifecycle {
         Lifecycle {
-            goal: if on_demand { Goal::Parked } else { Goal::Serve },
-            on_demand,
+            goal: if serve { Goal::Serve } else { Goal::Parked },
+            stoppable,
             running: false,
             ready: false,
             frozen: false,
@@ -297,8 +305,10 @@ impl Lifecycle {
                 }
             },
             Request::Stop => {
-                if !self.on_demand {
-                    Answer::Refused("only instances of `start: on_demand` services stop until demand".into())
+                if !self.stoppable {
+                    Answer::Refused(
+                        "only instances of `start: on_demand` or `scale:` services stop until needed".into(),
+                    )
                 } else if self.goal == Goal::Parked {
                     Answer::AlreadyThere
                 } else {
@@ -793,10 +803,11 @@ mod tests {
     proptest! {
         #[test]
         fn any_sequence_of_events_leaves_an_instance_serving_recoverable_or_stopped_on_purpose(
-            on_demand in any::<bool>(),
+            serve in any::<bool>(),
+            stoppable in any::<bool>(),
             steps in proptest::collection::vec(any_step(), 0..60),
         ) {
-            let mut l = Lifecycle::new(on_demand);
+            let mut l = Lifecycle::with_start(serve, stoppable);
             l.next_op();
             for step in steps {
                 match step {

@@ -204,8 +204,16 @@ impl Supervisor {
         let mut handles = Vec::new();
         for (id, spec, port, cg) in created {
             let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
-            let task =
-                InstanceTask { id: id.clone(), spec: spec.clone(), port, cg: cg.clone(), ctx: ctx.clone() };
+            let on_demand = spec.start == StartPolicy::OnDemand;
+            let task = InstanceTask {
+                id: id.clone(),
+                spec: spec.clone(),
+                port,
+                cg: cg.clone(),
+                ctx: ctx.clone(),
+                serve_at_start: !on_demand,
+                stoppable: on_demand,
+            };
             task.announce();
             handles.push(runtime.spawn(task.run(rx, stop.subscribe())));
             slots.insert(id, Slot { spec, port, cg, commands });
@@ -400,6 +408,7 @@ impl crate::engine::Executor for Supervisor {
                 Action::Wake => Request::Wake,
                 Action::Restart => Request::Restart,
                 Action::Stop => Request::Stop,
+                Action::Start => Request::Start,
                 Action::Notify => {
                     tracing::warn!(instance = id, "rule notification");
                     return Started::Finished(Ok(()));

@@ -1,5 +1,5 @@
 //! The rule language: declarative conditions over each instance's metrics and state, held for a window,
-//! selecting instances by service, id and kind, and proposing an action (hibernate, wake, restart, notify, stop)
+//! selecting instances by service, id and kind, and proposing an action (hibernate, wake, restart, notify, stop, start)
 //! under per-rule limits (cooldown, max fraction of a service). Rule files carry their own test cases.
 //!
 //! Everything here is pure logic over data: the files are read once ([`check_file`]), and the
@@ -84,13 +84,15 @@ pub enum Action {
     Wake,
     Restart,
     Notify,
-    /// Stop an instance of a `start: on_demand` service until requests come again (scale to zero).
+    /// Stop an instance of a `start: on_demand` or `scale:` service until it is needed again.
     Stop,
+    /// Start a stopped instance of a `start: on_demand` or `scale:` service.
+    Start,
 }
 
 impl Action {
-    pub const ALL: [Action; 5] =
-        [Action::Hibernate, Action::Wake, Action::Restart, Action::Notify, Action::Stop];
+    pub const ALL: [Action; 6] =
+        [Action::Hibernate, Action::Wake, Action::Restart, Action::Notify, Action::Stop, Action::Start];
 
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -99,6 +101,7 @@ impl Action {
             Action::Restart => "restart",
             Action::Notify => "notify",
             Action::Stop => "stop",
+            Action::Start => "start",
         }
     }
 

@@ -213,7 +213,7 @@ tests:
              bad.yaml:5:17: rules[0].when[0].metric: unknown metric `cpu_core`; expected one of {m}\n\
              bad.yaml:7:9: rules[0].when[1]: give at least one of above, below, at_least, at_most\n\
              bad.yaml:8:10: rules[0].for: `5 minutes` has no unit: write it as 500ms, 1s, 5m or 2h\n\
-             bad.yaml:9:13: rules[0].action: unknown action `sleep`; expected one of hibernate, wake, restart, notify, stop\n\
+             bad.yaml:9:13: rules[0].action: unknown action `sleep`; expected one of hibernate, wake, restart, notify, stop, start\n\
              bad.yaml:10:19: rules[0].max_fraction: 1.5 is outside (0, 1]\n\
              bad.yaml:11:11: rules[1].name: `idle` is already the name of a rule\n\
              bad.yaml:12:11: rules[1].when: a rule needs at least one condition\n\
