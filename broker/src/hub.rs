@@ -128,7 +128,7 @@ pub struct Hub<U: Upstream> {
     queue: Mutex<Queue<U>>,
     completed: Mutex<Completed>,
     /// Requests in flight and held per service, as time averages for the autoscaler.
-    pub load: Load,
+    pub load: Arc<Load>,
     /// Ids of the managed instances the balancer holds (the rest registered over RSocket or are upstreams).
     managed: Mutex<HashMap<String, ManagedEndpoint>>,
     /// The healer, once attached.
@@ -159,7 +159,7 @@ impl<U: Upstream> Hub<U> {
             balancer: Mutex::new(balancer),
             queue: Mutex::new(Queue::default()),
             completed: Mutex::new(Completed::default()),
-            load: Load::default(),
+            load: Arc::new(Load::default()),
             managed: Mutex::new(HashMap::new()),
             activator,
             managed_capacity,

@@ -5,11 +5,13 @@
 //! [`LoadBook::take`] closes the interval: average = area / span.
 //!
 //! [`LoadBook`] is plain data over times passed in; [`Load`] puts it behind a lock with the broker's
-//! clock, for the hub to feed and the healer to take.
+//! clock, for the hub to feed and the healer's autoscaler to take ([`LoadSource`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use vigil_healer::autoscale::signal::{LoadSource, ServiceLoad};
 
 /// One level (requests in flight, or held) and its area since the interval began.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -47,28 +49,6 @@ struct ServiceBook {
     held: Level,
     inflight: HashMap<Arc<str>, Level>,
     arrivals: u64,
-}
-
-/// What one service's traffic was over an interval.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ServiceLoad {
-    /// How long the interval was.
-    pub span: Duration,
-    /// Time-averaged requests in flight per instance over the interval.
-    pub inflight_by_instance: HashMap<String, f64>,
-    /// Time-averaged requests held (waiting for an instance).
-    pub held: f64,
-    /// Requests held at the end of the interval.
-    pub held_now: u32,
-    /// Requests that arrived for the service in the interval (picked at once or held).
-    pub arrivals: u64,
-}
-
-impl ServiceLoad {
-    /// In flight at every instance plus held, averaged over the interval.
-    pub fn concurrency(&self) -> f64 {
-        self.inflight_by_instance.values().sum::<f64>() + self.held
-    }
 }
 
 /// Every service's levels, over times passed in.
@@ -161,8 +141,10 @@ impl Load {
         self.book().inflight(service, instance, now, up);
     }
 
-    /// Closes `service`'s interval now (see [`LoadBook::take`]).
-    pub fn take(&self, service: &str) -> ServiceLoad {
+}
+
+impl LoadSource for Load {
+    fn take(&self, service: &str) -> ServiceLoad {
         let now = self.now();
         self.book().take(service, now)
     }

@@ -106,6 +106,7 @@ impl Actions {
             instance_id: Arc::from(instance_id),
             at: self.now(),
             held_for: Duration::ZERO,
+            inputs: None,
         }
     }
 
@@ -175,6 +176,7 @@ impl Actions {
             service: p.service.to_string(),
             instance_id: p.instance_id.to_string(),
             held_seconds: p.held_for.as_secs_f64(),
+            inputs: p.inputs.as_deref().cloned(),
             outcome,
         };
         tracing::info!(rule = %decision.rule, action = decision.action, instance = %decision.instance_id,

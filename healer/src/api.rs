@@ -56,6 +56,32 @@ pub trait Control: Send + Sync {
     fn rules(&self) -> Value;
     /// Turns dry-run mode on or off; returns the mode now in force.
     fn set_dry_run(&self, on: bool) -> Result<bool, ApiError>;
+    /// Every managed service with its instance counts by tier (and, for scaled ones, the autoscaler's
+    /// view). Reads nothing from the kernel.
+    fn services(&self) -> Vec<Value>;
+    /// Pins a scaled service at `count` instances, or (`None`) gives it back to the autoscaler.
+    fn scale<'a>(&'a self, service: &'a str, count: Option<u32>) -> BoxFuture<'a, Result<Value, ApiError>>;
+}
+
+/// `POST /api/v1/services/{name}/scale`'s body: `{"instances": N}` pins, `{"scale": "auto"}` lifts the
+/// pin.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScaleBody {
+    instances: Option<u32>,
+    scale: Option<String>,
+}
+
+fn parse_scale_body(body: &[u8]) -> Result<Option<u32>, ApiError> {
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", m);
+    let usage = "give {\"instances\": N} to pin a count, or {\"scale\": \"auto\"} to lift the pin";
+    let parsed: ScaleBody = serde_json::from_slice(body).map_err(|e| bad(format!("{e}; {usage}")))?;
+    match (parsed.instances, parsed.scale.as_deref()) {
+        (Some(n), None) => Ok(Some(n)),
+        (None, Some("auto")) => Ok(None),
+        (None, Some(other)) => Err(bad(format!("`scale` must be \"auto\", got {other:?}; {usage}"))),
+        _ => Err(bad(usage.to_string())),
+    }
 }
 
 /// An API error: HTTP status, a stable code and a sentence.
@@ -305,6 +331,33 @@ async fn dry_run(
     Ok(Json(json!({ "dry_run": api.control.set_dry_run(enabled)? })))
 }
 
+async fn services(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    api.authorize(&headers)?;
+    Ok(Json(Value::Array(api.control.services())))
+}
+
+async fn service(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    api.authorize(&headers)?;
+    api.control.services().into_iter().find(|s| s["name"] == name.as_str()).map(Json).ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no managed service `{name}`"))
+    })
+}
+
+async fn scale(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    api.authorize(&headers)?;
+    let count = parse_scale_body(&body)?;
+    Ok(Json(api.control.scale(&name, count).await?))
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /api/v1/instances")
 }
@@ -342,6 +395,9 @@ pub fn router_on(
         .route("/api/v1/instances/{id}", get(get_one))
         .route("/api/v1/instances/{id}/{action}", post(act))
         .route("/api/v1/actions/{id}", get(action_status))
+        .route("/api/v1/services", get(services))
+        .route("/api/v1/services/{name}", get(service))
+        .route("/api/v1/services/{name}/scale", post(scale))
         .route("/api/v1/decisions", get(decisions))
         .route("/api/v1/rules", get(rules))
         .route("/api/v1/dry-run", post(dry_run))
@@ -404,6 +460,40 @@ mod tests {
         fn set_dry_run(&self, on: bool) -> Result<bool, ApiError> {
             Ok(on)
         }
+        fn services(&self) -> Vec<Value> {
+            vec![json!({"name": "echo", "desired": 1}), json!({"name": "api", "desired": 3, "mode": "stable"})]
+        }
+        fn scale<'a>(&'a self, service: &'a str, count: Option<u32>) -> BoxFuture<'a, Result<Value, ApiError>> {
+            Box::pin(async move {
+                if service != "api" {
+                    return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "not scaled"));
+                }
+                Ok(json!({"name": service, "pinned": count}))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn services_and_pinning_a_count() {
+        let (addr, _fake, dir) = serve_on(None, vigil_collector::Snapshot::empty(), None, "services").await;
+        let (code, body) = request(addr, "GET /api/v1/services HTTP/1.0\r\n\r\n").await;
+        assert_eq!((code, body[1]["name"].as_str()), (200, Some("api")));
+        let (code, body) = request(addr, "GET /api/v1/services/api HTTP/1.0\r\n\r\n").await;
+        assert_eq!((code, body["desired"].as_u64()), (200, Some(3)));
+        let (code, _) = request(addr, "GET /api/v1/services/nope HTTP/1.0\r\n\r\n").await;
+        assert_eq!(code, 404);
+        let post = |body: &str| {
+            format!("POST /api/v1/services/api/scale HTTP/1.0\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+        };
+        let (code, body) = request(addr, &post(r#"{"instances": 2}"#)).await;
+        assert_eq!((code, body["pinned"].as_u64()), (200, Some(2)));
+        let (code, body) = request(addr, &post(r#"{"scale": "auto"}"#)).await;
+        assert_eq!((code, body["pinned"].is_null()), (200, true));
+        for bad in [r#"{"scale": "manual"}"#, r#"{"instances": -1}"#, r#"{}"#, "nonsense", r#"{"instances": 1, "scale": "auto"}"#] {
+            let (code, body) = request(addr, &post(bad)).await;
+            assert_eq!((code, body["error"]["code"].as_str()), (400, Some("bad_request")), "{bad}");
+        }
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     async fn request(addr: std::net::SocketAddr, raw: &str) -> (u16, Value) {

@@ -98,6 +98,9 @@ pub struct Decision {
     pub instance_id: String,
     /// How long the rule's conditions had held.
     pub held_seconds: f64,
+    /// What else led to it (see [`crate::rules::ProposedAction::inputs`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<serde_json::Value>,
     #[serde(flatten)]
     pub outcome: Outcome,
 }

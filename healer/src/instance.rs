@@ -77,6 +77,8 @@ pub struct View {
     /// What the instance should be (the autoscaler counts instances by it: a restarting instance is
     /// `stopping` on its way to serving again).
     pub goal: Goal,
+    /// The process was started at least once.
+    pub ran: bool,
     /// The process Vigil spawned (the service after exec), while it runs.
     pub main_pid: Option<u32>,
     pub restarts: u32,
@@ -91,6 +93,7 @@ impl View {
         View {
             state: life.state(),
             goal: life.goal(),
+            ran: false,
             main_pid: None,
             restarts: 0,
             busy: false,
@@ -280,6 +283,7 @@ impl InstanceTask {
                 View {
                     state,
                     goal: life.goal(),
+                    ran: life.ran(),
                     main_pid: child.as_ref().and_then(Child::id),
                     restarts: life.restarts(),
                     busy: !life.settled(),

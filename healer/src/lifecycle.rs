@@ -203,6 +203,11 @@ impl Lifecycle {
         self.running
     }
 
+    /// Whether the process was ever started.
+    pub fn ran(&self) -> bool {
+        self.spawns > 0
+    }
+
     /// How often the process was started again after its first start.
     pub fn restarts(&self) -> u32 {
         self.spawns.saturating_sub(1)

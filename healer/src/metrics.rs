@@ -149,6 +149,7 @@ mod tests {
             service: "echo".into(),
             instance_id: "echo-0".into(),
             held_seconds: 30.0,
+            inputs: None,
             outcome: Outcome::Succeeded { seconds: 0.25 },
         });
         let mut text = String::new();

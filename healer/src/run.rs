@@ -4,7 +4,7 @@
 //! an action: the instances' own tasks run them (`crate::instance`), and their outcomes are recorded
 //! when they end.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -17,6 +17,9 @@ use vigil_collector::SnapshotReceiver;
 use vigil_collector::cgroupfs::{CgroupError, Layout};
 
 use crate::actions::{Actions, Status, Submitted};
+use crate::autoscale::scaler::{PinError, ScaledService, Scaler, count_at_start};
+use crate::autoscale::signal::LoadSource;
+use crate::autoscale::tiers::tiers;
 use crate::api::{self, ApiError, Control, ManagedInstance};
 use crate::audit::{AuditError, AuditLog};
 use crate::cgroup::{CgroupDriverError, driver_for};
@@ -24,7 +27,7 @@ use crate::config::{HealerConfig, HealerConfigError};
 use crate::engine::{BoxFuture, Decision, Engine, Gate, GateConfig, MANUAL_RULE, Outcome, Refusal};
 use crate::metrics::StandbyMetrics;
 use crate::rules::{self, Action, Evaluator, InstanceState, Signals};
-use crate::supervisor::{InstanceInfo, Settings, Supervisor, SupervisorError};
+use crate::supervisor::{InstanceInfo, ScaledSlots, Settings, Supervisor, SupervisorError};
 use crate::traffic::TrafficSource;
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +106,7 @@ impl RuleFiles {
 /// The running healer.
 pub struct Healer {
     supervisor: Supervisor,
+    scaler: Option<Scaler>,
     actions: Arc<Actions>,
     standby_metrics: StandbyMetrics,
     rules: Arc<Mutex<Value>>,
@@ -129,12 +133,22 @@ impl Healer {
         let audit = Arc::new(AuditLog::open(&config.data_dir)?);
         let driver: Arc<dyn crate::cgroup::CgroupDriver> =
             Arc::from(driver_for(&Layout::detect()?, &config.healer.driver_config())?);
-        reconcile(driver.as_ref(), &config.services)?;
+        let scaled = scaled_services(&config.services);
+        let saved = crate::autoscale::scaler::saved_counts(&config.data_dir);
+        let mut initial = BTreeMap::new();
+        let mut slots = BTreeMap::new();
+        for s in &scaled {
+            let count = count_at_start(&s.policy, saved.get(&s.name).copied());
+            initial.insert(s.name.clone(), count);
+            slots.insert(s.name.clone(), ScaledSlots { max: s.policy.max, serving: count });
+        }
+        reconcile(driver.as_ref(), &config.services, &slots)?;
         let standby_metrics = StandbyMetrics::default();
         let settings = Settings {
             policy: config.healer.policy(),
             metrics: standby_metrics.clone(),
             stop_grace: config.healer.stop_grace.0,
+            scaled: slots,
             ..Settings::default()
         };
         let supervisor = Supervisor::start_with(config.services.clone(), driver, settings)?;
@@ -146,6 +160,17 @@ impl Healer {
         let engine = Engine::new(Evaluator::new(rule_list), gate);
         let actions = Actions::new(engine, Arc::new(supervisor.clone()), audit);
         let (stop, stop_rx) = watch::channel(false);
+        let scaler = if scaled.is_empty() {
+            None
+        } else {
+            for (name, count) in &initial {
+                tracing::info!(service = %name, instances = count, "autoscaled service starts");
+            }
+            let (scaler, pokes) =
+                Scaler::new(scaled, &initial, supervisor.clone(), actions.clone(), &config.data_dir);
+            tokio::spawn(scaler.clone().run(config.tick, pokes, stop_rx.clone()));
+            Some(scaler)
+        };
         let task = tokio::spawn(step_loop(
             snapshots,
             stop_rx,
@@ -156,6 +181,7 @@ impl Healer {
         ));
         Ok(Healer {
             supervisor,
+            scaler,
             actions,
             standby_metrics,
             rules: status,
@@ -167,17 +193,29 @@ impl Healer {
 
     /// The healer's metrics (decisions, action durations, instance states) for `/metrics`.
     pub fn metrics_registry(&self) -> Arc<prometheus_client::registry::Registry> {
-        Arc::new(crate::metrics::registry(
+        let mut registry = crate::metrics::registry(
             self.actions.metrics(),
             &self.standby_metrics,
             Arc::new(self.supervisor.clone()),
-        ))
+        );
+        if let Some(scaler) = &self.scaler {
+            registry.register_collector(Box::new(scaler.metrics()));
+        }
+        Arc::new(registry)
+    }
+
+    /// Connects the broker's measurements of each service's load to the autoscaler.
+    pub fn attach_load(&self, load: Arc<dyn LoadSource>) {
+        if let Some(scaler) = &self.scaler {
+            scaler.attach(load);
+        }
     }
 
     /// `/api/v1/...`.
     pub fn router(&self, snapshots: SnapshotReceiver, token: Option<String>) -> Router {
         let control = Arc::new(HealerControl {
             supervisor: self.supervisor.clone(),
+            scaler: self.scaler.clone(),
             actions: self.actions.clone(),
             rules: self.rules.clone(),
         });
@@ -192,6 +230,7 @@ impl Healer {
     pub fn handle(&self) -> HealerHandle {
         HealerHandle {
             supervisor: self.supervisor.clone(),
+            scaler: self.scaler.clone(),
             actions: self.actions.clone(),
             waking: Arc::new(Mutex::new(HashSet::new())),
         }
@@ -212,11 +251,13 @@ impl Healer {
 pub fn reconcile(
     driver: &dyn crate::cgroup::CgroupDriver,
     services: &[crate::supervisor::ServiceSpec],
+    scaled: &BTreeMap<String, ScaledSlots>,
 ) -> Result<Vec<String>, HealerError> {
     use rustix::process::{Pid, Signal, kill_process};
     let mut cleaned = Vec::new();
     for spec in services {
-        for n in 0..spec.instances {
+        let slots = scaled.get(&spec.name).map_or(spec.instances, |s| s.max);
+        for n in 0..slots {
             let id = spec.instance_id(n);
             let cg = driver.create(&spec.name, &id)?;
             let pids = driver.pids(&cg)?;
@@ -239,6 +280,20 @@ pub fn reconcile(
         }
     }
     Ok(cleaned)
+}
+
+/// The services with a `scale:` block, as the autoscaler sizes them.
+fn scaled_services(services: &[crate::supervisor::ServiceSpec]) -> Vec<ScaledService> {
+    services
+        .iter()
+        .filter_map(|spec| {
+            Some(ScaledService {
+                name: spec.name.clone(),
+                routed: spec.routed_name().to_string(),
+                policy: spec.scale.as_ref()?.policy(),
+            })
+        })
+        .collect()
 }
 
 /// How often the rule files' modification times are compared.
@@ -312,6 +367,7 @@ pub const DEMAND_RULE: &str = "broker-demand";
 #[derive(Clone)]
 pub struct HealerHandle {
     supervisor: Supervisor,
+    scaler: Option<Scaler>,
     actions: Arc<Actions>,
     /// Services for which a demanded wake is under way: further demand until it ends adds nothing.
     waking: Arc<Mutex<HashSet<String>>>,
@@ -331,13 +387,24 @@ impl HealerHandle {
     /// and is audited under [`DEMAND_RULE`]. Instances that are starting, or restarting after a failure,
     /// become ready by themselves.
     pub fn demand(&self, service: &str) {
+        // Scaled services are sized by the autoscaler: it decides at once, and wakes or starts as many
+        // instances as the held requests need.
+        let scaled = |name: &str| self.scaler.as_ref().is_some_and(|s| s.scales(name));
+        if self.scaler.as_ref().is_some_and(|s| s.scales_route(service)) {
+            if let Some(s) = &self.scaler {
+                s.poke(service);
+            }
+        }
         let instances: Vec<(String, String, InstanceState)> = self
             .supervisor
             .states()
             .into_iter()
-            .filter(|(_, _, serves, _)| serves == service)
+            .filter(|(_, name, serves, _)| serves == service && !scaled(name))
             .map(|(id, name, _, state)| (id, name, state))
             .collect();
+        if instances.is_empty() {
+            return;
+        }
         let coming = |s: InstanceState| {
             matches!(s, InstanceState::Active | InstanceState::Waking | InstanceState::Starting)
         };
@@ -380,6 +447,7 @@ impl HealerHandle {
 
 struct HealerControl {
     supervisor: Supervisor,
+    scaler: Option<Scaler>,
     actions: Arc<Actions>,
     rules: Arc<Mutex<Value>>,
 }
@@ -516,6 +584,51 @@ impl Control for HealerControl {
         tracing::warn!(dry_run = on, "dry-run mode changed through the API");
         Ok(engine.dry_run())
     }
+
+    fn services(&self) -> Vec<Value> {
+        let names: BTreeSet<String> = self.supervisor.states().into_iter().map(|(_, name, _, _)| name).collect();
+        names.iter().map(|name| service_json(&self.supervisor, self.scaler.as_ref(), name)).collect()
+    }
+
+    fn scale<'a>(&'a self, service: &'a str, count: Option<u32>) -> BoxFuture<'a, Result<Value, ApiError>> {
+        Box::pin(async move {
+            let known = self.supervisor.states().iter().any(|(_, name, _, _)| name == service);
+            let Some(scaler) = self.scaler.as_ref().filter(|s| s.scales(service)) else {
+                return Err(if known {
+                    ApiError::new(
+                        StatusCode::CONFLICT,
+                        "not_scaled",
+                        format!("service `{service}` has a fixed count; give it a `scale:` block to size it"),
+                    )
+                } else {
+                    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no managed service `{service}`"))
+                });
+            };
+            match scaler.pin(service, count).await {
+                Ok(_) => Ok(service_json(&self.supervisor, Some(scaler), service)),
+                Err(e @ PinError::AboveMax { .. }) => {
+                    Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))
+                }
+                Err(e @ PinError::Unknown(_)) => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())),
+            }
+        })
+    }
+}
+
+/// A managed service as `GET /api/v1/services` shows it: counts by tier, and for a scaled service the
+/// autoscaler's view (desired count, observed concurrency, mode, the last decision and why).
+fn service_json(supervisor: &Supervisor, scaler: Option<&Scaler>, name: &str) -> Value {
+    if let Some(s) = scaler.and_then(|s| s.status(name)) {
+        let mut v = json!(s);
+        v["scale"] = json!(if s.pinned.is_some() { "pinned" } else { "auto" });
+        return v;
+    }
+    let t = tiers(&supervisor.members(name));
+    json!({
+        "name": name, "desired": t.serving, "ready": t.ready, "standby": t.standby, "stopped": t.stopped,
+        "serving": t.serving, "observed_concurrency": null, "mode": null, "pinned": null, "scale": "fixed",
+        "last_decision": null,
+    })
 }
 
 impl crate::metrics::StateSource for Supervisor {

@@ -22,6 +22,7 @@ use rustix::process::{Pid, Signal, kill_process};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::autoscale::tiers::Member;
 use crate::cgroup::{CgroupDriver, CgroupDriverError, InstanceCgroup};
 use crate::engine::{BoxFuture, Started};
 use crate::instance::{Board, Command, Context, Finished, InstanceTask};
@@ -92,6 +93,17 @@ pub struct Settings {
     pub metrics: StandbyMetrics,
     pub stop_grace: Duration,
     pub ready_timeout: Duration,
+    /// Services the autoscaler sizes, by name: their instances replace the fixed `instances` count.
+    pub scaled: BTreeMap<String, ScaledSlots>,
+}
+
+/// The instances of a service the autoscaler sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScaledSlots {
+    /// Instances `0..max` exist (ids stay stable); those not needed wait stopped.
+    pub max: u32,
+    /// The first `serving` start at once.
+    pub serving: u32,
 }
 
 impl Default for Settings {
@@ -102,6 +114,7 @@ impl Default for Settings {
             metrics: StandbyMetrics::default(),
             stop_grace: Duration::from_secs(10),
             ready_timeout: DEFAULT_READY_TIMEOUT,
+            scaled: BTreeMap::new(),
         }
     }
 }
@@ -143,6 +156,7 @@ struct Inner {
 
 struct Slot {
     spec: Arc<ServiceSpec>,
+    index: u32,
     port: u16,
     cg: InstanceCgroup,
     commands: mpsc::Sender<Command>,
@@ -183,13 +197,14 @@ impl Supervisor {
             ready_timeout: settings.ready_timeout,
             board: Arc::new(Board::new()),
         });
-        let mut created: Vec<(String, Arc<ServiceSpec>, u16, InstanceCgroup)> = Vec::new();
+        let mut created: Vec<(String, Arc<ServiceSpec>, u32, InstanceCgroup)> = Vec::new();
         for spec in specs {
             let spec = Arc::new(spec);
-            for index in 0..spec.instances {
+            let slots = settings.scaled.get(&spec.name).map_or(spec.instances, |s| s.max);
+            for index in 0..slots {
                 let id = spec.instance_id(index);
                 match driver.create(&spec.name, &id) {
-                    Ok(cg) => created.push((id, spec.clone(), spec.port_of(index), cg)),
+                    Ok(cg) => created.push((id, spec.clone(), index, cg)),
                     Err(source) => {
                         for (_, _, _, cg) in &created {
                             let _ = driver.remove(cg);
@@ -202,21 +217,28 @@ impl Supervisor {
         let (stop, _) = watch::channel(None);
         let mut slots = BTreeMap::new();
         let mut handles = Vec::new();
-        for (id, spec, port, cg) in created {
+        for (id, spec, index, cg) in created {
             let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
-            let on_demand = spec.start == StartPolicy::OnDemand;
+            let (serve_at_start, stoppable) = match settings.scaled.get(&spec.name) {
+                Some(scaled) => (index < scaled.serving, true),
+                None => {
+                    let on_demand = spec.start == StartPolicy::OnDemand;
+                    (!on_demand, on_demand)
+                }
+            };
+            let port = spec.port_of(index);
             let task = InstanceTask {
                 id: id.clone(),
                 spec: spec.clone(),
                 port,
                 cg: cg.clone(),
                 ctx: ctx.clone(),
-                serve_at_start: !on_demand,
-                stoppable: on_demand,
+                serve_at_start,
+                stoppable,
             };
             task.announce();
             handles.push(runtime.spawn(task.run(rx, stop.subscribe())));
-            slots.insert(id, Slot { spec, port, cg, commands });
+            slots.insert(id, Slot { spec, index, port, cg, commands });
         }
         let inner = Arc::new(Inner {
             ctx,
@@ -263,6 +285,29 @@ impl Supervisor {
             .filter_map(|(id, s)| {
                 let state = views.get(id)?.state;
                 Some((id.clone(), s.spec.name.clone(), s.spec.routed_name().to_string(), state))
+            })
+            .collect()
+    }
+
+    /// The instances of managed service `service` (its name, not the name it is routed by), for the
+    /// autoscaler, without reading the kernel.
+    pub fn members(&self, service: &str) -> Vec<Member> {
+        let views = self.inner.ctx.board.views();
+        self.inner
+            .slots
+            .iter()
+            .filter(|(_, s)| s.spec.name == service)
+            .filter_map(|(id, s)| {
+                let v = views.get(id)?;
+                Some(Member {
+                    id: id.clone(),
+                    index: s.index,
+                    port: s.port,
+                    state: v.state,
+                    goal: v.goal,
+                    busy: v.busy,
+                    ran: v.ran,
+                })
             })
             .collect()
     }

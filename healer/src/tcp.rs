@@ -1,6 +1,9 @@
 //! The kernel's TCP table (`/proc/net/tcp{,6}`): established connections by local port. Until the broker
 //! supplies traffic, this is how the healer sees requests at an instance; hibernation also uses it to let
-//! open connections finish before it freezes an instance.
+//! open connections finish before it freezes an instance. The autoscaler counts the connections that
+//! bypass the broker ([`foreign_connections_now`]).
+
+use std::collections::{HashMap, HashSet};
 
 /// `(local port, remote address:port)` of every ESTABLISHED connection in a `/proc/net/tcp` text.
 pub fn established(text: &str) -> Vec<(u16, String)> {
@@ -34,9 +37,100 @@ pub fn connections_to(port: u16) -> usize {
     established_now().iter().filter(|(p, _)| *p == port).count()
 }
 
+/// One ESTABLISHED connection end: local and remote port, and the socket's inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct End {
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub inode: u64,
+}
+
+/// Every ESTABLISHED connection end in a `/proc/net/tcp` text.
+pub fn ends(text: &str) -> Vec<End> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.get(3) != Some(&"01") {
+                return None;
+            }
+            let port = |field: &str| u16::from_str_radix(field.rsplit(':').next()?, 16).ok();
+            Some(End {
+                local_port: port(f.get(1)?)?,
+                remote_port: port(f.get(2)?)?,
+                inode: f.get(9)?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// The inodes of this process's own sockets (`/proc/self/fd/N -> socket:[inode]`).
+fn own_socket_inodes() -> HashSet<u64> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return HashSet::new() };
+    dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_str()?;
+            t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect()
+}
+
+/// Connections to each of `ports` whose client is not this process: traffic that bypasses the broker.
+/// The broker's pooled connections and Vigil's readiness probes are this process's own sockets; on
+/// loopback both ends of a connection are in the table, so those are told apart by their client end.
+pub fn foreign_connections(ends: &[End], own: &HashSet<u64>, ports: &[u16]) -> HashMap<u16, usize> {
+    ports
+        .iter()
+        .map(|&port| {
+            let all = ends.iter().filter(|e| e.local_port == port).count();
+            let ours =
+                ends.iter().filter(|e| e.remote_port == port && own.contains(&e.inode)).count();
+            (port, all.saturating_sub(ours))
+        })
+        .collect()
+}
+
+/// [`foreign_connections`] on the host's tables now.
+pub fn foreign_connections_now(ports: &[u16]) -> HashMap<u16, usize> {
+    let ends: Vec<End> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|text| self::ends(&text))
+        .collect();
+    foreign_connections(&ends, &own_socket_inodes(), ports)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_from_this_process_are_not_foreign() {
+        // Port 18080 (0x46A0): one client of ours (inode 3, from 54000) and one from elsewhere (inode 5,
+        // from 54001); both client ends are on this host.
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100007F:46A0 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1\n\
+   1: 0100007F:D2F0 0100007F:46A0 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0 20 4 30 10 -1\n\
+   2: 0100007F:46A0 0100007F:D2F1 01 00000000:00000000 00:00000000 00000000     0        0 4 1 0 20 4 30 10 -1\n\
+   3: 0100007F:D2F1 0100007F:46A0 01 00000000:00000000 00:00000000 00000000     0        0 5 1 0 20 4 30 10 -1\n\
+   4: 0100007F:46A1 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 6 1 0 20 4 30 10 -1\n";
+        let ends = ends(text);
+        assert_eq!(ends.len(), 4);
+        assert_eq!(ends[1], End { local_port: 54000, remote_port: 18080, inode: 3 });
+        let counts = foreign_connections(&ends, &HashSet::from([3]), &[18080, 18081]);
+        assert_eq!(counts, HashMap::from([(18080, 1), (18081, 0)]));
+    }
+
+    #[test]
+    fn a_real_connection_of_this_process_is_recognised_as_its_own() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (_server, _) = listener.accept().unwrap();
+        // The server end is ours too, but it is the client end that says whose connection it is.
+        assert_eq!(foreign_connections_now(&[port]), HashMap::from([(port, 0)]));
+        assert_eq!(connections_to(port), 1);
+    }
 
     #[test]
     fn established_connections_by_local_port() {

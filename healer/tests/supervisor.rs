@@ -328,7 +328,7 @@ fn restart_after_a_crash_mid_hibernate_leaves_nothing_frozen() {
         .expect("squeeze");
     fx.driver.set_frozen(&cg, true).expect("freeze");
 
-    let cleaned = vigil_healer::run::reconcile(fx.driver.as_ref(), &specs).expect("reconcile");
+    let cleaned = vigil_healer::run::reconcile(fx.driver.as_ref(), &specs, &Default::default()).expect("reconcile");
     assert_eq!(cleaned, vec!["rec-0".to_string()]);
     let status = leftover.wait().expect("the leftover was killed and is reaped here");
     assert!(!status.success(), "killed, not exited: {status:?}");

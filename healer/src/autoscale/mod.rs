@@ -3,3 +3,5 @@
 //! [`tiers`] turns a desired count into steps on instances.
 
 pub mod tiers;
+pub mod signal;
+pub mod scaler;

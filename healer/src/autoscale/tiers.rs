@@ -14,6 +14,7 @@ pub struct Member {
     pub id: String,
     /// Its index in the service (`api-3` is 3): ids stay stable, lower ones are used first.
     pub index: u32,
+    pub port: u16,
     pub state: InstanceState,
     pub goal: Goal,
     /// An operation is under way: it takes no request now.
@@ -127,7 +128,8 @@ mod tests {
             _ => Goal::Parked,
         };
         let busy = matches!(state, S::Starting | S::Waking | S::Hibernating | S::Stopping);
-        Member { id: format!("api-{index}"), index, state, goal, busy, ran: state != S::Stopped }
+        let port = 18080 + index as u16;
+        Member { id: format!("api-{index}"), index, port, state, goal, busy, ran: state != S::Stopped }
     }
 
     fn fleet(states: &[InstanceState]) -> Vec<Member> {

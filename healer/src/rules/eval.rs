@@ -64,6 +64,9 @@ pub struct ProposedAction {
     pub at: Duration,
     /// How long the conditions had held.
     pub held_for: Duration,
+    /// What led to it beyond the rule's conditions (the autoscaler's observed concurrency, desired count
+    /// and mode), kept in the audit log with the decision.
+    pub inputs: Option<Arc<serde_json::Value>>,
 }
 
 /// An action a rule proposed recently: counts for its cooldown and for its service's fraction.
@@ -192,6 +195,7 @@ impl Evaluator {
                     instance_id: inst.instance_id.clone(),
                     at,
                     held_for: at.saturating_sub(since),
+                    inputs: None,
                 });
             }
             state.holding = holding;
