@@ -6,6 +6,7 @@
 pub mod actions;
 pub mod api;
 pub mod audit;
+pub mod autoscale;
 pub mod cgroup;
 pub mod client;
 pub mod config;
