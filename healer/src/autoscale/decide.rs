@@ -306,6 +306,7 @@ impl Decider {
         }
     }
 
+    /// The policy it decides by, for the API's view of a service.
     pub fn policy(&self) -> &ScalePolicy {
         &self.policy
     }
