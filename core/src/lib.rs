@@ -8,7 +8,12 @@
 //!
 //! Layers, bottom up: `issue`; `yaml`; `values`; `service`; `config`. `snapshot` stands alone.
 
+pub mod config;
 pub mod issue;
+pub mod service;
+pub mod snapshot;
+pub mod values;
 pub mod yaml;
 
+pub use config::VigilConfig;
 pub use issue::{ConfigError, ConfigIssue, render_issues};
