@@ -17,3 +17,4 @@ pub mod yaml;
 
 pub use config::VigilConfig;
 pub use issue::{ConfigError, ConfigIssue, render_issues};
+pub use service::ServiceSpec;

@@ -6,7 +6,6 @@
 pub mod actions;
 pub mod api;
 pub mod audit;
-pub mod cgroup;
 pub mod client;
 pub mod config;
 pub mod engine;
@@ -20,3 +19,10 @@ pub mod standby;
 pub mod supervisor;
 pub mod tcp;
 pub mod traffic;
+
+/// The cgroup drivers, from `vigil-cgroup`, under the path the healer's modules have always used.
+pub use vigil_cgroup::driver as cgroup;
+
+/// The healer's end of the collector's snapshot stream (the same type the collector sends on): always holds
+/// the latest snapshot; `changed().await` wakes on the next tick.
+pub type SnapshotReceiver = tokio::sync::watch::Receiver<std::sync::Arc<vigil_core::snapshot::Snapshot>>;

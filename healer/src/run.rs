@@ -8,13 +8,13 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::SnapshotReceiver;
 use axum::Router;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use vigil_collector::SnapshotReceiver;
-use vigil_collector::cgroupfs::{CgroupError, Layout};
+use vigil_cgroup::fs::{CgroupError, Layout};
 
 use crate::actions::{Actions, Status, Submitted};
 use crate::api::{self, ApiError, Control, ManagedInstance};
@@ -128,11 +128,11 @@ impl Healer {
         }
         let audit = Arc::new(AuditLog::open(&config.data_dir)?);
         let driver: Arc<dyn crate::cgroup::CgroupDriver> =
-            Arc::from(driver_for(&Layout::detect()?, &config.healer.driver_config())?);
+            Arc::from(driver_for(&Layout::detect()?, &config.driver_config())?);
         reconcile(driver.as_ref(), &config.services)?;
         let standby_metrics = StandbyMetrics::default();
         let settings = Settings {
-            policy: config.healer.policy(),
+            policy: config.policy(),
             metrics: standby_metrics.clone(),
             stop_grace: config.healer.stop_grace.0,
             ..Settings::default()
@@ -141,7 +141,7 @@ impl Healer {
         let gate = Gate::new(GateConfig {
             dry_run: config.dry_run,
             max_actions_per_minute: config.healer.max_actions_per_minute,
-            max_standby_fraction: config.healer.max_standby_fraction,
+            max_standby_fraction: config.healer.max_standby_fraction.get(),
         });
         let engine = Engine::new(Evaluator::new(rule_list), gate);
         let actions = Actions::new(engine, Arc::new(supervisor.clone()), audit);

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vigil_collector::cgroupfs::Layout;
+use vigil_cgroup::fs::Layout;
 use vigil_healer::cgroup::{CgroupDriver, DriverConfig, InstanceCgroup, driver_for};
 use vigil_healer::lifecycle::Request;
 use vigil_healer::rules::InstanceState;
