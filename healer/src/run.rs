@@ -536,8 +536,7 @@ mod tests {
         let file = dir.join("a.yaml");
         let good = "rules:\n  - name: n\n    when:\n      - metric: cpu_cores\n        below: 1\n    action: notify\n";
         std::fs::write(&file, good).unwrap();
-        let mut config = HealerConfig::default();
-        config.rules = vec![dir.clone()];
+        let config = HealerConfig { rules: vec![dir.clone()], ..HealerConfig::default() };
         let status = Arc::new(Mutex::new(json!({})));
         let mut files = RuleFiles { config, stamps: Vec::new(), status: status.clone() };
         assert_eq!(files.load().unwrap().len(), 1);
