@@ -12,6 +12,7 @@ use vigil_broker::Broker;
 use vigil_broker::config::BrokerFile;
 use vigil_collector::{Collector, Config, otlp};
 use vigil_core::VigilConfig;
+use vigil_core::config::Runs;
 use vigil_healer::config::HealerConfig;
 use vigil_healer::rules;
 use vigil_healer::run::Healer;
@@ -193,8 +194,8 @@ fn rules_command(files: &[PathBuf], run_tests: bool) -> anyhow::Result<()> {
 }
 
 /// The file, read and checked once (every section, every mistake at once), or the embedded defaults.
-fn load_config(path: Option<&PathBuf>) -> anyhow::Result<VigilConfig> {
-    Ok(VigilConfig::load_or_default(path.map(PathBuf::as_path))?)
+fn load_config(path: Option<&PathBuf>, runs: Runs) -> anyhow::Result<VigilConfig> {
+    Ok(VigilConfig::load_or_default(path.map(PathBuf::as_path), runs)?)
 }
 
 async fn shutdown_signal() {
@@ -368,15 +369,15 @@ fn main() -> ExitCode {
             Ok(())
         }
         // Each component is built from its sections of the one parsed file.
-        Command::Up { config } => load_config(config.as_ref()).and_then(|c| {
+        Command::Up { config } => load_config(config.as_ref(), Runs::Everything).and_then(|c| {
             let healer = Some(HealerConfig::from_config(&c));
             let broker = Some((BrokerFile::from_config(&c), config.clone()));
             runtime()?.block_on(run_collector(Config::from_config(&c), Parts { healer, broker }))
         }),
-        Command::Collector { config } => load_config(config.as_ref()).and_then(|c| {
+        Command::Collector { config } => load_config(config.as_ref(), Runs::WithoutServices).and_then(|c| {
             runtime()?.block_on(run_collector(Config::from_config(&c), Parts { healer: None, broker: None }))
         }),
-        Command::Broker { config } => load_config(config.as_ref()).and_then(|c| {
+        Command::Broker { config } => load_config(config.as_ref(), Runs::WithoutServices).and_then(|c| {
             runtime()?.block_on(run_broker(
                 Config::from_config(&c),
                 BrokerFile::from_config(&c),

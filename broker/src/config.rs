@@ -6,7 +6,8 @@
 use std::path::Path;
 
 pub use vigil_core::config::{
-    BrokerConfig, HealthPolicy, HttpTriggerConfig, QueueConfig, Split, SplitError, Upstream, VigilConfig,
+    BrokerConfig, HealthPolicy, HttpTriggerConfig, QueueConfig, Runs, Split, SplitError, Upstream,
+    VigilConfig,
 };
 use vigil_core::{ConfigError, ServiceSpec};
 
@@ -70,14 +71,15 @@ impl BrokerFile {
         }
     }
 
-    /// Reads and checks the whole file at `path` (every section), and keeps what the broker needs.
+    /// Reads and checks the whole file at `path` (every section) for the broker alone, where a service
+    /// entry may only name a service whose instances register themselves; keeps what the broker needs.
     pub fn load(path: &Path) -> Result<BrokerFile, BrokerConfigError> {
-        Ok(Self::from_config(&VigilConfig::load(path)?))
+        Ok(Self::from_config(&VigilConfig::load_for(path, Runs::WithoutServices)?))
     }
 
     /// The same for `text`; `file` names it in issues.
     pub fn parse(text: &str, file: &str) -> Result<BrokerFile, BrokerConfigError> {
-        Ok(Self::from_config(&VigilConfig::parse(text, file)?))
+        Ok(Self::from_config(&VigilConfig::parse_for(text, file, Runs::WithoutServices)?))
     }
 
     /// The HTTP trigger's routes: managed services first, then upstreams, longest prefix first. (The

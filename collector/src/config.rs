@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-pub use vigil_core::config::{CollectorConfig, DEFAULT_YAML, HttpConfig, VigilConfig};
+pub use vigil_core::config::{CollectorConfig, DEFAULT_YAML, HttpConfig, Runs, VigilConfig};
 pub use vigil_core::values::{HumanDuration, parse_duration};
 pub use vigil_core::{ConfigError, ConfigIssue, render_issues};
 
@@ -21,14 +21,15 @@ impl Config {
         Config { http: config.http.clone(), collector: config.collector.clone() }
     }
 
-    /// Reads and checks the whole file at `path` (every section), and keeps the collector's.
+    /// Reads and checks the whole file at `path` (every section) for the collector alone, and keeps the
+    /// collector's sections.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        VigilConfig::load(path).map(|c| Config::from_config(&c))
+        VigilConfig::load_for(path, Runs::WithoutServices).map(|c| Config::from_config(&c))
     }
 
     /// The same for `text`; `file` names it in issues.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        VigilConfig::parse(text, file).map(|c| Config::from_config(&c))
+        VigilConfig::parse_for(text, file, Runs::WithoutServices).map(|c| Config::from_config(&c))
     }
 }
 

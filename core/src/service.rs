@@ -19,12 +19,16 @@ pub struct InvalidService {
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     pub name: String,
-    /// Program and arguments; `{port}` is replaced by the instance's port.
+    /// Program and arguments; `{port}` is replaced by the instance's port. Required where Vigil runs the
+    /// service (`vigil up`); `vigil broker` alone also reads entries without it, naming services whose
+    /// instances register themselves.
+    #[serde(default)]
     pub command: Vec<String>,
     /// Extra environment for the service (on top of Vigil's own); `{port}` is replaced in values.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// The first instance's port; instance `n` listens on `port + n`.
+    /// The first instance's port; instance `n` listens on `port + n`. Required where Vigil runs the service.
+    #[serde(default)]
     pub port: u16,
     #[serde(default = "one")]
     pub instances: u32,

@@ -71,6 +71,18 @@ pub struct VigilConfig {
     pub broker: BrokerConfig,
 }
 
+/// What the command being started runs, which decides what a service entry must say. The whole file is
+/// checked either way; only `vigil up` (and the healer) runs `services:`, so only then must each name a
+/// `command` and a `port`. The broker alone also takes entries that only name a service (and maybe its
+/// route), whose instances register over RSocket; the collector alone reads no service at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runs {
+    /// Everything, services included (`vigil up`).
+    Everything,
+    /// One component that runs no service (`vigil collector`, `vigil broker`).
+    WithoutServices,
+}
+
 /// `rules:` when the file names none.
 pub fn default_rules() -> Vec<PathBuf> {
     vec![PathBuf::from("rules/")]
@@ -94,18 +106,29 @@ impl Default for VigilConfig {
 impl VigilConfig {
     /// Reads, parses and checks `path`.
     pub fn load(path: &Path) -> Result<VigilConfig, ConfigError> {
+        Self::load_for(path, Runs::Everything)
+    }
+
+    /// Reads, parses and checks `path` for a command that runs `runs`.
+    pub fn load_for(path: &Path, runs: Runs) -> Result<VigilConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        Self::parse(&text, &path.display().to_string())
+        Self::parse_for(&text, &path.display().to_string(), runs)
     }
 
     /// The file at `path`, or the embedded defaults without one.
-    pub fn load_or_default(path: Option<&Path>) -> Result<VigilConfig, ConfigError> {
-        path.map_or_else(|| Ok(VigilConfig::default()), Self::load)
+    pub fn load_or_default(path: Option<&Path>, runs: Runs) -> Result<VigilConfig, ConfigError> {
+        path.map_or_else(|| Ok(VigilConfig::default()), |p| Self::load_for(p, runs))
     }
 
-    /// Parses and checks `text`; `file` names it in issues. Every mistake of every section is reported.
+    /// Parses and checks `text` for `vigil up`; `file` names it in issues. Every mistake of every section
+    /// is reported.
     pub fn parse(text: &str, file: &str) -> Result<VigilConfig, ConfigError> {
+        Self::parse_for(text, file, Runs::Everything)
+    }
+
+    /// Parses and checks `text` for a command that runs `runs`.
+    pub fn parse_for(text: &str, file: &str, runs: Runs) -> Result<VigilConfig, ConfigError> {
         let doc =
             Document::parse(text, file).map_err(|issue| ConfigError::Invalid { issues: vec![issue] })?;
         if doc.is_empty() {
@@ -113,7 +136,7 @@ impl VigilConfig {
         }
         let (config, mut issues) = doc.deserialize::<VigilConfig>();
         if let Some(config) = &config {
-            issues.extend(config.mistakes(&doc));
+            issues.extend(config.mistakes(&doc, runs));
         }
         issues.sort_by_key(|i| (i.line, i.column));
         issues.dedup();
@@ -124,12 +147,12 @@ impl VigilConfig {
     }
 
     /// Every mistake no single value can see, located in `doc`: per section, then across sections.
-    pub fn mistakes(&self, doc: &Document) -> Vec<ConfigIssue> {
+    pub fn mistakes(&self, doc: &Document, runs: Runs) -> Vec<ConfigIssue> {
         let mut out = Mistakes { doc, issues: Vec::new() };
         self.collector_mistakes(&mut out);
-        self.healer_mistakes(&mut out);
+        self.healer_mistakes(&mut out, runs);
         self.broker_mistakes(&mut out);
-        self.cross_section_mistakes(&mut out);
+        self.cross_section_mistakes(&mut out, runs);
         out.issues
     }
 
@@ -165,10 +188,13 @@ impl VigilConfig {
         }
     }
 
-    fn healer_mistakes(&self, out: &mut Mistakes) {
+    fn healer_mistakes(&self, out: &mut Mistakes, runs: Runs) {
         let mut first_by_name: BTreeMap<&str, usize> = BTreeMap::new();
         for (i, s) in self.services.iter().enumerate() {
             for (field, message) in s.mistakes() {
+                if runs == Runs::WithoutServices && matches!(field, "command" | "port") {
+                    continue;
+                }
                 out.at(&format!("services[{i}].{field}"), message);
             }
             if let Some(first) = first_by_name.get(s.name.as_str()) {
@@ -260,7 +286,7 @@ impl VigilConfig {
         }
     }
 
-    fn cross_section_mistakes(&self, out: &mut Mistakes) {
+    fn cross_section_mistakes(&self, out: &mut Mistakes, runs: Runs) {
         // Instances are named by their place below the managed root; elsewhere they would be strangers.
         let parent = self.healer.cgroup_parent.trim_end_matches('/');
         let root = self.collector.watch.managed_root.trim_end_matches('/');
@@ -328,7 +354,8 @@ impl VigilConfig {
         }
 
         // Managed instances listen on `port`, `port + 1`, ...: two services must not share one.
-        for (i, s) in self.services.iter().enumerate() {
+        let run_services = if runs == Runs::Everything { &self.services[..] } else { &[] };
+        for (i, s) in run_services.iter().enumerate() {
             let range = |s: &ServiceSpec| u32::from(s.port)..u32::from(s.port) + s.instances;
             let mine = range(s);
             if let Some((j, other)) = self.services[..i].iter().enumerate().find(|(_, o)| {

@@ -232,3 +232,24 @@ services:
         ]
     );
 }
+
+#[test]
+fn only_a_command_that_runs_services_needs_their_command_and_port() {
+    let text = "services:\n  - { name: late, route: /late }\n";
+    let broker_alone = VigilConfig::parse_for(text, "v.yaml", Runs::WithoutServices).unwrap();
+    assert_eq!(broker_alone.services[0].route.as_deref(), Some("/late"));
+    assert_eq!(
+        issues(text),
+        vec![
+            "v.yaml:2:5: services[0].command: command must name a program",
+            "v.yaml:2:5: services[0].port: port must be above 0",
+        ]
+    );
+    // Everything else is checked for every command.
+    let err = VigilConfig::parse_for("services:\n  - { name: a b }\n", "v.yaml", Runs::WithoutServices)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "v.yaml:2:13: services[0].name: \"a b\": a name must be non-empty, without '/' or whitespace"
+    );
+}
