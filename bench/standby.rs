@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use swap::Swapfile;
 
 use anyhow::{Context, Result, bail, ensure};
-use vigil_collector::cgroupfs::Layout;
+use vigil_cgroup::fs::Layout;
 use vigil_healer::cgroup::{
     CgroupDriver, CgroupDriverError, CpuLimit, DriverConfig, InstanceCgroup, driver_for,
 };

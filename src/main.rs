@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand};
 use vigil_broker::Broker;
 use vigil_broker::config::BrokerFile;
 use vigil_collector::{Collector, Config, otlp};
+use vigil_core::VigilConfig;
+use vigil_core::config::Runs;
 use vigil_healer::config::HealerConfig;
 use vigil_healer::rules;
 use vigil_healer::run::Healer;
@@ -194,25 +196,9 @@ fn rules_command(files: &[PathBuf], run_tests: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
-    match path {
-        Some(p) => Ok(Config::load(p)?),
-        None => Ok(Config::default()),
-    }
-}
-
-fn load_broker_config(path: Option<&PathBuf>) -> anyhow::Result<BrokerFile> {
-    match path {
-        Some(p) => Ok(BrokerFile::load(p)?),
-        None => Ok(BrokerFile::default()),
-    }
-}
-
-fn load_healer_config(path: Option<&PathBuf>) -> anyhow::Result<HealerConfig> {
-    match path {
-        Some(p) => Ok(HealerConfig::load(p)?),
-        None => Ok(HealerConfig::default()),
-    }
+/// The file, read and checked once (every section, every mistake at once), or the embedded defaults.
+fn load_config(path: Option<&PathBuf>, runs: Runs) -> anyhow::Result<VigilConfig> {
+    Ok(VigilConfig::load_or_default(path.map(PathBuf::as_path), runs)?)
 }
 
 async fn shutdown_signal() {
@@ -267,6 +253,7 @@ async fn run_collector(config: Config, parts: Parts) -> anyhow::Result<()> {
             tracing::info!(services = hc.services.len(), dry_run = hc.dry_run, "healer started");
             if let Some(b) = &mut broker {
                 b.attach(Arc::new(h.handle()));
+                h.attach_load(b.hub().load.clone());
             }
             Some(h)
         }
@@ -281,7 +268,7 @@ async fn run_collector(config: Config, parts: Parts) -> anyhow::Result<()> {
     if let Some(h) = &healer {
         router = router.merge(h.router(collector.snapshots(), token));
     }
-    let listen: SocketAddr = config.http.listen.value;
+    let listen: SocketAddr = config.http.listen;
     let served = async {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -333,8 +320,8 @@ async fn run_broker(config: Config, file: BrokerFile, path: Option<PathBuf>) -> 
             }),
         )
         .route("/healthz", axum::routing::get(|| async { "ok\n" }));
-    let router = vigil_collector::auth::require_bearer(router, config.http.token.as_deref());
-    let listen: SocketAddr = config.http.listen.value;
+    let router = vigil_auth::require_bearer(router, config.http.token());
+    let listen: SocketAddr = config.http.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (http.listen)"))?;
@@ -382,19 +369,24 @@ fn main() -> ExitCode {
         Command::Rules { command: RulesCommand::Test { files } } => rules_command(&files, true),
         Command::Ctl { api, token, command } => ctl_command(api, token, command),
         Command::DefaultConfig => {
-            print!("{}", vigil_collector::config::DEFAULT_YAML);
+            print!("{}", vigil_core::config::DEFAULT_YAML);
             Ok(())
         }
-        Command::Up { config } => load_config(config.as_ref()).and_then(|c| {
-            let healer = Some(load_healer_config(config.as_ref())?);
-            let broker = Some((load_broker_config(config.as_ref())?, config.clone()));
-            runtime()?.block_on(run_collector(c, Parts { healer, broker }))
+        // Each component is built from its sections of the one parsed file.
+        Command::Up { config } => load_config(config.as_ref(), Runs::Everything).and_then(|c| {
+            let healer = Some(HealerConfig::from_config(&c));
+            let broker = Some((BrokerFile::from_config(&c), config.clone()));
+            runtime()?.block_on(run_collector(Config::from_config(&c), Parts { healer, broker }))
         }),
-        Command::Collector { config } => load_config(config.as_ref())
-            .and_then(|c| runtime()?.block_on(run_collector(c, Parts { healer: None, broker: None }))),
-        Command::Broker { config } => load_config(config.as_ref()).and_then(|c| {
-            let file = load_broker_config(config.as_ref())?;
-            runtime()?.block_on(run_broker(c, file, config.clone()))
+        Command::Collector { config } => load_config(config.as_ref(), Runs::WithoutServices).and_then(|c| {
+            runtime()?.block_on(run_collector(Config::from_config(&c), Parts { healer: None, broker: None }))
+        }),
+        Command::Broker { config } => load_config(config.as_ref(), Runs::WithoutServices).and_then(|c| {
+            runtime()?.block_on(run_broker(
+                Config::from_config(&c),
+                BrokerFile::from_config(&c),
+                config.clone(),
+            ))
         }),
     };
     match result {

@@ -50,6 +50,16 @@ fn collector_modules_have_no_import_cycles() {
 }
 
 #[test]
+fn core_modules_have_no_import_cycles() {
+    assert_acyclic("core", ("config", "yaml"));
+}
+
+#[test]
+fn cgroup_modules_have_no_import_cycles() {
+    assert_acyclic("cgroup", ("driver", "fs"));
+}
+
+#[test]
 fn the_scan_ignores_comments_and_strings_and_reads_groups() {
     let text = r####"
         //! Doc text naming crate::doc_only.

@@ -22,81 +22,8 @@ const MAX_EJECTION_MULTIPLIER: u32 = 8;
 /// Width of a circuit-breaker bucket; the window is a ring of these.
 const BUCKET: Duration = Duration::from_secs(1);
 
-/// A traffic split of one service between its versions. `name` is the alias requests use to select it; the
-/// split named [`DEFAULT_SPLIT`] also applies to requests of the service that name no alias and no version.
-#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Split {
-    pub name: String,
-    pub service: String,
-    /// Version → relative weight. A version with weight 0 gets no traffic, not even by failover (it is
-    /// drained). Versions without instances are allowed: they simply cannot serve until one registers.
-    pub weights: BTreeMap<String, u32>,
-    /// When set, a request carrying a `key` always gets the same version while the weights stand. Only
-    /// sticky splits hash the key; other splits choose at random even when a key is present.
-    #[serde(default)]
-    pub sticky: bool,
-}
-
-/// Why a set of splits was refused; the previous splits stay in force.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum SplitError {
-    #[error("split `{name}` of `{service}` has no version with a positive weight")]
-    ZeroWeight { service: String, name: String },
-    #[error("split `{name}` of `{service}` is defined twice")]
-    Duplicate { service: String, name: String },
-    #[error("a split of `{service}` has an empty name")]
-    EmptyName { service: String },
-}
-
-/// Outlier-ejection and circuit-breaker settings. Durations are whole milliseconds (`*_ms`) so that the
-/// configuration file states its unit in the key; the accessor methods return [`Duration`]s.
-#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HealthPolicy {
-    /// Consecutive `Failure` outcomes that eject an instance; 0 disables ejection.
-    pub eject_after_failures: u32,
-    /// First ejection time; each further ejection doubles it, up to 8×.
-    pub eject_base_ms: u64,
-    /// Upper bound of the ejected share of a version's instances; at least one instance always stays.
-    pub max_ejected_fraction: f64,
-    /// Length of the rolling window the breaker judges (1-second buckets, rounded up).
-    pub breaker_window_ms: u64,
-    /// The breaker never opens on fewer requests than this within the window (0 counts as 1).
-    pub breaker_min_requests: u32,
-    /// Failure share within the window at which the breaker opens.
-    pub breaker_failure_ratio: f64,
-    /// How long an open breaker refuses traffic before it lets a single probe through.
-    pub breaker_open_for_ms: u64,
-}
-
-impl Default for HealthPolicy {
-    fn default() -> Self {
-        HealthPolicy {
-            eject_after_failures: 5,
-            eject_base_ms: 30_000,
-            max_ejected_fraction: 0.5,
-            breaker_window_ms: 10_000,
-            breaker_min_requests: 20,
-            breaker_failure_ratio: 0.5,
-            breaker_open_for_ms: 5_000,
-        }
-    }
-}
-
-impl HealthPolicy {
-    pub fn eject_base(&self) -> Duration {
-        Duration::from_millis(self.eject_base_ms)
-    }
-
-    pub fn breaker_window(&self) -> Duration {
-        Duration::from_millis(self.breaker_window_ms)
-    }
-
-    pub fn breaker_open_for(&self) -> Duration {
-        Duration::from_millis(self.breaker_open_for_ms)
-    }
-}
+// The configuration shapes of splits and health policy are declared with the rest of the config.
+pub use vigil_core::config::{HealthPolicy, Split, SplitError};
 
 /// What a request asks for. `version` wins over `alias` when both are given, since it is more specific.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -287,7 +214,7 @@ impl Breaker {
         // `failures > 0` keeps a misconfigured ratio of 0 from opening on a clean record.
         if requests >= u64::from(policy.breaker_min_requests.max(1))
             && failures > 0
-            && failures as f64 >= policy.breaker_failure_ratio * requests as f64
+            && failures as f64 >= policy.breaker_failure_ratio.get() * requests as f64
         {
             self.phase = Phase::Open { until: now.saturating_add(policy.breaker_open_for()) };
             self.reset_window();
@@ -454,19 +381,12 @@ impl<H: Clone> Balancer<H> {
     /// Replaces every split at once. Only version choice of later picks changes: in-flight counts and
     /// health state belong to instances and are untouched.
     pub fn set_splits(&mut self, splits: Vec<Split>) -> Result<(), SplitError> {
+        if let Some((_, e)) = vigil_core::config::split_mistakes(&splits).into_iter().next() {
+            return Err(e);
+        }
         let mut by_service: BTreeMap<String, BTreeMap<String, Split>> = BTreeMap::new();
         for split in splits {
-            if split.name.is_empty() {
-                return Err(SplitError::EmptyName { service: split.service });
-            }
-            if split.weights.values().all(|&w| w == 0) {
-                return Err(SplitError::ZeroWeight { service: split.service, name: split.name });
-            }
-            let of_service = by_service.entry(split.service.clone()).or_default();
-            if of_service.contains_key(&split.name) {
-                return Err(SplitError::Duplicate { service: split.service, name: split.name });
-            }
-            of_service.insert(split.name.clone(), split);
+            by_service.entry(split.service.clone()).or_default().insert(split.name.clone(), split);
         }
         self.splits = by_service;
         Ok(())
@@ -710,7 +630,7 @@ impl<H: Clone> Balancer<H> {
         };
         let total = ids.len();
         let ejected = ids.iter().filter_map(|id| self.instances.get(id)).filter(|i| i.ejected(now)).count();
-        let fraction = self.policy.max_ejected_fraction.clamp(0.0, 1.0);
+        let fraction = self.policy.max_ejected_fraction.get();
         let allowed = ((fraction * total as f64).floor() as usize).min(total.saturating_sub(1));
         if ejected >= allowed {
             return;
@@ -872,10 +792,10 @@ mod tests {
         HealthPolicy {
             eject_after_failures: 3,
             eject_base_ms: 1_000,
-            max_ejected_fraction: 0.5,
+            max_ejected_fraction: vigil_core::values::Fraction::HALF,
             breaker_window_ms: 10_000,
             breaker_min_requests: 20,
-            breaker_failure_ratio: 0.5,
+            breaker_failure_ratio: vigil_core::values::Fraction::HALF,
             breaker_open_for_ms: 5_000,
         }
     }

@@ -27,7 +27,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::AbortHandle;
 use tokio_util::codec::FramedRead;
-use vigil_collector::auth;
+use vigil_auth as auth;
 
 use crate::hub::{self, Admission, Refusal};
 use crate::outcome::RequestOutcome;

@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use vigil_collector::auth;
+use vigil_auth as auth;
 
 use crate::balance::NoTarget;
 use crate::config::{HttpRoute, HttpTriggerConfig};

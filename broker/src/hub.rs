@@ -24,7 +24,7 @@ use crate::rsocket::metadata::{Route, TraceParent};
 use crate::trace::{RequestTrace, Tracing};
 use crate::upstream::Upstream;
 #[cfg(test)]
-use vigil_collector::config::HumanDuration;
+use vigil_core::values::HumanDuration;
 
 /// A managed HTTP instance as the healer reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -140,7 +140,6 @@ impl Load {
         let now = self.now();
         self.book().inflight(service, instance, now, up);
     }
-
 }
 
 impl LoadSource for Load {

@@ -40,8 +40,9 @@ use opentelemetry_sdk::error::OTelSdkError;
 use opentelemetry_sdk::trace::{
     BatchConfig, BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider, Span,
 };
-use vigil_collector::SnapshotReceiver;
-use vigil_collector::otlp::{self, OtlpError};
+use vigil_healer::SnapshotReceiver;
+use vigil_otel as otlp;
+use vigil_otel::EnvError;
 
 use crate::rsocket::metadata::TraceParent;
 
@@ -56,7 +57,7 @@ pub enum TraceError {
     #[error("{var}={value:?}: Vigil exports OTLP traces over gRPC only; set it to \"grpc\" or unset it")]
     UnsupportedProtocol { var: &'static str, value: String },
     #[error(transparent)]
-    Env(#[from] OtlpError),
+    Env(#[from] EnvError),
     #[error("OTLP trace export must start inside a tokio runtime: its gRPC channel runs on it")]
     NoRuntime,
     #[error("cannot build the OTLP span exporter for {endpoint}: {source}")]

@@ -69,7 +69,7 @@ impl Stack {
         let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
         let data_dir = std::env::temp_dir().join(format!("vigil-test-{tag}-{}", std::process::id()));
         let yaml = format!(
-            "data_dir: {}\nrules: {rules}\nservices:\n  - name: wk\n    command: [\"{}\", \"-m\", \"http.server\", \"{{port}}\", \"--bind\", \"127.0.0.1\"]\n    port: {port}\n    readiness: {{ http: / }}\n    route: /\n{service_extra}healer:\n  cgroup_parent: {parent}\n  stop_grace: 2s\n  max_actions_per_minute: 200\nbroker:\n  listen: 127.0.0.1:0\n  http: {{ listen: 127.0.0.1:0 }}\n{broker_extra}",
+            "data_dir: {}\nrules: {rules}\nservices:\n  - name: wk\n    command: [\"{}\", \"-m\", \"http.server\", \"{{port}}\", \"--bind\", \"127.0.0.1\"]\n    port: {port}\n    readiness: {{ http: / }}\n    route: /\n{service_extra}healer:\n  cgroup_parent: {parent}\ncollector:\n  watch: {{ managed_root: {parent} }}\n  stop_grace: 2s\n  max_actions_per_minute: 200\nbroker:\n  listen: 127.0.0.1:0\n  http: {{ listen: 127.0.0.1:0 }}\n{broker_extra}",
             data_dir.display(),
             collector_support::workload::python_executable()
         );
@@ -95,6 +95,7 @@ impl Stack {
             let healer =
                 Healer::start(&healer_config, collector.snapshots(), broker.traffic()).expect("healer");
             broker.attach(Arc::new(healer.handle()));
+            healer.attach_load(broker.hub().load.clone());
             let router = collector
                 .router_with(vec![healer.metrics_registry(), broker.metrics_registry()], None)
                 .merge(healer.router(collector.snapshots(), None));

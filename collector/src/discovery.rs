@@ -24,7 +24,6 @@ use std::os::unix::fs::{DirEntryExt, MetadataExt};
 use std::path::Path;
 
 use inotify::{Event, EventMask, Inotify, WatchDescriptor, WatchMask};
-use serde::Deserialize;
 
 use crate::cgroupfs::{self, CgroupPaths, Layout};
 use crate::snapshot::InstanceKind;
@@ -40,30 +39,7 @@ const FULL_SCAN_EVERY_SCANS: u64 = 30;
 /// joining a v1 hierarchy are not always reported (a fork does not touch `cgroup.procs`).
 const RETRY_UNRESOLVED_EVERY_SCANS: u64 = 5;
 
-/// Which cgroups to watch.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct WatchConfig {
-    /// v2 relative path prefixes to watch (whole components: `/a` covers `/a/b`, not `/ab`).
-    pub include: Vec<String>,
-    /// Prefixes to skip, with everything below them.
-    pub exclude: Vec<String>,
-    /// Where Vigil creates its own instances, as `<managed_root>/<service>/<instance>`.
-    pub managed_root: String,
-    /// Hard cap on cgroups tracked per scan (memory bound); the rest are counted in [`Discovery::skipped`].
-    pub max_tracked: usize,
-}
-
-impl Default for WatchConfig {
-    fn default() -> Self {
-        Self {
-            include: vec!["/".to_owned()],
-            exclude: Vec::new(),
-            managed_root: "/vigil".to_owned(),
-            max_tracked: 16384,
-        }
-    }
-}
+pub use vigil_core::config::WatchConfig;
 
 /// The name of an instance, as far as its cgroup path tells.
 #[derive(Clone, Debug, PartialEq, Eq)]

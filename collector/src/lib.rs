@@ -3,13 +3,15 @@
 //! (memory, swap, throttling, pressure), and turns them every tick into [`Snapshot`]s: one stream for the
 //! healer in-process, Prometheus text on `/metrics`, and OTLP when the standard `OTEL_*` variables ask.
 //!
+//! Its configuration section, the snapshot model, cgroupfs reading and the bearer-token rule come from the
+//! small shared crates (`vigil-core`, `vigil-cgroup`, `vigil-auth`) and are re-exported here under their
+//! old names.
+//!
 //! I/O sits at the edges (`probes`, `cgroupfs`, `discovery`, `http`, `otlp`); the joining and rate maths in
 //! `aggregate` are plain functions over data, tested without a kernel.
 
 pub mod aggregate;
-pub mod auth;
 pub mod btf;
-pub mod cgroupfs;
 pub mod collector;
 pub mod config;
 pub mod discovery;
@@ -20,6 +22,9 @@ pub mod privilege;
 pub mod probe_sources;
 pub mod probes;
 pub mod snapshot;
+
+pub use vigil_auth as auth;
+pub use vigil_cgroup::fs as cgroupfs;
 
 pub use collector::{Collector, CollectorError};
 pub use config::{CollectorConfig, Config};

@@ -23,10 +23,14 @@ use std::time::Duration;
 use opentelemetry::metrics::{AsyncInstrument, Meter, MeterProvider as _};
 use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_otlp::{MetricExporter, WithExportConfig};
-use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkError;
 use opentelemetry_sdk::metrics::{Instrument, PeriodicReader, SdkMeterProvider, Stream};
 use vigil_common::Probe;
+use vigil_otel::OTEL_EXPORTER_OTLP_TIMEOUT;
+pub use vigil_otel::{
+    DEFAULT_SERVICE_NAME, EnvError, blocking, env_lookup, env_millis, non_grpc_protocol, resource,
+    signal_requested_in,
+};
 
 use crate::metrics::{
     COUNTS, FromCounters, GAUGES, Metric, NANOSECOND_TOTALS, PAGE_FAULTS, PAGE_FAULTS_HELP, PRESSURE,
@@ -34,20 +38,11 @@ use crate::metrics::{
 };
 use crate::snapshot::{InstanceSnapshot, Snapshot, SnapshotReceiver};
 
-const OTEL_SDK_DISABLED: &str = "OTEL_SDK_DISABLED";
 const OTEL_METRICS_EXPORTER: &str = "OTEL_METRICS_EXPORTER";
-const OTEL_EXPORTER_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 const OTEL_EXPORTER_OTLP_METRICS_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT";
-const OTEL_EXPORTER_OTLP_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_PROTOCOL";
 const OTEL_EXPORTER_OTLP_METRICS_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL";
-const OTEL_EXPORTER_OTLP_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TIMEOUT";
 const OTEL_EXPORTER_OTLP_METRICS_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT";
 const OTEL_METRIC_EXPORT_INTERVAL: &str = "OTEL_METRIC_EXPORT_INTERVAL";
-const OTEL_SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
-const OTEL_RESOURCE_ATTRIBUTES: &str = "OTEL_RESOURCE_ATTRIBUTES";
-
-/// `service.name` of the resource unless the environment names one.
-pub const DEFAULT_SERVICE_NAME: &str = "vigil";
 
 /// The collector's default export cap (`collector.max_instances`); sizes the SDK's per-metric series
 /// limit when the caller does not say otherwise.
@@ -60,8 +55,8 @@ pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum OtlpError {
     #[error("{var}={value:?}: Vigil exports OTLP metrics over gRPC only; set it to \"grpc\" or unset it")]
     UnsupportedProtocol { var: &'static str, value: String },
-    #[error("{var}={value:?}: {reason}")]
-    InvalidEnv { var: &'static str, value: String, reason: &'static str },
+    #[error(transparent)]
+    Env(#[from] vigil_otel::EnvError),
     #[error("OTLP export must start inside a tokio runtime: its gRPC channel runs on it")]
     NoRuntime,
     #[error("cannot build the OTLP metric exporter: {0}")]
@@ -81,32 +76,6 @@ pub fn requested() -> bool {
 /// (`none`, or only other exporters such as `prometheus`, which `/metrics` already serves).
 pub fn requested_in(lookup: impl Fn(&str) -> Option<String>) -> bool {
     signal_requested_in(lookup, OTEL_METRICS_EXPORTER, OTEL_EXPORTER_OTLP_METRICS_ENDPOINT)
-}
-
-/// [`requested_in`] for any signal: `exporter_var` is its `OTEL_<SIGNAL>_EXPORTER` and `endpoint_var` its
-/// `OTEL_EXPORTER_OTLP_<SIGNAL>_ENDPOINT` (the broker's traces use it with the `TRACES` variables).
-pub fn signal_requested_in(
-    lookup: impl Fn(&str) -> Option<String>,
-    exporter_var: &str,
-    endpoint_var: &str,
-) -> bool {
-    let get = |var: &str| lookup(var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
-    if get(OTEL_SDK_DISABLED).is_some_and(|v| v.eq_ignore_ascii_case("true")) {
-        return false;
-    }
-    if let Some(exporters) = get(exporter_var) {
-        // A comma-separated list by the spec; `none` wins over anything listed beside it.
-        let names: Vec<&str> = exporters.split(',').map(str::trim).collect();
-        return !names.iter().any(|n| n.eq_ignore_ascii_case("none"))
-            && names.iter().any(|n| n.eq_ignore_ascii_case("otlp"));
-    }
-    get(OTEL_EXPORTER_OTLP_ENDPOINT).is_some() || get(endpoint_var).is_some()
-}
-
-/// Reads a variable the way the SDK does, but keeps a non-UTF-8 value (lossily) so that it is reported
-/// as invalid instead of silently ignored.
-pub fn env_lookup(var: &str) -> Option<String> {
-    std::env::var_os(var).map(|v| v.to_string_lossy().into_owned())
 }
 
 /// How to export. `None` fields are left to the SDK, which then reads its own `OTEL_*` variables
@@ -156,73 +125,6 @@ impl OtlpConfig {
     pub fn with_max_instances(mut self, max_instances: usize) -> Self {
         self.max_instances = max_instances;
         self
-    }
-}
-
-/// The protocol variable and its value when it asks for anything but gRPC: `signal_var` (e.g.
-/// `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`) takes precedence over the generic `OTEL_EXPORTER_OTLP_PROTOCOL`.
-pub fn non_grpc_protocol(
-    lookup: impl Fn(&str) -> Option<String>,
-    signal_var: &'static str,
-) -> Option<(&'static str, String)> {
-    let get = |var: &str| lookup(var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
-    for var in [signal_var, OTEL_EXPORTER_OTLP_PROTOCOL] {
-        if let Some(value) = get(var) {
-            return (value != "grpc").then_some((var, value));
-        }
-    }
-    None
-}
-
-/// A positive number of milliseconds in `var`, or `None` when unset; a malformed value is an error
-/// naming it (where the SDK would silently fall back to its default).
-pub fn env_millis(
-    lookup: impl Fn(&str) -> Option<String>,
-    var: &'static str,
-) -> Result<Option<Duration>, OtlpError> {
-    let Some(value) = lookup(var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()) else {
-        return Ok(None);
-    };
-    match value.parse::<u64>() {
-        Ok(ms) if ms > 0 => Ok(Some(Duration::from_millis(ms))),
-        _ => Err(OtlpError::InvalidEnv { var, value, reason: "expected a positive number of milliseconds" }),
-    }
-}
-
-/// True when the variables name a `service.name`, which then must not be overridden by ours.
-fn env_names_service(lookup: impl Fn(&str) -> Option<String>) -> bool {
-    if lookup(OTEL_SERVICE_NAME).is_some_and(|v| !v.trim().is_empty()) {
-        return true;
-    }
-    // Parsed like the SDK's resource detector does: `k=v` pairs split on commas, keys trimmed.
-    lookup(OTEL_RESOURCE_ATTRIBUTES).is_some_and(|attrs| {
-        attrs
-            .split_terminator(',')
-            .any(|kv| kv.split_once('=').is_some_and(|(k, _)| k.trim() == "service.name"))
-    })
-}
-
-/// Runs `f`, which blocks on an OpenTelemetry SDK thread (a flush or shutdown). On a multi-thread tokio
-/// runtime the runtime may move other tasks off this worker meanwhile; elsewhere it just runs.
-pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    if Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread) {
-        tokio::task::block_in_place(f)
-    } else {
-        f()
-    }
-}
-
-/// The resource every Vigil signal goes out with: the SDK's detectors (`OTEL_SERVICE_NAME`,
-/// `OTEL_RESOURCE_ATTRIBUTES`), with [`DEFAULT_SERVICE_NAME`] instead of `unknown_service`.
-pub fn resource(lookup: impl Fn(&str) -> Option<String>) -> Resource {
-    // `Resource::builder()` runs the SDK's detectors, which read OTEL_SERVICE_NAME and
-    // OTEL_RESOURCE_ATTRIBUTES themselves; we only replace their `unknown_service` fallback.
-    let builder = Resource::builder();
-    if env_names_service(lookup) {
-        builder.build()
-    } else {
-        builder.with_service_name(DEFAULT_SERVICE_NAME).build()
     }
 }
 
@@ -468,6 +370,8 @@ fn register_instruments(meter: &Meter, snapshots: &SnapshotReceiver) {
 mod tests {
     use super::*;
 
+    use vigil_otel::{OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_PROTOCOL, OTEL_SDK_DISABLED};
+
     fn lookup<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
     }
@@ -544,18 +448,6 @@ mod tests {
             ]))
             .is_err()
         );
-    }
-
-    #[test]
-    fn service_name_from_env_is_kept() {
-        assert!(!env_names_service(lookup(&[])));
-        assert!(!env_names_service(lookup(&[(OTEL_SERVICE_NAME, " ")])));
-        assert!(env_names_service(lookup(&[(OTEL_SERVICE_NAME, "edge")])));
-        assert!(env_names_service(lookup(&[(OTEL_RESOURCE_ATTRIBUTES, "a=b, service.name = edge")])));
-        assert!(!env_names_service(lookup(&[(
-            OTEL_RESOURCE_ATTRIBUTES,
-            "service.namespace=x,a=service.name"
-        )])));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use vigil_collector::{Collector, InstanceSnapshot, Snapshot};
 
 fn start_collector(cg: &TestCgroup) -> Collector {
     let mut config = CollectorConfig::default();
-    config.interval.value = vigil_collector::config::HumanDuration(Duration::from_millis(250));
+    config.interval = vigil_collector::config::HumanDuration(Duration::from_millis(250));
     config.watch = WatchConfig { include: vec![cg.rel.clone()], ..WatchConfig::default() };
     Collector::start(&config).expect("collector starts (root, probes load)")
 }

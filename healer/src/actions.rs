@@ -207,8 +207,8 @@ mod tests {
     use std::collections::HashSet;
 
     use tokio::sync::oneshot;
-    use vigil_collector::Snapshot;
-    use vigil_collector::snapshot::{Counters, InstanceKind, InstanceSnapshot, Memory, Pressure, Rates};
+    use vigil_core::snapshot::Snapshot;
+    use vigil_core::snapshot::{Counters, InstanceKind, InstanceSnapshot, Memory, Pressure, Rates};
 
     use super::*;
     use crate::engine::{BoxFuture, Gate, GateConfig, MANUAL_RULE};

@@ -1,7 +1,7 @@
 //! REST API v1 (DESIGN.md §4): instances with their state and metrics, hibernate and wake by hand, the
 //! decision log and the rules in force. JSON in and out; errors are `{"error": {"code", "message"}}` with a
 //! fitting status. A bearer token, when configured, is required on every request (the config refuses a
-//! non-loopback bind without one) and compared in constant time ([`vigil_collector::auth`]).
+//! non-loopback bind without one) and compared in constant time ([`vigil_auth`]).
 //!
 //! Instances Vigil did not start (discovered cgroups) are `observed`: Vigil sees them and reports their
 //! processes as the kernel lists them at request time, but it runs none of their lifecycle.
@@ -16,8 +16,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use vigil_collector::cgroupfs::{self, Layout};
-use vigil_collector::{InstanceSnapshot, SnapshotReceiver, auth};
+use vigil_auth as auth;
+use vigil_cgroup::fs::{self as cgroupfs, Layout};
+use vigil_core::snapshot::InstanceSnapshot;
+
+use crate::SnapshotReceiver;
 
 use crate::audit::AuditLog;
 use crate::engine::BoxFuture;
@@ -236,7 +239,7 @@ struct Wait {
 
 fn parse_wait(q: &Wait) -> Result<Duration, ApiError> {
     let Some(text) = &q.wait else { return Ok(DEFAULT_WAIT) };
-    let d = vigil_collector::config::parse_duration(text)
+    let d = vigil_core::values::parse_duration(text)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("`wait`: {e}")))?;
     if d > MAX_WAIT {
         return Err(ApiError::new(
@@ -461,9 +464,16 @@ mod tests {
             Ok(on)
         }
         fn services(&self) -> Vec<Value> {
-            vec![json!({"name": "echo", "desired": 1}), json!({"name": "api", "desired": 3, "mode": "stable"})]
+            vec![
+                json!({"name": "echo", "desired": 1}),
+                json!({"name": "api", "desired": 3, "mode": "stable"}),
+            ]
         }
-        fn scale<'a>(&'a self, service: &'a str, count: Option<u32>) -> BoxFuture<'a, Result<Value, ApiError>> {
+        fn scale<'a>(
+            &'a self,
+            service: &'a str,
+            count: Option<u32>,
+        ) -> BoxFuture<'a, Result<Value, ApiError>> {
             Box::pin(async move {
                 if service != "api" {
                     return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "not scaled"));
@@ -483,13 +493,22 @@ mod tests {
         let (code, _) = request(addr, "GET /api/v1/services/nope HTTP/1.0\r\n\r\n").await;
         assert_eq!(code, 404);
         let post = |body: &str| {
-            format!("POST /api/v1/services/api/scale HTTP/1.0\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+            format!(
+                "POST /api/v1/services/api/scale HTTP/1.0\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
         };
         let (code, body) = request(addr, &post(r#"{"instances": 2}"#)).await;
         assert_eq!((code, body["pinned"].as_u64()), (200, Some(2)));
         let (code, body) = request(addr, &post(r#"{"scale": "auto"}"#)).await;
         assert_eq!((code, body["pinned"].is_null()), (200, true));
-        for bad in [r#"{"scale": "manual"}"#, r#"{"instances": -1}"#, r#"{}"#, "nonsense", r#"{"instances": 1, "scale": "auto"}"#] {
+        for bad in [
+            r#"{"scale": "manual"}"#,
+            r#"{"instances": -1}"#,
+            r#"{}"#,
+            "nonsense",
+            r#"{"instances": 1, "scale": "auto"}"#,
+        ] {
             let (code, body) = request(addr, &post(bad)).await;
             assert_eq!((code, body["error"]["code"].as_str()), (400, Some("bad_request")), "{bad}");
         }
@@ -507,12 +526,12 @@ mod tests {
     }
 
     async fn serve(token: Option<String>) -> (std::net::SocketAddr, Arc<Fake>, std::path::PathBuf) {
-        serve_on(token, vigil_collector::Snapshot::empty(), None, "").await
+        serve_on(token, vigil_core::snapshot::Snapshot::empty(), None, "").await
     }
 
     async fn serve_on(
         token: Option<String>,
-        snapshot: vigil_collector::Snapshot,
+        snapshot: vigil_core::snapshot::Snapshot,
         layout: Option<Layout>,
         name: &str,
     ) -> (std::net::SocketAddr, Arc<Fake>, std::path::PathBuf) {
@@ -579,9 +598,9 @@ mod tests {
     }
 
     /// A snapshot with the managed `echo-0` and two cgroups Vigil did not start.
-    fn snapshot_with_discovered() -> vigil_collector::Snapshot {
-        use vigil_collector::snapshot::InstanceKind;
-        let mut snap = vigil_collector::Snapshot::empty();
+    fn snapshot_with_discovered() -> vigil_core::snapshot::Snapshot {
+        use vigil_core::snapshot::InstanceKind;
+        let mut snap = vigil_core::snapshot::Snapshot::empty();
         snap.tick = 1;
         let instance = |id: &str, cgroup: &str, kind| InstanceSnapshot {
             service: "svc".into(),
@@ -641,7 +660,7 @@ mod tests {
     #[tokio::test]
     async fn token_is_compared_whole() {
         let (addr, _fake, dir) =
-            serve_on(Some("s3cret".into()), vigil_collector::Snapshot::empty(), None, "-whole").await;
+            serve_on(Some("s3cret".into()), vigil_core::snapshot::Snapshot::empty(), None, "-whole").await;
         for wrong in ["Bearer s3cre", "Bearer s3cret2", "Bearer ", "Basic s3cret"] {
             let (code, body) =
                 request(addr, &format!("GET /api/v1/rules HTTP/1.0\r\nAuthorization: {wrong}\r\n\r\n")).await;

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use serde::Serialize;
-use vigil_collector::Snapshot;
+use vigil_core::snapshot::Snapshot;
 
 use crate::rules::{Action, Evaluator, ProposedAction, Signals};
 

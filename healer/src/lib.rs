@@ -7,7 +7,6 @@ pub mod actions;
 pub mod api;
 pub mod audit;
 pub mod autoscale;
-pub mod cgroup;
 pub mod client;
 pub mod config;
 pub mod engine;
@@ -21,3 +20,10 @@ pub mod standby;
 pub mod supervisor;
 pub mod tcp;
 pub mod traffic;
+
+/// The cgroup drivers, from `vigil-cgroup`, under the path the healer's modules have always used.
+pub use vigil_cgroup::driver as cgroup;
+
+/// The healer's end of the collector's snapshot stream (the same type the collector sends on): always holds
+/// the latest snapshot; `changed().await` wakes on the next tick.
+pub type SnapshotReceiver = tokio::sync::watch::Receiver<std::sync::Arc<vigil_core::snapshot::Snapshot>>;

@@ -8,20 +8,20 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::SnapshotReceiver;
 use axum::Router;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use vigil_collector::SnapshotReceiver;
-use vigil_collector::cgroupfs::{CgroupError, Layout};
+use vigil_cgroup::fs::{CgroupError, Layout};
 
 use crate::actions::{Actions, Status, Submitted};
+use crate::api::{self, ApiError, Control, ManagedInstance};
+use crate::audit::{AuditError, AuditLog};
 use crate::autoscale::scaler::{PinError, ScaledService, Scaler, count_at_start};
 use crate::autoscale::signal::LoadSource;
 use crate::autoscale::tiers::tiers;
-use crate::api::{self, ApiError, Control, ManagedInstance};
-use crate::audit::{AuditError, AuditLog};
 use crate::cgroup::{CgroupDriverError, driver_for};
 use crate::config::{HealerConfig, HealerConfigError};
 use crate::engine::{BoxFuture, Decision, Engine, Gate, GateConfig, MANUAL_RULE, Outcome, Refusal};
@@ -132,7 +132,7 @@ impl Healer {
         }
         let audit = Arc::new(AuditLog::open(&config.data_dir)?);
         let driver: Arc<dyn crate::cgroup::CgroupDriver> =
-            Arc::from(driver_for(&Layout::detect()?, &config.healer.driver_config())?);
+            Arc::from(driver_for(&Layout::detect()?, &config.driver_config())?);
         let scaled = scaled_services(&config.services);
         let saved = crate::autoscale::scaler::saved_counts(&config.data_dir);
         let mut initial = BTreeMap::new();
@@ -145,7 +145,7 @@ impl Healer {
         reconcile(driver.as_ref(), &config.services, &slots)?;
         let standby_metrics = StandbyMetrics::default();
         let settings = Settings {
-            policy: config.healer.policy(),
+            policy: config.policy(),
             metrics: standby_metrics.clone(),
             stop_grace: config.healer.stop_grace.0,
             scaled: slots,
@@ -155,7 +155,7 @@ impl Healer {
         let gate = Gate::new(GateConfig {
             dry_run: config.dry_run,
             max_actions_per_minute: config.healer.max_actions_per_minute,
-            max_standby_fraction: config.healer.max_standby_fraction,
+            max_standby_fraction: config.healer.max_standby_fraction.get(),
         });
         let engine = Engine::new(Evaluator::new(rule_list), gate);
         let actions = Actions::new(engine, Arc::new(supervisor.clone()), audit);
@@ -290,7 +290,7 @@ fn scaled_services(services: &[crate::supervisor::ServiceSpec]) -> Vec<ScaledSer
             Some(ScaledService {
                 name: spec.name.clone(),
                 routed: spec.routed_name().to_string(),
-                policy: spec.scale.as_ref()?.policy(),
+                policy: spec.scale.clone()?,
             })
         })
         .collect()
@@ -390,10 +390,8 @@ impl HealerHandle {
         // Scaled services are sized by the autoscaler: it decides at once, and wakes or starts as many
         // instances as the held requests need.
         let scaled = |name: &str| self.scaler.as_ref().is_some_and(|s| s.scales(name));
-        if self.scaler.as_ref().is_some_and(|s| s.scales_route(service)) {
-            if let Some(s) = &self.scaler {
-                s.poke(service);
-            }
+        if let Some(s) = self.scaler.as_ref().filter(|s| s.scales_route(service)) {
+            s.poke(service);
         }
         let instances: Vec<(String, String, InstanceState)> = self
             .supervisor
@@ -586,7 +584,8 @@ impl Control for HealerControl {
     }
 
     fn services(&self) -> Vec<Value> {
-        let names: BTreeSet<String> = self.supervisor.states().into_iter().map(|(_, name, _, _)| name).collect();
+        let names: BTreeSet<String> =
+            self.supervisor.states().into_iter().map(|(_, name, _, _)| name).collect();
         names.iter().map(|name| service_json(&self.supervisor, self.scaler.as_ref(), name)).collect()
     }
 
@@ -601,7 +600,11 @@ impl Control for HealerControl {
                         format!("service `{service}` has a fixed count; give it a `scale:` block to size it"),
                     )
                 } else {
-                    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no managed service `{service}`"))
+                    ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        format!("no managed service `{service}`"),
+                    )
                 });
             };
             match scaler.pin(service, count).await {
@@ -609,7 +612,9 @@ impl Control for HealerControl {
                 Err(e @ PinError::AboveMax { .. }) => {
                     Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))
                 }
-                Err(e @ PinError::Unknown(_)) => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())),
+                Err(e @ PinError::Unknown(_)) => {
+                    Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()))
+                }
             }
         })
     }
@@ -649,8 +654,7 @@ mod tests {
         let file = dir.join("a.yaml");
         let good = "rules:\n  - name: n\n    when:\n      - metric: cpu_cores\n        below: 1\n    action: notify\n";
         std::fs::write(&file, good).unwrap();
-        let mut config = HealerConfig::default();
-        config.rules = vec![dir.clone()];
+        let config = HealerConfig { rules: vec![dir.clone()], ..HealerConfig::default() };
         let status = Arc::new(Mutex::new(json!({})));
         let mut files = RuleFiles { config, stamps: Vec::new(), status: status.clone() };
         assert_eq!(files.load().unwrap().len(), 1);

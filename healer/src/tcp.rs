@@ -83,8 +83,7 @@ pub fn foreign_connections(ends: &[End], own: &HashSet<u64>, ports: &[u16]) -> H
         .iter()
         .map(|&port| {
             let all = ends.iter().filter(|e| e.local_port == port).count();
-            let ours =
-                ends.iter().filter(|e| e.remote_port == port && own.contains(&e.inode)).count();
+            let ours = ends.iter().filter(|e| e.remote_port == port && own.contains(&e.inode)).count();
             (port, all.saturating_sub(ours))
         })
         .collect()

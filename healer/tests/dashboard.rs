@@ -35,7 +35,7 @@ fn every_hibernation_panel_has_data() {
     let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
     let data_dir = std::env::temp_dir().join(format!("vigil-test-dash-{}", std::process::id()));
     let yaml = format!(
-        "data_dir: {}\nrules: []\nservices:\n  - name: dash\n    command: [\"{}\", \"-m\", \"http.server\", \"{{port}}\", \"--bind\", \"127.0.0.1\"]\n    port: {port}\n    readiness: {{ http: / }}\nhealer:\n  cgroup_parent: {parent}\n  stop_grace: 2s\n",
+        "data_dir: {}\nrules: []\nservices:\n  - name: dash\n    command: [\"{}\", \"-m\", \"http.server\", \"{{port}}\", \"--bind\", \"127.0.0.1\"]\n    port: {port}\n    readiness: {{ http: / }}\nhealer:\n  cgroup_parent: {parent}\n  stop_grace: 2s\ncollector:\n  watch: {{ managed_root: {parent} }}\n",
         data_dir.display(),
         support::workload::python_executable()
     );

@@ -15,7 +15,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use support::swap::Swapfile;
 
-use vigil_collector::cgroupfs::Layout;
+use vigil_cgroup::fs::Layout;
 use vigil_healer::cgroup::{
     CgroupDriver, CgroupDriverError, CpuLimit, DriverConfig, InstanceCgroup, V2Driver, driver_for,
 };

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vigil_collector::cgroupfs::Layout;
+use vigil_cgroup::fs::Layout;
 use vigil_healer::cgroup::{CgroupDriver, DriverConfig, InstanceCgroup, driver_for};
 use vigil_healer::lifecycle::Request;
 use vigil_healer::rules::InstanceState;
@@ -118,6 +118,7 @@ fn spec(name: &str, command: Vec<String>, port: u16, instances: u32, readiness: 
         start: Default::default(),
         serves: None,
         ready_timeout: None,
+        scale: None,
     }
 }
 
@@ -328,7 +329,8 @@ fn restart_after_a_crash_mid_hibernate_leaves_nothing_frozen() {
         .expect("squeeze");
     fx.driver.set_frozen(&cg, true).expect("freeze");
 
-    let cleaned = vigil_healer::run::reconcile(fx.driver.as_ref(), &specs, &Default::default()).expect("reconcile");
+    let cleaned =
+        vigil_healer::run::reconcile(fx.driver.as_ref(), &specs, &Default::default()).expect("reconcile");
     assert_eq!(cleaned, vec!["rec-0".to_string()]);
     let status = leftover.wait().expect("the leftover was killed and is reaped here");
     assert!(!status.success(), "killed, not exited: {status:?}");

@@ -191,8 +191,11 @@ impl Collector for ScalerMetrics {
         )?;
         for s in &statuses {
             let starting = s.serving.saturating_sub(s.ready);
-            for (state, n) in [("ready", s.ready), ("starting", starting), ("standby", s.standby), ("stopped", s.stopped)] {
-                m.encode_family(&[("service", s.name.as_str()), ("state", state)])?.encode_gauge(&i64::from(n))?;
+            for (state, n) in
+                [("ready", s.ready), ("starting", starting), ("standby", s.standby), ("stopped", s.stopped)]
+            {
+                m.encode_family(&[("service", s.name.as_str()), ("state", state)])?
+                    .encode_gauge(&i64::from(n))?;
             }
         }
         let mut m = enc.encode_descriptor(
@@ -211,7 +214,8 @@ impl Collector for ScalerMetrics {
             MetricType::Gauge,
         )?;
         for s in &statuses {
-            m.encode_family(&[("service", s.name.as_str())])?.encode_gauge(&i64::from(s.mode == Mode::Panic))?;
+            m.encode_family(&[("service", s.name.as_str())])?
+                .encode_gauge(&i64::from(s.mode == Mode::Panic))?;
         }
         Ok(())
     }
@@ -403,7 +407,8 @@ impl Scaler {
             p.inputs = Some(inputs.clone());
             let submitted = self.inner.actions.submit(p).await;
             let fraction = Outcome::Refused { reason: Refusal::StandbyFraction };
-            if step.action == Action::Hibernate && submitted.decision().is_some_and(|d| d.outcome == fraction) {
+            if step.action == Action::Hibernate && submitted.decision().is_some_and(|d| d.outcome == fraction)
+            {
                 let mut p = self.inner.actions.proposal(AUTOSCALE_RULE, Action::Stop, service, &step.id);
                 p.inputs = Some(inputs.clone());
                 self.inner.actions.submit(p).await;
@@ -563,7 +568,10 @@ mod tests {
         let direct = HashMap::from([(18080, 0), (18081, 3)]);
         let s = sample_of(&load, &members, &direct, Duration::from_secs(10), Duration::from_secs(9));
         assert_eq!(s.concurrency, 2.5 + 3.0 + 1.25);
-        assert_eq!((s.arrivals, s.held, s.span, s.end), (10, 1, Duration::from_secs(1), Duration::from_secs(10)));
+        assert_eq!(
+            (s.arrivals, s.held, s.span, s.end),
+            (10, 1, Duration::from_secs(1), Duration::from_secs(10))
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use vigil_collector::snapshot::{InstanceKind, InstanceSnapshot, Snapshot};
+use vigil_core::snapshot::{InstanceKind, InstanceSnapshot, Snapshot};
 
 use super::{Evaluator, ExpectedAction, Metric, RuleSet, Signals, TestCase, TestValues};
 
@@ -47,7 +47,7 @@ fn instance(id: &Arc<str>, values: &TestValues) -> InstanceSnapshot {
         pressure: Default::default(),
     };
     let psi = |v: f64| {
-        let mut p = vigil_collector::snapshot::Psi::default();
+        let mut p = vigil_core::snapshot::Psi::default();
         p.some.avg10 = v;
         Some(p)
     };

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use vigil_collector::snapshot::{InstanceSnapshot, Psi, Snapshot};
+use vigil_core::snapshot::{InstanceSnapshot, Psi, Snapshot};
 
 use super::{Action, Condition, InstanceState, Metric, Rule, Signal};
 

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_saphyr::Spanned;
-use vigil_collector::config::{ConfigIssue, from_yaml, parse_duration, render_issues};
-use vigil_collector::snapshot::InstanceKind;
+use vigil_core::snapshot::InstanceKind;
+use vigil_core::values::parse_duration;
+use vigil_core::yaml::from_yaml;
+use vigil_core::{ConfigIssue, render_issues};
 
 use super::{
     Action, Bounds, Condition, ExpectedAction, Glob, InstanceState, Metric, Rule, RuleSet, Selector,
@@ -24,7 +26,7 @@ const MAX_TEST_TICKS: u128 = 100_000;
 pub enum RulesError {
     #[error("cannot read rule file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("{}", render_issues(file, issues))]
+    #[error("{}", render_issues(issues))]
     Invalid { file: String, issues: Vec<ConfigIssue> },
 }
 
@@ -114,7 +116,9 @@ struct Issues(Vec<ConfigIssue>);
 
 impl Issues {
     fn at<T>(&mut self, s: &Spanned<T>, path: impl Into<String>, message: impl Into<String>) {
+        // The file is filled in when the issues are handed over.
         self.0.push(ConfigIssue {
+            file: String::new(),
             line: s.referenced.line(),
             column: s.referenced.column(),
             path: path.into(),
@@ -123,7 +127,7 @@ impl Issues {
     }
 
     fn duration(&mut self, s: &Spanned<String>, path: &str) -> Option<Duration> {
-        parse_duration(&s.value).map_err(|m| self.at(s, path, m)).ok()
+        parse_duration(&s.value).map_err(|m| self.at(s, path, m.to_string())).ok()
     }
 
     fn finite(&mut self, s: &Option<Spanned<f64>>, path: &str) -> Option<f64> {
@@ -171,7 +175,7 @@ pub fn check_str(text: &str, file: &str) -> Result<RuleSet, RulesError> {
     if text.trim().is_empty() {
         return Ok(RuleSet { file: file.to_string(), rules: Vec::new(), tests: Vec::new() });
     }
-    let raw: RawFile = from_yaml(text).map_err(|issue| invalid(vec![issue]))?;
+    let raw: RawFile = from_yaml(text, file).map_err(|issue| invalid(vec![issue]))?;
     let mut issues = Issues::default();
     let rules = validate_rules(&raw.rules, &mut issues);
     let tests = validate_tests(&raw.tests, &rules, &mut issues);
@@ -180,6 +184,9 @@ pub fn check_str(text: &str, file: &str) -> Result<RuleSet, RulesError> {
         Ok(RuleSet { file: file.to_string(), rules, tests })
     } else {
         issues.sort_by_key(|i| (i.line, i.column));
+        for issue in &mut issues {
+            issue.file = file.to_string();
+        }
         Err(invalid(issues))
     }
 }

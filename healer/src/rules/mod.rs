@@ -75,7 +75,7 @@ pub use eval::{Evaluator, InstanceSignals, ProposedAction, Signals};
 pub use file::{RulesError, check_file, check_str};
 pub use glob::Glob;
 
-use vigil_collector::snapshot::InstanceKind;
+use vigil_core::snapshot::InstanceKind;
 
 /// What a rule asks the safety gate to do to an instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

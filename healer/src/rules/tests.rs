@@ -2,7 +2,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use vigil_collector::snapshot::{InstanceKind, InstanceSnapshot, Snapshot};
+use vigil_core::snapshot::{InstanceKind, InstanceSnapshot, Snapshot};
 
 use super::*;
 

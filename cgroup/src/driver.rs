@@ -1,7 +1,7 @@
 //! The cgroups Vigil gives each instance it manages, behind one [`CgroupDriver`] trait with two
 //! implementations: [`V2Driver`] for pure cgroup v2 hosts (the norm on Kubernetes nodes) and
 //! [`HybridDriver`] for hosts that keep memory, cpu and cpuset in v1 hierarchies beside a controller-less
-//! cgroup2 tree. [`driver_for`] picks one from the collector's [`Layout`].
+//! cgroup2 tree. [`driver_for`] picks one from the host's [`Layout`].
 //!
 //! Every instance gets its own v2 directory `<v2_parent>/<service>/<instance>` (default parent `/vigil`,
 //! the collector's `managed_root`), because the v2 directory is what the probes' cgroup id names and it
@@ -18,7 +18,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vigil_collector::cgroupfs::{CgroupPaths, Layout, parse_flat_keyed};
+use crate::fs::{CgroupPaths, Layout, parse_flat_keyed};
 
 /// The CFS period Vigil writes with a quota: 100 ms is the kernel default, so a fraction maps to the same
 /// numbers an operator would write by hand.
@@ -644,26 +644,17 @@ pub fn parse_cpu_max(text: &str) -> Option<Option<f64>> {
     Some(Some(quota as f64 / period as f64))
 }
 
-/// Parses a kernel cpu list (`"0-3,5"`) into CPU numbers, in order.
+/// Parses a kernel cpu list (`"0-3,5"`) into CPU numbers, in order (the config's `pool_cpus` is read by
+/// the same parser).
 pub fn parse_cpu_list(list: &str) -> Result<Vec<u32>, CgroupDriverError> {
-    let invalid = |reason| CgroupDriverError::InvalidCpuList { list: list.into(), reason };
-    let mut cpus = Vec::new();
-    for part in list.trim().split(',') {
-        let (first, last) = match part.split_once('-') {
-            Some((a, b)) => (a, b),
-            None => (part, part),
-        };
-        let first: u32 = first.trim().parse().map_err(|_| invalid("expected CPU numbers like 0-3,5"))?;
-        let last: u32 = last.trim().parse().map_err(|_| invalid("expected CPU numbers like 0-3,5"))?;
-        if last < first {
-            return Err(invalid("range ends before it starts"));
+    vigil_core::values::parse_cpu_list(list).map_err(|e| match e {
+        vigil_core::values::ValueError::NotACpuList { list, reason } => {
+            CgroupDriverError::InvalidCpuList { list, reason }
         }
-        if last - first > 65_535 {
-            return Err(invalid("range too large"));
+        _ => {
+            CgroupDriverError::InvalidCpuList { list: list.into(), reason: "expected CPU numbers like 0-3,5" }
         }
-        cpus.extend(first..=last);
-    }
-    Ok(cpus)
+    })
 }
 
 /// The path of this process's cgroup in the v1 hierarchy of `controller`, from `/proc/self/cgroup` text.

@@ -2,16 +2,11 @@
 //! that does not depend on where, or whether, it differs from the expected one, and a listener with a token
 //! configured answers nothing but `401 {"error": {"code": "unauthorized", ...}}` to a request without it.
 //!
-//! It lives here because the collector is, for now, the crate that the collector's own router, the healer
-//! API and the broker all depend on; it needs nothing of the collector and can move to a shared crate as is.
+//! A crate of its own so the collector's router, the healer API and the broker share it without depending
+//! on each other. The comparison and the header check need only `http`; the axum router layer
+//! ([`require_bearer`]) and the 401 answer are behind the `axum` feature.
 
-use std::sync::Arc;
-
-use axum::Router;
-use axum::extract::Request;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, header};
 use sha2::{Digest, Sha256};
 
 /// True when `presented` equals `expected`, compared in constant time.
@@ -40,16 +35,21 @@ pub fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
     scheme.eq_ignore_ascii_case("bearer") && same_secret(credentials.trim().as_bytes(), token.as_bytes())
 }
 
+/// The body of the 401 every listener gives, in the API's error shape.
+pub const UNAUTHORIZED_BODY: &str = r#"{"error":{"code":"unauthorized","message":"a valid bearer token is required: Authorization: Bearer <token>"}}"#;
+
 /// The 401 every listener gives to a request without the token, in the API's error shape.
-pub fn unauthorized() -> Response {
-    let body = r#"{"error":{"code":"unauthorized","message":"a valid bearer token is required: Authorization: Bearer <token>"}}"#;
+#[cfg(feature = "axum")]
+pub fn unauthorized() -> axum::response::Response {
+    use axum::http::{HeaderValue, StatusCode};
+    use axum::response::IntoResponse;
     (
         StatusCode::UNAUTHORIZED,
         [
             (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
             (header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")),
         ],
-        body,
+        UNAUTHORIZED_BODY,
     )
         .into_response()
 }
@@ -57,7 +57,11 @@ pub fn unauthorized() -> Response {
 /// `router` with every one of its routes behind the bearer token, or unchanged when there is no token
 /// (an empty one counts as none, as in the config's check). Routes merged in later are not covered, so
 /// guard each router before merging.
-pub fn require_bearer(router: Router, token: Option<&str>) -> Router {
+#[cfg(feature = "axum")]
+pub fn require_bearer(router: axum::Router, token: Option<&str>) -> axum::Router {
+    use axum::extract::Request;
+    use axum::middleware::{self, Next};
+    use std::sync::Arc;
     let Some(token) = token.filter(|t| !t.is_empty()) else { return router };
     let token: Arc<str> = Arc::from(token);
     router.route_layer(middleware::from_fn(move |request: Request, next: Next| {
@@ -71,6 +75,7 @@ pub fn require_bearer(router: Router, token: Option<&str>) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
     use proptest::prelude::*;
 
     fn headers(authorization: &str) -> HeaderMap {

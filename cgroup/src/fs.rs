@@ -14,7 +14,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use crate::snapshot::{Memory, Pressure, Psi, PsiLine};
+use vigil_core::snapshot::{Memory, Pressure, Psi, PsiLine};
 
 const MOUNTINFO: &str = "/proc/self/mountinfo";
 

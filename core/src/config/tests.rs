@@ -1,0 +1,255 @@
+use super::*;
+
+fn issues(text: &str) -> Vec<String> {
+    match VigilConfig::parse(text, "v.yaml") {
+        Ok(_) => Vec::new(),
+        Err(e) => e.issues().iter().map(ToString::to_string).collect(),
+    }
+}
+
+#[test]
+fn embedded_defaults_parse_to_default() {
+    let c = VigilConfig::parse(DEFAULT_YAML, "defaults").unwrap();
+    assert_eq!(c, VigilConfig::default());
+    assert_eq!(c.collector.cgroupfs_every_ticks(), 10);
+    assert_eq!(VigilConfig::parse("", "v.yaml").unwrap(), VigilConfig::default());
+    assert_eq!(VigilConfig::parse("# nothing\n", "v.yaml").unwrap(), VigilConfig::default());
+}
+
+#[test]
+fn every_key_is_read() {
+    let text = "\
+data_dir: /tmp/v
+http: { listen: 127.0.0.1:9000, token: t }
+collector:
+  interval: 2s
+  max_instances: 10
+  cgroupfs_interval: 20s
+  watch: { include: [/a], exclude: [/a/b], managed_root: /mine, max_tracked: 5 }
+dry_run: true
+rules: [r.yaml]
+services:
+  - name: echo
+    command: [python3, app.py]
+    env: { MODE: demo }
+    port: 18080
+    instances: 2
+    readiness: { http: /healthz }
+    pre_hibernate: [./flush.sh]
+    post_wake: [./warm.sh]
+    route: /echo
+    host: echo.local
+    version: v2
+    serves: front
+    ready_timeout: 5s
+    start: on_demand
+healer:
+  max_actions_per_minute: 3
+  max_standby_fraction: 0.5
+  pool_cpus: \"1\"
+  quota: 0.1
+  stop_grace: 2s
+  cgroup_parent: /mine
+broker:
+  enabled: false
+  listen: 127.0.0.1:7000
+  token: b
+  http: { enabled: false, listen: 127.0.0.1:7001, request_timeout: 1s, max_body_bytes: 100, workers: 2 }
+  queue: { max_per_service: 1, max_bytes_per_service: 2, max_total: 3, timeout: 4s }
+  splits: [{ name: default, service: front, weights: { v1: 1, v2: 3 }, sticky: true }]
+  health: { eject_after_failures: 1, eject_base_ms: 2, max_ejected_fraction: 0.25, breaker_window_ms: 3,
+            breaker_min_requests: 4, breaker_failure_ratio: 0.75, breaker_open_for_ms: 5 }
+  managed_capacity: 7
+  upstreams: [{ service: ext, version: v3, address: 127.0.0.1:9001, capacity: 8, route: /ext, host: ext.local }]
+  max_frame_bytes: 1000
+  max_reassembly_per_stream: 10
+  max_reassembly_per_connection: 20
+  max_pending_write_bytes: 30
+  setup_timeout: 6s
+";
+    let c = VigilConfig::parse(text, "v.yaml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.data_dir, PathBuf::from("/tmp/v"));
+    assert_eq!(c.http.token(), Some("t"));
+    assert_eq!(c.collector.interval(), Duration::from_secs(2));
+    assert_eq!(c.collector.watch.max_tracked, 5);
+    assert!(c.dry_run);
+    let s = &c.services[0];
+    assert_eq!(s.ready_timeout.map(|d| d.0), Some(Duration::from_secs(5)));
+    assert_eq!(s.start, crate::service::StartPolicy::OnDemand);
+    assert_eq!(s.routed_name(), "front");
+    assert_eq!(c.healer.pool_cpus.as_ref().map(|l| l.as_str()), Some("1"));
+    assert_eq!(c.healer.quota.cores(), 0.1);
+    assert_eq!(c.healer.max_standby_fraction.get(), 0.5);
+    assert_eq!(c.broker.http.workers, Some(2));
+    assert_eq!(c.broker.health.breaker_failure_ratio.get(), 0.75);
+    assert_eq!(c.broker.upstreams[0].address.port(), 9001);
+    assert_eq!(c.broker.setup_timeout.0, Duration::from_secs(6));
+}
+
+#[test]
+fn collector_mistakes_are_located() {
+    let text = "http:\n  listen: 0.0.0.0:9750\ncollector:\n  interval: 10ms\n  max_instances: 0\n";
+    assert_eq!(
+        issues(text),
+        vec![
+            "v.yaml:2:11: http.listen: 0.0.0.0:9750 is not a loopback address: set http.token (a bearer token) \
+             to expose the API",
+            "v.yaml:4:13: collector.interval: 10ms is outside 100ms..1h",
+            "v.yaml:5:18: collector.max_instances: must be at least 1",
+        ]
+    );
+}
+
+#[test]
+fn unknown_keys_are_located_everywhere() {
+    assert_eq!(
+        issues("collector:\n  intervl: 1s\nservics: []\nbroker: { lisen: 1 }\n"),
+        vec![
+            "v.yaml:2:3: collector.intervl: unknown field `intervl`, expected one of `interval`, `max_instances`, \
+             `cgroupfs_interval`, `watch`",
+            "v.yaml:3:1: servics: unknown field `servics`, expected one of `data_dir`, `http`, `collector`, \
+             `dry_run`, `rules`, `services`, `healer`, `broker`",
+            "v.yaml:4:11: broker.lisen: unknown field `lisen`, expected one of `enabled`, `listen`, `token`, \
+             `http`, `queue`, `splits`, `health`, `managed_capacity`, `upstreams`, `max_frame_bytes`, \
+             `max_reassembly_per_stream`, `max_reassembly_per_connection`, `max_pending_write_bytes`, \
+             `setup_timeout`",
+        ]
+    );
+}
+
+#[test]
+fn bad_values_name_themselves() {
+    assert_eq!(
+        issues("collector:\n  interval: soon\nhttp: { listen: localhost }\n"),
+        vec![
+            "v.yaml:2:13: collector.interval: `soon` is not a duration like 500ms, 1s, 5m, 2h",
+            "v.yaml:3:17: http.listen: `localhost` is not a socket address like 127.0.0.1:9750",
+        ]
+    );
+}
+
+#[test]
+fn healer_mistakes_are_located() {
+    let text = "\
+services:
+  - { name: a, command: [x], port: 0 }
+  - { name: a, command: [x], port: 1 }
+healer: { quota: 0, max_standby_fraction: 0, max_actions_per_minute: 0, pool_cpus: 3-1 }
+";
+    assert_eq!(
+        issues(text),
+        vec![
+            "v.yaml:2:36: services[0].port: port must be above 0",
+            "v.yaml:3:13: services[1].name: service `a` is declared twice (first as services[0])",
+            "v.yaml:4:18: healer.quota: 0 is not a CPU quota in (0, 64] cores",
+            "v.yaml:4:43: healer.max_standby_fraction: 0 allows no standby at all: it must be above 0",
+            "v.yaml:4:70: healer.max_actions_per_minute: must be at least 1",
+            "v.yaml:4:84: healer.pool_cpus: \"3-1\" is not a CPU list: range ends before it starts",
+        ]
+    );
+}
+
+#[test]
+fn broker_mistakes_are_located() {
+    let text = "\
+broker:
+  listen: 0.0.0.0:7878
+  queue: { max_total: 0 }
+  max_frame_bytes: 10
+  splits:
+    - { name: d, service: s, weights: { v1: 0 } }
+services:
+  - { name: a, command: [x], port: 1, route: nope }
+";
+    assert_eq!(
+        issues(text),
+        vec![
+            "v.yaml:2:11: broker.listen: 0.0.0.0:7878 is not a loopback address: set broker.token to expose the \
+             broker",
+            "v.yaml:3:23: broker.queue.max_total: must be at least 1",
+            "v.yaml:4:20: broker.max_frame_bytes: 10 is not in 64..=16777215",
+            "v.yaml:6:30: broker.splits[0].weights: split `d` of `s` has no version with a positive weight",
+            "v.yaml:8:46: services[0].route: \"nope\" must start with '/'",
+        ]
+    );
+}
+
+#[test]
+fn a_route_leads_to_one_service() {
+    let text = "\
+services:
+  - { name: a, command: [x], port: 10, route: /echo }
+  - { name: a2, serves: a, version: v2, command: [x], port: 20, route: /echo }
+  - { name: b, command: [x], port: 30, route: /echo }
+  - { name: c, command: [x], port: 40, route: /echo, host: c.local }
+broker:
+  upstreams: [{ service: ext, address: 127.0.0.1:9000, route: /echo }]
+";
+    assert_eq!(
+        issues(text),
+        vec![
+            "v.yaml:4:47: services[2].route: route \"/echo\" already leads to `a` (services[0]), not to `b`",
+            "v.yaml:7:63: broker.upstreams[0].route: route \"/echo\" already leads to `a` (services[0]), not to \
+             `ext`",
+        ]
+    );
+}
+
+#[test]
+fn the_cgroup_parent_is_the_managed_root() {
+    assert_eq!(
+        issues("healer: { cgroup_parent: /other }\n"),
+        vec![
+            "v.yaml:1:26: healer.cgroup_parent: \"/other\" differs from collector.watch.managed_root \"/vigil\": \
+             instances must be created where the collector looks for them"
+        ]
+    );
+    assert_eq!(
+        issues("collector: { watch: { managed_root: /other } }\n"),
+        vec![
+            "v.yaml:1:37: collector.watch.managed_root: \"/other\" differs from healer.cgroup_parent \"/vigil\": instances must be created where the collector looks for them"
+        ]
+    );
+    assert_eq!(
+        issues("collector: { watch: { managed_root: /o/ } }\nhealer: { cgroup_parent: /o }\n"),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn ports_are_bound_once() {
+    let text = "\
+http: { listen: 127.0.0.1:7878 }
+services:
+  - { name: a, command: [x], port: 100, instances: 3 }
+  - { name: b, command: [x], port: 102 }
+";
+    assert_eq!(
+        issues(text),
+        vec![
+            "v.yaml:1:17: http.listen: 127.0.0.1:7878 is bound twice: http.listen and broker.listen",
+            "v.yaml:4:36: services[1].port: ports 102..=102 overlap those of `a` (services[0]: 100..=102)",
+        ]
+    );
+}
+
+#[test]
+fn only_a_command_that_runs_services_needs_their_command_and_port() {
+    let text = "services:\n  - { name: late, route: /late }\n";
+    let broker_alone = VigilConfig::parse_for(text, "v.yaml", Runs::WithoutServices).unwrap();
+    assert_eq!(broker_alone.services[0].route.as_deref(), Some("/late"));
+    assert_eq!(
+        issues(text),
+        vec![
+            "v.yaml:2:5: services[0].command: command must name a program",
+            "v.yaml:2:5: services[0].port: port must be above 0",
+        ]
+    );
+    // Everything else is checked for every command.
+    let err = VigilConfig::parse_for("services:\n  - { name: a b }\n", "v.yaml", Runs::WithoutServices)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "v.yaml:2:13: services[0].name: \"a b\": a name must be non-empty, without '/' or whitespace"
+    );
+}
