@@ -13,17 +13,11 @@ mod support;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use collector_support::dashboard::panel_queries;
 use collector_support::prometheus::{Prometheus, has_samples};
-use vigil_broker::Broker;
-use vigil_broker::config::BrokerFile;
-use vigil_collector::Collector;
-use vigil_collector::config::CollectorConfig;
-use vigil_collector::discovery::WatchConfig;
-use vigil_healer::config::HealerConfig;
+use support::stack::{Options, Stack};
 use vigil_healer::run::Healer;
 
 /// One HTTP/1.0 exchange; returns the whole response.
@@ -44,109 +38,20 @@ fn wait_state(healer: &Healer, id: &str, state: &str) {
     }
 }
 
-/// Collector, healer and broker with one managed HTTP service `wk` (python http.server) routed at `/`,
-/// torn down (instances stopped, cgroups removed) on drop.
-struct Stack {
-    runtime: tokio::runtime::Runtime,
-    collector: Option<Collector>,
-    healer: Option<Healer>,
-    broker: Option<Broker>,
-    api: SocketAddr,
-    trigger: SocketAddr,
-    parent: String,
-    data_dir: std::path::PathBuf,
+/// Collector, healer and broker with one managed HTTP service `wk` (python http.server) routed at `/`.
+/// `service_extra` follows `wk`'s keys (and may add services); `broker_extra` follows the broker's.
+fn start(tag: &str, service_extra: &str, broker_extra: &str) -> Stack {
+    start_with_rules(tag, service_extra, broker_extra, "[]")
 }
 
-impl Stack {
-    /// `service_extra` follows `wk`'s keys (and may add services); `broker_extra` follows the broker's.
-    fn start(tag: &str, service_extra: &str, broker_extra: &str) -> Stack {
-        Stack::start_with_rules(tag, service_extra, broker_extra, "[]")
-    }
-
-    /// The same, with `rules` (a YAML list of rule files) in force.
-    fn start_with_rules(tag: &str, service_extra: &str, broker_extra: &str, rules: &str) -> Stack {
-        let parent = format!("/vigil-test-{tag}-{}", std::process::id());
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-        let data_dir = std::env::temp_dir().join(format!("vigil-test-{tag}-{}", std::process::id()));
-        let yaml = format!(
-            "data_dir: {}\nrules: {rules}\nservices:\n  - name: wk\n    command: [\"{}\", \"-m\", \"http.server\", \"{{port}}\", \"--bind\", \"127.0.0.1\"]\n    port: {port}\n    readiness: {{ http: / }}\n    route: /\n{service_extra}healer:\n  cgroup_parent: {parent}\ncollector:\n  watch: {{ managed_root: {parent} }}\n  stop_grace: 2s\n  max_actions_per_minute: 200\nbroker:\n  listen: 127.0.0.1:0\n  http: {{ listen: 127.0.0.1:0 }}\n{broker_extra}",
-            data_dir.display(),
-            collector_support::workload::python_executable()
-        );
-        let healer_config = HealerConfig::parse(&yaml, "test.yaml").expect("healer config");
-        let broker_file = BrokerFile::parse(&yaml, "test.yaml").expect("broker config");
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let collector_config = CollectorConfig {
-            watch: WatchConfig {
-                include: vec![parent.clone()],
-                managed_root: parent.clone(),
-                ..WatchConfig::default()
-            },
-            ..CollectorConfig::default()
-        };
-        let collector = Collector::start(&collector_config).expect("collector starts (root)");
-        let (healer, broker, api) = runtime.block_on(async {
-            let mut broker =
-                Broker::start_with(broker_file, None, Some(collector.snapshots())).await.expect("broker");
-            let healer =
-                Healer::start(&healer_config, collector.snapshots(), broker.traffic()).expect("healer");
-            broker.attach(Arc::new(healer.handle()));
-            healer.attach_load(broker.hub().load.clone());
-            let router = collector
-                .router_with(vec![healer.metrics_registry(), broker.metrics_registry()], None)
-                .merge(healer.router(collector.snapshots(), None));
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let addr = listener.local_addr().expect("addr");
-            tokio::spawn(async move { axum::serve(listener, router).await });
-            (healer, broker, addr)
-        });
-        let trigger = broker.http_addr().expect("HTTP trigger");
-        Stack {
-            runtime,
-            collector: Some(collector),
-            healer: Some(healer),
-            broker: Some(broker),
-            api,
-            trigger,
-            parent,
-            data_dir,
-        }
-    }
-
-    fn healer(&self) -> &Healer {
-        self.healer.as_ref().expect("running")
-    }
-
-    fn broker(&self) -> &Broker {
-        self.broker.as_ref().expect("running")
-    }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        let (broker, healer) = (self.broker.take(), self.healer.take());
-        self.runtime.block_on(async {
-            if let Some(b) = broker {
-                b.shutdown().await;
-            }
-            if let Some(h) = healer {
-                h.shutdown().await;
-            }
-        });
-        if let Some(c) = self.collector.take() {
-            c.stop();
-        }
-        let _ = std::fs::remove_dir_all(&self.data_dir);
-        for root in
-            ["/sys/fs/cgroup/unified", "/sys/fs/cgroup/memory", "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpuset"]
-        {
-            let _ = std::fs::remove_dir(format!("{root}{}", self.parent));
-        }
-    }
+/// The same, with `rules` (a YAML list of rule files) in force.
+fn start_with_rules(tag: &str, service_extra: &str, broker_extra: &str, rules: &str) -> Stack {
+    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+    let services = format!(
+        "  - name: wk\n    command: [\"{}\", \"-m\", \"http.server\", \"{{port}}\", \"--bind\", \"127.0.0.1\"]\n    port: {port}\n    readiness: {{ http: / }}\n    route: /\n{service_extra}",
+        collector_support::workload::python_executable()
+    );
+    Stack::start(Options { tag, services, broker_extra, rules, ..Options::default() })
 }
 
 fn ok(answer: &str) -> bool {
@@ -155,7 +60,7 @@ fn ok(answer: &str) -> bool {
 
 #[test]
 fn a_request_to_a_hibernated_instance_wakes_it_and_every_broker_panel_has_data() {
-    let stack = Stack::start("wake", "", "");
+    let stack = start("wake", "", "");
     let (api, trigger) = (stack.api, stack.trigger);
     wait_state(stack.healer(), "wk-0", "active");
     let answer = http(trigger, "GET", "/");
@@ -213,7 +118,7 @@ fn a_request_to_a_hibernated_instance_wakes_it_and_every_broker_panel_has_data()
 
 #[test]
 fn a_service_with_zero_running_instances_starts_one_for_the_first_request() {
-    let stack = Stack::start("zero", "    start: on_demand\n", "");
+    let stack = start("zero", "    start: on_demand\n", "");
     std::thread::sleep(Duration::from_millis(500));
     let info = stack.healer().supervisor().instance("wk-0").expect("wk-0");
     assert_eq!((info.state.as_str(), info.pids.len()), ("stopped", 0), "nothing runs before demand");
@@ -256,7 +161,7 @@ fn two_managed_services_are_two_versions_of_one_service() {
         collector_support::workload::python_executable()
     );
     let split = "  splits: [{ name: default, service: wk, weights: { v1: 50, v2: 50 } }]\n";
-    let stack = Stack::start("versions", &v2, split);
+    let stack = start("versions", &v2, split);
     wait_state(stack.healer(), "wk-0", "active");
     wait_state(stack.healer(), "wk-next-0", "active");
     for _ in 0..40 {
@@ -331,7 +236,7 @@ fn demanded_wake(api: SocketAddr) -> serde_json::Value {
 /// the request is still answered within the queue's timeout.
 #[test]
 fn a_failed_post_wake_hook_restarts_the_instance_and_the_held_request_is_answered() {
-    let stack = Stack::start("hookfail", "    post_wake: [\"false\"]\n", "  queue: { timeout: 20s }\n");
+    let stack = start("hookfail", "    post_wake: [\"false\"]\n", "  queue: { timeout: 20s }\n");
     wait_state(stack.healer(), "wk-0", "active");
     hibernate(&stack);
     let before = stack.healer().supervisor().instance("wk-0").expect("wk-0");
@@ -383,7 +288,7 @@ fn a_readiness_failure_after_wake_restarts_the_instance_and_the_held_request_is_
         script.display(),
         flag.display()
     );
-    let stack = Stack::start("notready", &rd, "  queue: { timeout: 20s }\n");
+    let stack = start("notready", &rd, "  queue: { timeout: 20s }\n");
     wait_state(stack.healer(), "rd-0", "active");
     let answer = http(stack.api, "POST", "/api/v1/instances/rd-0/hibernate");
     assert!(answer.contains("\"state\":\"hibernated\""), "{answer}");
@@ -415,7 +320,7 @@ fn a_slow_hibernate_blocks_neither_the_api_nor_the_rules() {
         "tick.yaml",
         "rules:\n  - name: tick-probe\n    select: { instance_id: wk-0 }\n    when:\n      - state: [hibernating]\n    action: notify\n",
     );
-    let stack = Stack::start_with_rules(
+    let stack = start_with_rules(
         "slowhook",
         "    pre_hibernate: [\"sleep\", \"8\"]\n",
         "",

@@ -107,6 +107,7 @@ impl RuleFiles {
 pub struct Healer {
     supervisor: Supervisor,
     scaler: Option<Scaler>,
+    scaler_task: Option<JoinHandle<()>>,
     actions: Arc<Actions>,
     standby_metrics: StandbyMetrics,
     rules: Arc<Mutex<Value>>,
@@ -168,9 +169,10 @@ impl Healer {
             }
             let (scaler, pokes) =
                 Scaler::new(scaled, &initial, supervisor.clone(), actions.clone(), &config.data_dir);
-            tokio::spawn(scaler.clone().run(config.tick, pokes, stop_rx.clone()));
-            Some(scaler)
+            let task = tokio::spawn(scaler.clone().run(config.tick, pokes, stop_rx.clone()));
+            Some((scaler, task))
         };
+        let (scaler, scaler_task) = scaler.unzip();
         let task = tokio::spawn(step_loop(
             snapshots,
             stop_rx,
@@ -182,6 +184,7 @@ impl Healer {
         Ok(Healer {
             supervisor,
             scaler,
+            scaler_task,
             actions,
             standby_metrics,
             rules: status,
@@ -240,6 +243,11 @@ impl Healer {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        // The autoscaler ends before the instances stop, so that their stopping is never read as a
+        // service that needs fewer of them (its saved counts must stay what they were under load).
+        if let Some(task) = self.scaler_task {
+            let _ = task.await;
+        }
         self.supervisor.shutdown(self.grace).await;
     }
 }

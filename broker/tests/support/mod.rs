@@ -15,6 +15,8 @@ use vigil_broker::config::BrokerFile;
 use vigil_broker::rsocket::frame::{Body, Frame, FrameCodec, Payload, Setup};
 use vigil_broker::rsocket::metadata::mime;
 
+pub mod stack;
+
 pub fn interop_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
 }

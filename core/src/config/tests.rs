@@ -253,3 +253,38 @@ fn only_a_command_that_runs_services_needs_their_command_and_port() {
         "v.yaml:2:13: services[0].name: \"a b\": a name must be non-empty, without '/' or whitespace"
     );
 }
+
+#[test]
+fn a_scale_block_is_read_and_its_mistakes_are_reported_at_their_keys() {
+    let ok = "services:\n  - name: api\n    command: [app]\n    port: 18080\n    scale: { min: 1, max: 4, stable_window: 10s }\n";
+    let c = VigilConfig::parse(ok, "v.yaml").unwrap();
+    let scale = c.services[0].scale.as_ref().unwrap();
+    assert_eq!((scale.min, scale.max, scale.stable_window), (1, 4, Duration::from_secs(10)));
+    assert_eq!(c.services[0].slots(), 4);
+    let bad = "\
+collector: { interval: 2s }
+services:
+  - name: api
+    command: [app]
+    port: 65534
+    instances: 2
+    start: on_demand
+    scale:
+      min: 5
+      max: 4
+      max_scale_up_rate: 0.5
+      panic_window: 1s
+      stable_window: 1m
+";
+    assert_eq!(
+        issues(bad),
+        [
+            "v.yaml:6:16: services[0].instances: a service with `scale:` has no fixed count: use scale.min and scale.max",
+            "v.yaml:7:12: services[0].start: a service with `scale:` starts as the autoscaler decides: use scale.min: 0 to start at zero",
+            "v.yaml:9:12: services[0].scale.min: min (5) is greater than max (4)",
+            "v.yaml:10:12: services[0].scale.max: ports 65534..=65537 do not fit below 65536",
+            "v.yaml:11:26: services[0].scale.max_scale_up_rate: must be a finite number greater than 1, got 0.5",
+            "v.yaml:12:21: services[0].scale.panic_window: 1s is shorter than the decision tick (2s): it would hold no sample",
+        ]
+    );
+}

@@ -1,0 +1,351 @@
+//! The autoscaler through the whole stack, with real processes and real load: a collector, the healer
+//! running a `scale:` service (a Python HTTP server whose every request takes 200 ms), and the broker in
+//! front; a load generator in the test (closed-loop clients, each one request at a time, bounded in time).
+//!
+//! Each request carries an id that the instance that served it writes to its own log, so "every request
+//! answered exactly once" is checked against what the instances saw, not only against the answers.
+//! Needs root (`scripts/setup`).
+
+#[path = "../../collector/tests/support/mod.rs"]
+mod collector_support;
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::stack::{Options, Stack};
+
+/// The service: a threading HTTP server; `/work?id=X` takes 200 ms and logs X to `<logs>/<instance>.log`.
+const APP: &str = r#"
+import os, sys, threading, time
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+port, logs = int(sys.argv[1]), sys.argv[2]
+me = os.environ.get("VIGIL_INSTANCE_ID", "unknown")
+log = open(os.path.join(logs, me + ".log"), "a", buffering=1)
+lock = threading.Lock()
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        if self.path.startswith("/work"):
+            time.sleep(0.2)
+            with lock:
+                log.write(self.path.split("id=", 1)[-1] + "\n")
+        body = me.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer.request_queue_size = 256
+ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"#;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
+
+/// The app's script and log directory for a test.
+fn app_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vigil-autoscale-app-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("logs")).expect("app dir");
+    std::fs::write(dir.join("app.py"), APP).expect("app script");
+    dir
+}
+
+/// The `services:` YAML of the scaled service `api` on `port`, with `scale` as its scale block.
+fn service_yaml(app: &Path, port: u16, scale: &str) -> String {
+    format!(
+        "  - name: api\n    command: [\"{}\", \"{}\", \"{{port}}\", \"{}\"]\n    port: {port}\n    readiness: {{ http: /healthz }}\n    route: /\n    scale: {scale}\n",
+        collector_support::workload::python_executable(),
+        app.join("app.py").display(),
+        app.join("logs").display(),
+    )
+}
+
+fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        .expect("send");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+fn json_body(answer: &str) -> Value {
+    answer.split_once("\r\n\r\n").and_then(|(_, b)| serde_json::from_str(b).ok()).unwrap_or(Value::Null)
+}
+
+fn service(api: SocketAddr) -> Value {
+    json_body(&http(api, "GET", "/api/v1/services/api", ""))
+}
+
+fn count(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or(u64::MAX)
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, at most `timeout`.
+fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(t) = f() {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What the load generator saw.
+#[derive(Debug, Default)]
+struct Report {
+    /// Ids of requests answered, by status.
+    answered: BTreeMap<u16, Vec<String>>,
+    /// Requests that got no HTTP answer (connection refused or cut).
+    unanswered: usize,
+}
+
+/// `clients` closed-loop clients against the trigger at `target`, until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    report: Arc<Mutex<Report>>,
+}
+
+impl Load {
+    fn start(target: Arc<Mutex<SocketAddr>>, clients: usize, tag: &str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let report = Arc::new(Mutex::new(Report::default()));
+        let threads = (0..clients)
+            .map(|c| {
+                let (stop, report, target, tag) =
+                    (stop.clone(), report.clone(), target.clone(), tag.to_string());
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let id = format!("{tag}-{c}-{n}");
+                        let addr = *target.lock().unwrap();
+                        match one_request(addr, &id) {
+                            Some(status) => {
+                                report.lock().unwrap().answered.entry(status).or_default().push(id)
+                            }
+                            None => {
+                                report.lock().unwrap().unanswered += 1;
+                                // Vigil is away (the restart test): try again shortly, not in a hot loop.
+                                std::thread::sleep(Duration::from_millis(100));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { stop, threads, report }
+    }
+
+    fn finish(self) -> Report {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        std::mem::take(&mut *self.report.lock().unwrap())
+    }
+}
+
+/// One GET through the trigger; its status, or `None` without an answer.
+fn one_request(addr: SocketAddr, id: &str) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+    write!(s, "GET /work?id={id} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    std::str::from_utf8(out.get(9..12)?).ok()?.parse().ok()
+}
+
+/// Every id the instances logged, with how often.
+fn logged(app: &Path) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for entry in std::fs::read_dir(app.join("logs")).expect("logs").flatten() {
+        for line in std::fs::read_to_string(entry.path()).unwrap_or_default().lines() {
+            *seen.entry(line.to_string()).or_insert(0) += 1;
+        }
+    }
+    seen
+}
+
+/// The autoscaler's steps in the audit log, oldest first: `(action, instance_id)`.
+fn autoscale_steps(api: SocketAddr) -> Vec<(String, String)> {
+    let answer = json_body(&http(api, "GET", "/api/v1/decisions?limit=500", ""));
+    let mut steps: Vec<(String, String)> = answer["decisions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["rule"] == "autoscale")
+        .map(|d| {
+            (
+                d["action"].as_str().unwrap_or("").to_string(),
+                d["instance_id"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    steps.reverse();
+    steps
+}
+
+#[test]
+fn a_step_of_40_clients_scales_from_zero_and_back_through_the_standby_tier() {
+    let app = app_dir("step");
+    let scale = "{ min: 0, max: 8, target_concurrency: 10, target_utilization: 0.7, standby: 2, stable_window: 6s, panic_window: 2s, scale_down_delay: 3s, zero_grace: 5s }";
+    let stack = Stack::start(Options {
+        tag: "scale-step",
+        services: service_yaml(&app, free_port(), scale),
+        ..Options::default()
+    });
+    let api = stack.api;
+    let s = service(api);
+    assert_eq!((count(&s, "desired"), count(&s, "ready"), count(&s, "stopped")), (0, 0, 8), "{s}");
+
+    // A step from 0 to 40 concurrent clients, for 10 s.
+    let target = Arc::new(Mutex::new(stack.trigger));
+    let load = Load::start(target, 40, "step");
+    let began = Instant::now();
+    let mut peak_desired = 0;
+    let mut peak_ready = 0;
+    while began.elapsed() < Duration::from_secs(10) {
+        let s = service(api);
+        peak_desired = peak_desired.max(count(&s, "desired"));
+        peak_ready = peak_ready.max(count(&s, "ready"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let report = load.finish();
+    let expected = (40.0_f64 / (10.0 * 0.7)).ceil() as u64;
+    assert!(
+        peak_desired.abs_diff(expected) <= 1,
+        "desired peaked at {peak_desired}, expected {expected} ± 1"
+    );
+    assert!(peak_ready.abs_diff(expected) <= 1, "ready peaked at {peak_ready}, expected {expected} ± 1");
+    assert_eq!(report.unanswered, 0, "requests without an answer");
+    let statuses: Vec<u16> = report.answered.keys().copied().collect();
+    assert_eq!(statuses, [200], "every request answered 200: {:?}", report.answered.keys());
+    let answered: HashSet<&String> = report.answered[&200].iter().collect();
+    let seen = logged(&app);
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "requests served more than once: {twice:?}");
+    let seen_ids: HashSet<&String> = seen.keys().collect();
+    assert_eq!(answered, seen_ids, "the answered requests are exactly those the instances served");
+    assert!(answered.len() > 400, "only {} requests in 10 s", answered.len());
+
+    // The load stops: instances go to standby (hibernated, up to 2), the rest stop, then zero.
+    let settled = wait_for(Duration::from_secs(40), "the service at zero", || {
+        let s = service(api);
+        (count(&s, "ready") == 0 && count(&s, "serving") == 0).then_some(s)
+    });
+    assert_eq!((count(&settled, "standby"), count(&settled, "stopped")), (2, 6), "{settled}");
+    let steps = autoscale_steps(api);
+    let hibernated = steps.iter().filter(|(a, _)| a == "hibernate").count();
+    assert_eq!(hibernated, 2, "two instances went to standby: {steps:?}");
+
+    // A new request wakes a standby instance rather than cold-starting one.
+    let before = steps.len();
+    let answer = http(stack.trigger, "GET", "/work?id=after", "");
+    assert!(answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"), "{answer}");
+    // Steps are audited when they end: the last stop may still have been under way at `before`.
+    let after = autoscale_steps(api);
+    let new: Vec<&(String, String)> = after[before..].iter().filter(|(a, _)| a != "stop").collect();
+    assert_eq!(new.len(), 1, "one step for the request: {after:?}");
+    assert_eq!(new[0].0, "wake", "the request woke a standby instance: {after:?}");
+    assert!(answer.ends_with(&new[0].1), "answered by the woken instance {}: {answer}", new[0].1);
+    drop(stack);
+    let _ = std::fs::remove_dir_all(app);
+}
+
+#[test]
+fn a_burst_of_four_times_capacity_panics_within_one_panic_window() {
+    let app = app_dir("panic");
+    let scale = "{ min: 1, max: 8, target_concurrency: 10, target_utilization: 0.7, stable_window: 30s, panic_window: 6s }";
+    let stack = Stack::start(Options {
+        tag: "scale-panic",
+        services: service_yaml(&app, free_port(), scale),
+        ..Options::default()
+    });
+    let api = stack.api;
+    wait_for(Duration::from_secs(20), "one ready instance", || {
+        (count(&service(api), "ready") == 1).then_some(())
+    });
+    assert_eq!(service(api)["mode"], "stable");
+    // Capacity is 1 × 10 × 0.7 = 7 in flight: 28 clients are 4× that.
+    let load = Load::start(Arc::new(Mutex::new(stack.trigger)), 28, "burst");
+    let began = Instant::now();
+    let panicked = wait_for(Duration::from_secs(12), "panic mode", || {
+        let s = service(api);
+        (s["mode"] == "panic").then_some(s)
+    });
+    let took = began.elapsed();
+    let metrics = http(api, "GET", "/metrics", "");
+    let report = load.finish();
+    assert!(
+        took <= Duration::from_secs(6),
+        "panic after {took:?}, more than the 6 s panic window: {panicked}"
+    );
+    assert!(metrics.contains("vigil_autoscaler_panic{service=\"api\"} 1"), "{metrics}");
+    assert!(count(&panicked, "desired") >= 2, "{panicked}");
+    assert_eq!(report.answered.keys().copied().collect::<Vec<_>>(), [200]);
+    drop(stack);
+    let _ = std::fs::remove_dir_all(app);
+}
+
+#[test]
+fn vigil_restarted_under_load_does_not_scale_the_service_down() {
+    let app = app_dir("restart");
+    let port = free_port();
+    let trigger_port = free_port();
+    let trigger = format!("127.0.0.1:{trigger_port}");
+    let scale = "{ min: 0, max: 8, target_concurrency: 10, target_utilization: 0.7, stable_window: 10s, panic_window: 2s, scale_down_delay: 2s }";
+    let options = || Options {
+        tag: "scale-restart",
+        services: service_yaml(&app, port, scale),
+        trigger: &trigger,
+        keep_data: true,
+        ..Options::default()
+    };
+    let stack = Stack::start(options());
+    let api = stack.api;
+    let target = Arc::new(Mutex::new(stack.trigger));
+    // 20 clients want ceil(20 / 7) = 3 instances.
+    let load = Load::start(target.clone(), 20, "restart");
+    wait_for(Duration::from_secs(30), "3 ready instances", || {
+        (count(&service(api), "ready") == 3).then_some(())
+    });
+    let data_dir = stack.data_dir.clone();
+    drop(stack);
+    let saved = std::fs::read_to_string(data_dir.join("autoscale.json")).expect("the saved counts");
+    assert_eq!(serde_json::from_str::<Value>(&saved).ok(), Some(serde_json::json!({"api": 3})), "{saved}");
+
+    // Vigil again on the same data, under the same load: never below 3 for the whole stable window.
+    let stack = Stack::start(options());
+    let api = stack.api;
+    let began = Instant::now();
+    let mut lowest = u64::MAX;
+    while began.elapsed() < Duration::from_secs(12) {
+        lowest = lowest.min(count(&service(api), "desired"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = service(api);
+    let report = load.finish();
+    assert!(lowest >= 3, "the restarted autoscaler went down to {lowest}");
+    assert_eq!(count(&s, "ready"), 3, "{s}");
+    assert!(report.answered.get(&200).is_some_and(|ids| ids.len() > 100), "{:?}", report.answered.keys());
+    drop(stack);
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let _ = std::fs::remove_dir_all(app);
+}
