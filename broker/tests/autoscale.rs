@@ -4,7 +4,8 @@
 //!
 //! Each request carries an id that the instance that served it writes to its own log, so "every request
 //! answered exactly once" is checked against what the instances saw, not only against the answers.
-//! Needs root (`scripts/setup`).
+//! The scaling dashboard is checked against a real Prometheus after the step. Needs root and
+//! /usr/bin/prometheus (`scripts/setup`).
 
 #[path = "../../collector/tests/support/mod.rs"]
 mod collector_support;
@@ -19,6 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use collector_support::dashboard::panel_queries;
+use collector_support::prometheus::{Prometheus, has_samples};
 use serde_json::Value;
 use support::stack::{Options, Stack};
 
@@ -203,7 +206,7 @@ fn autoscale_steps(api: SocketAddr) -> Vec<(String, String)> {
 }
 
 #[test]
-fn a_step_of_40_clients_scales_from_zero_and_back_through_the_standby_tier() {
+fn a_step_of_40_clients_scales_from_zero_and_back_through_the_standby_tier_and_every_panel_has_data() {
     let app = app_dir("step");
     let scale = "{ min: 0, max: 8, target_concurrency: 10, target_utilization: 0.7, standby: 2, stable_window: 6s, panic_window: 2s, scale_down_delay: 3s, zero_grace: 5s }";
     let stack = Stack::start(Options {
@@ -265,6 +268,18 @@ fn a_step_of_40_clients_scales_from_zero_and_back_through_the_standby_tier() {
     assert_eq!(new.len(), 1, "one step for the request: {after:?}");
     assert_eq!(new[0].0, "wake", "the request woke a standby instance: {after:?}");
     assert!(answer.ends_with(&new[0].1), "answered by the woken instance {}: {answer}", new[0].1);
+
+    // Every panel of the scaling dashboard has data in a real Prometheus.
+    let prometheus = Prometheus::start(api).expect("start prometheus");
+    prometheus.wait_until_up(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
+    let dashboard = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards/scaling.json");
+    let queries = panel_queries(&dashboard);
+    assert!(queries.len() >= 6, "the scaling dashboard has only {} queries", queries.len());
+    for (title, expr) in queries {
+        prometheus
+            .wait_for(&expr, Duration::from_secs(60), has_samples)
+            .unwrap_or_else(|e| panic!("panel `{title}`: {e}"));
+    }
     drop(stack);
     let _ = std::fs::remove_dir_all(app);
 }
@@ -292,13 +307,14 @@ fn a_burst_of_four_times_capacity_panics_within_one_panic_window() {
     });
     let took = began.elapsed();
     let metrics = http(api, "GET", "/metrics", "");
-    let report = load.finish();
     assert!(
         took <= Duration::from_secs(6),
         "panic after {took:?}, more than the 6 s panic window: {panicked}"
     );
     assert!(metrics.contains("vigil_autoscaler_panic{service=\"api\"} 1"), "{metrics}");
     assert!(count(&panicked, "desired") >= 2, "{panicked}");
+
+    let report = load.finish();
     assert_eq!(report.answered.keys().copied().collect::<Vec<_>>(), [200]);
     drop(stack);
     let _ = std::fs::remove_dir_all(app);
