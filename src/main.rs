@@ -82,6 +82,13 @@ enum CtlCommand {
     Start { id: String },
     /// Restart an instance now: stop its process, start it again, wait until it is ready.
     Restart { id: String },
+    /// List managed services: desired and ready instances, standby, stopped, concurrency, autoscaler mode.
+    Services,
+    /// Show one service, with the autoscaler's last decision and why.
+    Service { name: String },
+    /// Pin a scaled service at COUNT instances by hand (audited), or give it back to the autoscaler with
+    /// `auto`.
+    Scale { name: String, count: String },
     /// Show an action by the id its request returned (running, or finished with its decision).
     Action { id: u64 },
     /// The latest decisions, newest first.
@@ -100,6 +107,16 @@ enum CtlCommand {
 
 fn ctl_command(api: SocketAddr, token: Option<String>, command: CtlCommand) -> anyhow::Result<()> {
     let client = vigil_healer::client::Client::new(api, token);
+    let mut body = String::new();
+    if let CtlCommand::Scale { count, .. } = &command {
+        body = match count.as_str() {
+            "auto" => r#"{"scale": "auto"}"#.to_string(),
+            n => match n.parse::<u32>() {
+                Ok(n) => format!(r#"{{"instances": {n}}}"#),
+                Err(_) => anyhow::bail!("COUNT must be a number of instances or `auto`, got {n:?}"),
+            },
+        };
+    }
     let (method, path) = match &command {
         CtlCommand::Instances => ("GET", "/api/v1/instances".to_string()),
         CtlCommand::Instance { id } => ("GET", format!("/api/v1/instances/{id}")),
@@ -109,11 +126,14 @@ fn ctl_command(api: SocketAddr, token: Option<String>, command: CtlCommand) -> a
         CtlCommand::Start { id } => ("POST", format!("/api/v1/instances/{id}/start")),
         CtlCommand::Restart { id } => ("POST", format!("/api/v1/instances/{id}/restart")),
         CtlCommand::Action { id } => ("GET", format!("/api/v1/actions/{id}")),
+        CtlCommand::Services => ("GET", "/api/v1/services".to_string()),
+        CtlCommand::Service { name } => ("GET", format!("/api/v1/services/{name}")),
+        CtlCommand::Scale { name, .. } => ("POST", format!("/api/v1/services/{name}/scale")),
         CtlCommand::Decisions { limit } => ("GET", format!("/api/v1/decisions?limit={limit}")),
         CtlCommand::Rules => ("GET", "/api/v1/rules".to_string()),
         CtlCommand::DryRun { mode } => ("POST", format!("/api/v1/dry-run?enabled={}", mode == "on")),
     };
-    let mut answer = client.call(method, &path)?;
+    let mut answer = client.call_with(method, &path, &body)?;
     // An action still running after the API's wait: follow it until it ends.
     if method == "POST"
         && answer["status"] == "running"
@@ -131,7 +151,28 @@ fn ctl_command(api: SocketAddr, token: Option<String>, command: CtlCommand) -> a
             anyhow::bail!("{}: {message}", answer["error"]["code"].as_str().unwrap_or("error"));
         }
     }
-    if let CtlCommand::Instances = command {
+    if let CtlCommand::Services = command {
+        println!(
+            "{:<20} {:>7} {:>6} {:>8} {:>8} {:>12} {:<7} {:<7}",
+            "SERVICE", "DESIRED", "READY", "STANDBY", "STOPPED", "CONCURRENCY", "MODE", "SCALE"
+        );
+        for s in answer.as_array().into_iter().flatten() {
+            let n = |k: &str| s[k].as_u64().map_or("-".to_string(), |v| v.to_string());
+            let concurrency =
+                s["observed_concurrency"].as_f64().map_or("-".to_string(), |c| format!("{c:.2}"));
+            println!(
+                "{:<20} {:>7} {:>6} {:>8} {:>8} {:>12} {:<7} {:<7}",
+                s["name"].as_str().unwrap_or("?"),
+                n("desired"),
+                n("ready"),
+                n("standby"),
+                n("stopped"),
+                concurrency,
+                s["mode"].as_str().unwrap_or("-"),
+                s["scale"].as_str().unwrap_or("-"),
+            );
+        }
+    } else if let CtlCommand::Instances = command {
         println!("{:<28} {:<16} {:<12} {:>8} {:>14}", "ID", "SERVICE", "STATE", "CPU", "MEMORY");
         for i in answer["instances"].as_array().into_iter().flatten() {
             let cpu = i["metrics"]["cpu_cores"].as_f64().unwrap_or(0.0);

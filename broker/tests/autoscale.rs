@@ -15,42 +15,17 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use collector_support::dashboard::panel_queries;
 use collector_support::prometheus::{Prometheus, has_samples};
 use serde_json::Value;
+use support::load::Load;
 use support::stack::{Options, Stack};
 
 /// The service: a threading HTTP server; `/work?id=X` takes 200 ms and logs X to `<logs>/<instance>.log`.
-const APP: &str = r#"
-import os, sys, threading, time
-from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
-port, logs = int(sys.argv[1]), sys.argv[2]
-me = os.environ.get("VIGIL_INSTANCE_ID", "unknown")
-log = open(os.path.join(logs, me + ".log"), "a", buffering=1)
-lock = threading.Lock()
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        if self.path.startswith("/work"):
-            time.sleep(0.2)
-            with lock:
-                log.write(self.path.split("id=", 1)[-1] + "\n")
-        body = me.encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-ThreadingHTTPServer.daemon_threads = True
-ThreadingHTTPServer.request_queue_size = 256
-ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
-"#;
+const APP: &str = include_str!("support/scale_app.py");
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
@@ -107,72 +82,6 @@ fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) 
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// What the load generator saw.
-#[derive(Debug, Default)]
-struct Report {
-    /// Ids of requests answered, by status.
-    answered: BTreeMap<u16, Vec<String>>,
-    /// Requests that got no HTTP answer (connection refused or cut).
-    unanswered: usize,
-}
-
-/// `clients` closed-loop clients against the trigger at `target`, until stopped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-    report: Arc<Mutex<Report>>,
-}
-
-impl Load {
-    fn start(target: Arc<Mutex<SocketAddr>>, clients: usize, tag: &str) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let report = Arc::new(Mutex::new(Report::default()));
-        let threads = (0..clients)
-            .map(|c| {
-                let (stop, report, target, tag) =
-                    (stop.clone(), report.clone(), target.clone(), tag.to_string());
-                std::thread::spawn(move || {
-                    let mut n = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        n += 1;
-                        let id = format!("{tag}-{c}-{n}");
-                        let addr = *target.lock().unwrap();
-                        match one_request(addr, &id) {
-                            Some(status) => {
-                                report.lock().unwrap().answered.entry(status).or_default().push(id)
-                            }
-                            None => {
-                                report.lock().unwrap().unanswered += 1;
-                                // Vigil is away (the restart test): try again shortly, not in a hot loop.
-                                std::thread::sleep(Duration::from_millis(100));
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load { stop, threads, report }
-    }
-
-    fn finish(self) -> Report {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            let _ = t.join();
-        }
-        std::mem::take(&mut *self.report.lock().unwrap())
-    }
-}
-
-/// One GET through the trigger; its status, or `None` without an answer.
-fn one_request(addr: SocketAddr, id: &str) -> Option<u16> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
-    write!(s, "GET /work?id={id} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).ok()?;
-    std::str::from_utf8(out.get(9..12)?).ok()?.parse().ok()
 }
 
 /// Every id the instances logged, with how often.

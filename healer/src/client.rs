@@ -34,15 +34,22 @@ impl Client {
 
     /// `method path` and the JSON answer; API errors come back as [`ClientError::Api`].
     pub fn call(&self, method: &str, path: &str) -> Result<Value, ClientError> {
+        self.call_with(method, path, "")
+    }
+
+    /// [`Client::call`] with a JSON `body`.
+    pub fn call_with(&self, method: &str, path: &str, body: &str) -> Result<Value, ClientError> {
         let addr = self.addr;
         let io = |source| ClientError::Io { addr, source };
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .map_err(|source| ClientError::Connect { addr, source })?;
         s.set_read_timeout(Some(self.timeout)).map_err(io)?;
         let auth = self.token.as_ref().map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        let length = body.len();
+        let kind = if body.is_empty() { "" } else { "Content-Type: application/json\r\n" };
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}{kind}Content-Length: {length}\r\nConnection: close\r\n\r\n{body}"
         )
         .map_err(io)?;
         let mut raw = Vec::new();

@@ -15,6 +15,7 @@ use vigil_broker::config::BrokerFile;
 use vigil_broker::rsocket::frame::{Body, Frame, FrameCodec, Payload, Setup};
 use vigil_broker::rsocket::metadata::mime;
 
+pub mod load;
 pub mod stack;
 
 pub fn interop_dir() -> PathBuf {
