@@ -22,12 +22,11 @@ use rustix::process::{Pid, Signal, kill_process};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::autoscale::tiers::Member;
 use crate::cgroup::{CgroupDriver, CgroupDriverError, InstanceCgroup};
 use crate::engine::{BoxFuture, Started};
 use crate::instance::{Board, Command, Context, Finished, InstanceTask};
 pub use crate::instance::{Hook, PORT_PLACEHOLDER, StandbyRecord, parse_http_status, substitute_port};
-use crate::lifecycle::{Answer, Request};
+use crate::lifecycle::{Answer, Goal, Request};
 use crate::metrics::StandbyMetrics;
 use crate::rules::{Action, InstanceState};
 pub use crate::service::{DEFAULT_VERSION, InvalidService, Readiness, ServiceSpec, StartPolicy};
@@ -83,6 +82,23 @@ pub struct InstanceInfo {
     pub last_failure: Option<String>,
     /// What the last hibernation and wake did.
     pub standby: Option<StandbyRecord>,
+}
+
+/// One managed instance as its task last published it, with its place in its service: what the
+/// autoscaler plans with (`crate::autoscale::tiers`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Member {
+    pub id: String,
+    /// Its index in the service (`api-3` is 3): ids stay stable, lower ones are used first.
+    pub index: u32,
+    pub port: u16,
+    pub state: InstanceState,
+    pub goal: Goal,
+    /// An operation is under way: it takes no request now.
+    pub busy: bool,
+    /// It has run before (a stopped instance that ran is preferred to one that never did: its files
+    /// and caches are warm).
+    pub ran: bool,
 }
 
 /// How the supervisor runs instances: the standby's memory operations and policy, stop grace, readiness

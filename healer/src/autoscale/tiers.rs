@@ -7,22 +7,7 @@
 
 use crate::lifecycle::Goal;
 use crate::rules::{Action, InstanceState};
-
-/// One instance of a scaled service, as its task last published it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Member {
-    pub id: String,
-    /// Its index in the service (`api-3` is 3): ids stay stable, lower ones are used first.
-    pub index: u32,
-    pub port: u16,
-    pub state: InstanceState,
-    pub goal: Goal,
-    /// An operation is under way: it takes no request now.
-    pub busy: bool,
-    /// It has run before (a stopped instance that ran is preferred to one that never did: its files
-    /// and caches are warm).
-    pub ran: bool,
-}
+pub use crate::supervisor::Member;
 
 /// The instances of a service by tier.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
