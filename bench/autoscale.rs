@@ -22,7 +22,7 @@ mod load;
 mod stack;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -36,10 +36,6 @@ const APP: &str = include_str!("../broker/tests/support/scale_app.py");
 
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn app_dir(tag: &str) -> Result<PathBuf> {
@@ -115,7 +111,7 @@ fn from_zero() -> Result<f64> {
     let scale = "{ min: 0, max: 2, standby: 0, stable_window: 2s, panic_window: 1s, scale_down_delay: 1s, zero_grace: 1s }";
     let stack = Stack::start(Options {
         tag: "bench-zero",
-        services: services(&app, free_port()?, scale, 0),
+        services: services(&app, stack::free_ports(8), scale, 0),
         ..Options::default()
     });
     let mut latencies = Vec::new();
@@ -143,7 +139,7 @@ fn from_tick() -> Result<f64> {
     let scale = "{ min: 1, max: 8, standby: 0, stable_window: 3s, panic_window: 1s, scale_down_delay: 1s }";
     let stack = Stack::start(Options {
         tag: "bench-tick",
-        services: services(&app, free_port()?, scale, 0),
+        services: services(&app, stack::free_ports(8), scale, 0),
         ..Options::default()
     });
     let mut latencies = Vec::new();
@@ -175,7 +171,7 @@ fn step(tag: &str, standby: u32, cold_start_s: u64) -> Result<(Duration, Duratio
     );
     let stack = Stack::start(Options {
         tag: &format!("bench-{tag}"),
-        services: services(&app, free_port()?, &scale, cold_start_s),
+        services: services(&app, stack::free_ports(8), &scale, cold_start_s),
         ..Options::default()
     });
     let api = stack.api;

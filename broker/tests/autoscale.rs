@@ -13,7 +13,7 @@ mod support;
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,14 +22,10 @@ use collector_support::dashboard::panel_queries;
 use collector_support::prometheus::{Prometheus, has_samples};
 use serde_json::Value;
 use support::load::Load;
-use support::stack::{Options, Stack};
+use support::stack::{Options, Stack, free_ports};
 
 /// The service: a threading HTTP server; `/work?id=X` takes 200 ms and logs X to `<logs>/<instance>.log`.
 const APP: &str = include_str!("support/scale_app.py");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
-}
 
 /// The app's script and log directory for a test.
 fn app_dir(tag: &str) -> PathBuf {
@@ -120,7 +116,7 @@ fn a_step_of_40_clients_scales_from_zero_and_back_through_the_standby_tier_and_e
     let scale = "{ min: 0, max: 8, target_concurrency: 10, target_utilization: 0.7, standby: 2, stable_window: 6s, panic_window: 2s, scale_down_delay: 3s, zero_grace: 5s }";
     let stack = Stack::start(Options {
         tag: "scale-step",
-        services: service_yaml(&app, free_port(), scale),
+        services: service_yaml(&app, free_ports(8), scale),
         ..Options::default()
     });
     let api = stack.api;
@@ -199,7 +195,7 @@ fn a_burst_of_four_times_capacity_panics_within_one_panic_window() {
     let scale = "{ min: 1, max: 8, target_concurrency: 10, target_utilization: 0.7, stable_window: 30s, panic_window: 6s }";
     let stack = Stack::start(Options {
         tag: "scale-panic",
-        services: service_yaml(&app, free_port(), scale),
+        services: service_yaml(&app, free_ports(8), scale),
         ..Options::default()
     });
     let api = stack.api;
@@ -232,8 +228,9 @@ fn a_burst_of_four_times_capacity_panics_within_one_panic_window() {
 #[test]
 fn vigil_restarted_under_load_does_not_scale_the_service_down() {
     let app = app_dir("restart");
-    let port = free_port();
-    let trigger_port = free_port();
+    // Eight instance ports and the trigger's, all bound again after the restart.
+    let port = free_ports(9);
+    let trigger_port = port + 8;
     let trigger = format!("127.0.0.1:{trigger_port}");
     let scale = "{ min: 0, max: 8, target_concurrency: 10, target_utilization: 0.7, stable_window: 10s, panic_window: 2s, scale_down_delay: 2s }";
     let options = || Options {

@@ -149,3 +149,26 @@ impl Drop for Stack {
         }
     }
 }
+
+/// The first of `n` consecutive loopback ports that are free now, below the kernel's ephemeral range (so that
+/// no client connection takes one of them while a service is stopped: an autoscaled service binds its
+/// instance ports again and again).
+pub fn free_ports(n: u16) -> u16 {
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let start = 10_000 + (std::process::id() % 10_000) as u16;
+    let mut base = start;
+    loop {
+        let free = (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        if free {
+            return base;
+        }
+        base += n;
+        if base + n >= ephemeral_low {
+            base = 10_000;
+        }
+        assert!(base != start, "no {n} consecutive free ports below {ephemeral_low}");
+    }
+}

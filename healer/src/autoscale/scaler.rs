@@ -1,4 +1,4 @@
-//! The autoscaler at run time. Once a tick, and at once when a request is held for a service with no
+//! The autoscaler at run time. Four times a collector tick, and at once when a request is held for a service with no
 //! ready instance (a poke), it measures each scaled service's concurrency (the broker's time averages,
 //! and connections that bypass the broker), lets the service's [`Decider`] pick the desired count, and
 //! sends the steps the [`tiers`](super::tiers) planner derives through the safety gate, audited as rule
@@ -33,6 +33,9 @@ use crate::supervisor::Supervisor;
 pub const AUTOSCALE_RULE: &str = "autoscale";
 /// The file, in the data directory, that keeps each scaled service's desired count across restarts.
 pub const STATE_FILE: &str = "autoscale.json";
+/// Decisions per collector tick: a step in load is acted on within a quarter of a tick (250 ms by default),
+/// not a whole one. Samples carry their span, so the windows weigh them right.
+pub const DECISIONS_PER_TICK: u32 = 4;
 /// An unchanged plan whose steps the gate refused (rate limit) is submitted again after this long,
 /// not on every tick, so that the audit log does not fill with the same refusal.
 const RESUBMIT_AFTER: Duration = Duration::from_secs(5);
@@ -303,14 +306,15 @@ impl Scaler {
         let _ = self.inner.pokes.send(routed.to_string());
     }
 
-    /// Decides once a `tick`, and on every poke, until `stop` changes.
+    /// Decides [`DECISIONS_PER_TICK`] times a collector `tick`, and on every poke, until `stop` changes.
     pub async fn run(
         self,
         tick: Duration,
         mut pokes: mpsc::UnboundedReceiver<String>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let mut ticks = tokio::time::interval(tick);
+        let every = (tick / DECISIONS_PER_TICK).max(Duration::from_millis(50));
+        let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let (names, trigger): (Vec<String>, Trigger) = tokio::select! {

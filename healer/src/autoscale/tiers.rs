@@ -54,13 +54,7 @@ pub fn plan(members: &[Member], desired: u32, standby_room: u32) -> Vec<Step> {
     let idle = |m: &&Member| !m.busy;
     if desired > t.serving {
         let mut need = (desired - t.serving) as usize;
-        let mut standby: Vec<&Member> = members
-            .iter()
-            .filter(idle)
-            .filter(|m| m.goal == Goal::Standby && m.state == InstanceState::Hibernated)
-            .collect();
-        standby.sort_by_key(|m| m.index);
-        for m in standby.into_iter().take(need) {
+        for m in hibernated(members).into_iter().take(need) {
             steps.push(step(Action::Wake, m));
             need -= 1;
         }
@@ -89,16 +83,20 @@ pub fn plan(members: &[Member], desired: u32, standby_room: u32) -> Vec<Step> {
     }
     // At the desired count: a standby tier beyond its room (the room shrank) gives up its highest.
     if t.standby > standby_room {
-        let mut standby: Vec<&Member> = members
-            .iter()
-            .filter(idle)
-            .filter(|m| m.goal == Goal::Standby && m.state == InstanceState::Hibernated)
-            .collect();
-        standby.sort_by_key(|m| std::cmp::Reverse(m.index));
         let extra = (t.standby - standby_room) as usize;
-        steps.extend(standby.into_iter().take(extra).map(|m| step(Action::Stop, m)));
+        steps.extend(hibernated(members).into_iter().rev().take(extra).map(|m| step(Action::Stop, m)));
     }
     steps
+}
+
+/// The standby tier's idle members, lowest index first.
+fn hibernated(members: &[Member]) -> Vec<&Member> {
+    let mut standby: Vec<&Member> = members
+        .iter()
+        .filter(|m| !m.busy && m.goal == Goal::Standby && m.state == InstanceState::Hibernated)
+        .collect();
+    standby.sort_by_key(|m| m.index);
+    standby
 }
 
 #[cfg(test)]
