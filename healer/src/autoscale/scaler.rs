@@ -372,17 +372,15 @@ impl Scaler {
                 "standby": t.standby,
                 "why": decision.why,
             });
-            if changed || state.last.is_none() || trigger != Trigger::Tick {
-                state.last = Some(LastDecision {
-                    unix_ms: unix_ms(),
-                    trigger,
-                    desired,
-                    mode: decision.mode,
-                    observed_concurrency: sample.concurrency,
-                    why: decision.why.to_string(),
-                    inputs: inputs.clone(),
-                });
-            }
+            state.last = Some(LastDecision {
+                unix_ms: unix_ms(),
+                trigger,
+                desired,
+                mode: decision.mode,
+                observed_concurrency: sample.concurrency,
+                why: decision.why.to_string(),
+                inputs: inputs.clone(),
+            });
             let steps = plan(&members, desired, state.service.policy.standby);
             let repeat = state
                 .submitted
