@@ -250,22 +250,29 @@ fn vigil_restarted_under_load_does_not_scale_the_service_down() {
     });
     let data_dir = stack.data_dir.clone();
     drop(stack);
+    // The count under load, saved (at least the 3 ready; a burst may have asked for one more that the
+    // scale-down delay still holds).
     let saved = std::fs::read_to_string(data_dir.join("autoscale.json")).expect("the saved counts");
-    assert_eq!(serde_json::from_str::<Value>(&saved).ok(), Some(serde_json::json!({"api": 3})), "{saved}");
+    let saved = serde_json::from_str::<Value>(&saved).ok().and_then(|v| v["api"].as_u64()).unwrap_or(0);
+    assert!((3..=4).contains(&saved), "saved count {saved}");
 
-    // Vigil again on the same data, under the same load: never below 3 for the whole stable window.
+    // Vigil again on the same data, under the same load: never below the saved count while the stable
+    // window (10 s from the start) fills.
     let stack = Stack::start(options());
     let api = stack.api;
     let began = Instant::now();
     let mut lowest = u64::MAX;
-    while began.elapsed() < Duration::from_secs(12) {
+    while began.elapsed() < Duration::from_secs(9) {
         lowest = lowest.min(count(&service(api), "desired"));
         std::thread::sleep(Duration::from_millis(100));
     }
-    let s = service(api);
+    let ready = wait_for(Duration::from_secs(20), "3 or more ready", || {
+        let s = service(api);
+        (count(&s, "ready") >= 3).then_some(count(&s, "ready"))
+    });
     let report = load.finish();
-    assert!(lowest >= 3, "the restarted autoscaler went down to {lowest}");
-    assert_eq!(count(&s, "ready"), 3, "{s}");
+    assert!(lowest >= saved, "the restarted autoscaler went down to {lowest}, below the saved {saved}");
+    assert!(ready >= 3, "{ready} ready");
     assert!(report.answered.get(&200).is_some_and(|ids| ids.len() > 100), "{:?}", report.answered.keys());
     drop(stack);
     let _ = std::fs::remove_dir_all(&data_dir);

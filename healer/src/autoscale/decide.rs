@@ -104,6 +104,10 @@ pub struct Why {
     pub stable_wants: u32,
     /// Instances the panic average asks for, before any limit.
     pub panic_wants: u32,
+    /// Mean concurrency over the newest sample's interval.
+    pub newest_concurrency: f64,
+    /// Instances the newest interval asks for (followed in panic), before any limit.
+    pub newest_wants: u32,
     /// Instances ready and serving when the decision was taken.
     pub ready: u32,
     /// Requests held waiting for an instance, per the newest sample.
@@ -277,6 +281,12 @@ impl Decider {
         let (panic_concurrency, _) = self.mean_concurrency(now, policy.panic_window);
         let stable_wants = ceil_count(stable_concurrency / target);
         let panic_wants = ceil_count(panic_concurrency / target);
+        // What the newest interval alone asks for. In panic the count follows it, not only the panic
+        // window's average, which fills over the whole window after a step: panic already means "more, now",
+        // only scales up and is held by the scale-down delay, so reacting to the newest interval costs at
+        // most a short over-provision (cheap with a standby tier) and saves the window's ramp.
+        let newest_concurrency = self.newest.map_or(0.0, |sample| sample.concurrency);
+        let newest_wants = ceil_count(newest_concurrency / target);
         let readyish = f64::from(ready.max(1));
         let up_limit = ceil_count(policy.max_scale_up_rate * readyish).max(self.last_desired);
         let down_limit = floor_count(readyish / policy.max_scale_down_rate).min(self.last_desired);
@@ -294,7 +304,11 @@ impl Decider {
             shaped_by.push(Shaping::NoData { kept: self.last_desired });
             self.last_desired
         } else {
-            let asked = if self.panic.is_some() { stable_wants.max(panic_wants) } else { stable_wants };
+            let asked = if self.panic.is_some() {
+                stable_wants.max(panic_wants).max(newest_wants)
+            } else {
+                stable_wants
+            };
             if asked > up_limit {
                 shaped_by.push(Shaping::RateLimited { wanted: asked, allowed: up_limit });
             }
@@ -380,6 +394,8 @@ impl Decider {
                 per_instance_target: target,
                 stable_wants,
                 panic_wants,
+                newest_concurrency,
+                newest_wants,
                 ready,
                 held,
                 shaped_by,
@@ -453,11 +469,13 @@ impl fmt::Display for Why {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "stable {:.2} wants {}, panic {:.2} wants {} (target {:.2} per instance); ready {}, held {}",
+            "stable {:.2} wants {}, panic {:.2} wants {}, newest {:.2} wants {} (target {:.2} per instance); ready {}, held {}",
             self.stable_concurrency,
             self.stable_wants,
             self.panic_concurrency,
             self.panic_wants,
+            self.newest_concurrency,
+            self.newest_wants,
             self.per_instance_target,
             self.ready,
             self.held
@@ -781,13 +799,43 @@ mod tests {
     }
 
     #[test]
+    fn in_panic_a_step_is_followed_at_once_not_as_the_panic_window_fills() {
+        // One instance, quiet for a stable window; then 40 in flight, in quarter-second samples.
+        let policy =
+            ScalePolicy { min: 1, stable_window: secs(10), panic_window: secs(2), ..ScalePolicy::default() };
+        let mut sim = Sim::new(policy, 1, 0);
+        sim.fixed_ready = Some(1);
+        let quarter = Duration::from_millis(250);
+        let mut desired = Vec::new();
+        for _ in 0..40 {
+            let d = sim.tick_with(Sample {
+                end: sim.now + quarter,
+                span: quarter,
+                concurrency: 0.0,
+                arrivals: 0,
+                held: 0,
+            });
+            assert_eq!(d.desired, 1);
+        }
+        for _ in 0..4 {
+            let sample =
+                Sample { end: sim.now + quarter, span: quarter, concurrency: 40.0, arrivals: 40, held: 0 };
+            let d = sim.tick_with(sample);
+            desired.push((d.desired, d.mode));
+        }
+        // The panic window's average crosses 2 × capacity (14) after 0.75 s: from then the count is the
+        // newest interval's ceil(40 / 7) = 6, not the average's 3, 4, 5 on the way.
+        assert_eq!(desired, [(1, Mode::Stable), (1, Mode::Stable), (6, Mode::Panic), (6, Mode::Panic)],);
+    }
+
+    #[test]
     fn why_reads_as_one_line_and_serializes_in_snake_case() {
         let mut sim = Sim::new(ScalePolicy::default(), 0, 0);
         let decision = sim.tick(40.0);
         assert_eq!(
             decision.why.to_string(),
-            "stable 40.00 wants 6, panic 40.00 wants 6 (target 7.00 per instance); ready 0, held 0; \
-             no limit applied"
+            "stable 40.00 wants 6, panic 40.00 wants 6, newest 40.00 wants 6 (target 7.00 per instance); \
+             ready 0, held 0; no limit applied"
         );
         let delayed = Why {
             shaped_by: vec![Shaping::ScaleDownDelayed { from: 6, to: 2 }, Shaping::Min { min: 3 }],
