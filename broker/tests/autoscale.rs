@@ -250,11 +250,11 @@ fn vigil_restarted_under_load_does_not_scale_the_service_down() {
     });
     let data_dir = stack.data_dir.clone();
     drop(stack);
-    // The count under load, saved (at least the 3 ready; a burst may have asked for one more that the
-    // scale-down delay still holds).
+    // The count under load, saved: at least the 3 ready (the burst from zero panics, and a panic's peak is
+    // held for a stable window, so it may be more).
     let saved = std::fs::read_to_string(data_dir.join("autoscale.json")).expect("the saved counts");
     let saved = serde_json::from_str::<Value>(&saved).ok().and_then(|v| v["api"].as_u64()).unwrap_or(0);
-    assert!((3..=4).contains(&saved), "saved count {saved}");
+    assert!(saved >= 3, "saved count {saved}");
 
     // Vigil again on the same data, under the same load: never below the saved count while the stable
     // window (10 s from the start) fills.

@@ -91,12 +91,15 @@ pub fn foreign_connections(ends: &[End], own: &HashSet<u64>, ports: &[u16]) -> H
 
 /// [`foreign_connections`] on the host's tables now.
 pub fn foreign_connections_now(ports: &[u16]) -> HashMap<u16, usize> {
+    // Our sockets before and after the table is read: one closed or opened meanwhile is still ours.
+    let mut own = own_socket_inodes();
     let ends: Vec<End> = ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
         .filter_map(|f| std::fs::read_to_string(f).ok())
         .flat_map(|text| self::ends(&text))
         .collect();
-    foreign_connections(&ends, &own_socket_inodes(), ports)
+    own.extend(own_socket_inodes());
+    foreign_connections(&ends, &own, ports)
 }
 
 #[cfg(test)]
