@@ -66,6 +66,11 @@ pub fn plan(members: &[Member], desired: u32, standby_room: u32) -> Vec<Step> {
     }
     let mut room = standby_room.saturating_sub(t.standby);
     if desired < t.serving {
+        // Wait for instances on their way to serving (starting, waking) to get there: taking a ready one
+        // out now could leave none ready in between.
+        if members.iter().any(|m| m.goal == Goal::Serve && m.busy) {
+            return steps;
+        }
         // Leave the highest indexes first; an instance that is not ready (crashed, waiting out its
         // backoff) goes before one that serves.
         let mut serving: Vec<&Member> =
@@ -167,6 +172,14 @@ mod tests {
         let members = fleet(&[S::Active]);
         assert_eq!(plan(&members, 0, 2), [st(Action::Hibernate, "api-0")]);
         assert_eq!(plan(&members, 0, 0), [st(Action::Stop, "api-0")]);
+    }
+
+    #[test]
+    fn no_ready_instance_leaves_while_another_is_still_starting() {
+        let members = fleet(&[S::Active, S::Starting]);
+        assert!(plan(&members, 1, 2).is_empty(), "wait for api-1 to be ready first");
+        let members = fleet(&[S::Active, S::Active]);
+        assert_eq!(plan(&members, 1, 2), [st(Action::Hibernate, "api-1")]);
     }
 
     #[test]
