@@ -37,7 +37,8 @@ pub const STATE_FILE: &str = "autoscale.json";
 /// not a whole one. Samples carry their span, so the windows weigh them right.
 pub const DECISIONS_PER_TICK: u32 = 4;
 /// An unchanged plan whose steps the gate refused (rate limit) is submitted again after this long,
-/// not on every tick, so that the audit log does not fill with the same refusal.
+/// not on every tick, so that the audit log does not fill with the same refusal. In dry-run an unchanged
+/// plan is not submitted again at all.
 const RESUBMIT_AFTER: Duration = Duration::from_secs(5);
 
 /// A service the autoscaler sizes.
@@ -349,6 +350,8 @@ impl Scaler {
         };
         let load = self.inner.load.get().map(|l| l.take(&routed)).unwrap_or_default();
         let now = self.now();
+        // In dry-run nothing changes, so the same plan comes back every decision: audit it once.
+        let dry_run = self.inner.actions.engine().dry_run();
         let (steps, inputs, changed) = {
             let mut states = self.states();
             let Some(state) = states.get_mut(name) else { return };
@@ -385,7 +388,7 @@ impl Scaler {
             let repeat = state
                 .submitted
                 .as_ref()
-                .is_some_and(|(last, at)| *last == steps && at.elapsed() < RESUBMIT_AFTER);
+                .is_some_and(|(last, at)| *last == steps && (dry_run || at.elapsed() < RESUBMIT_AFTER));
             if steps.is_empty() || repeat {
                 state.submitted = if steps.is_empty() { None } else { state.submitted.take() };
                 (Vec::new(), inputs, changed)
