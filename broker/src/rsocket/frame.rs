@@ -940,7 +940,9 @@ pub(crate) mod tests {
             for chunk in chunks {
                 buf.extend_from_slice(&chunk);
                 while let Ok(Some(_)) = codec.decode(&mut buf) {}
-                prop_assert!(buf.capacity() <= 3 + 100 + 64 * 10 + 64);
+                // Bounded by what the stream held and the largest frame allowed, up to BytesMut's growth by
+                // doubling: never by a length prefix beyond `max`.
+                prop_assert!(buf.capacity() <= 2 * (3 + 100 + 64 * 10 + 64), "capacity {}", buf.capacity());
             }
         }
 
