@@ -206,9 +206,17 @@ fn a_burst_of_four_times_capacity_panics_within_one_panic_window() {
     // Capacity is 1 × 10 × 0.7 = 7 in flight: 28 clients are 4× that.
     let load = Load::start(Arc::new(Mutex::new(stack.trigger)), 28, "burst");
     let began = Instant::now();
-    let panicked = wait_for(Duration::from_secs(12), "panic mode", || {
+    let mut last = Value::Null;
+    let panicked = wait_for(Duration::from_secs(20), "panic mode", || {
         let s = service(api);
-        (s["mode"] == "panic").then_some(s)
+        if s["mode"] == "panic" {
+            return Some(s);
+        }
+        if last["last_decision"]["why"] != s["last_decision"]["why"] {
+            eprintln!("{:?}: {}", began.elapsed(), s["last_decision"]["why"]);
+        }
+        last = s;
+        None
     });
     let took = began.elapsed();
     let metrics = http(api, "GET", "/metrics", "");
