@@ -5,31 +5,37 @@
 
 use std::collections::{HashMap, HashSet};
 
+/// The local address, remote address and inode fields of each ESTABLISHED line of a `/proc/net/tcp` text.
+fn established_lines(text: &str) -> impl Iterator<Item = (&str, &str, &str)> {
+    text.lines().skip(1).filter_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.get(3) != Some(&"01") {
+            return None;
+        }
+        Some((*f.get(1)?, *f.get(2)?, *f.get(9)?))
+    })
+}
+
+/// The port of a `/proc/net/tcp` address (`0100007F:46A0`).
+fn port_of(address: &str) -> Option<u16> {
+    u16::from_str_radix(address.rsplit(':').next()?, 16).ok()
+}
+
+/// The texts of `/proc/net/tcp` and `/proc/net/tcp6` now (a missing one is left out).
+fn tables_now() -> Vec<String> {
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().filter_map(|f| std::fs::read_to_string(f).ok()).collect()
+}
+
 /// `(local port, remote address:port)` of every ESTABLISHED connection in a `/proc/net/tcp` text.
 pub fn established(text: &str) -> Vec<(u16, String)> {
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let local = f.nth(1)?;
-            let remote = f.next()?;
-            let state = f.next()?;
-            if state != "01" {
-                return None;
-            }
-            let port = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
-            Some((port, remote.to_string()))
-        })
+    established_lines(text)
+        .filter_map(|(local, remote, _)| Some((port_of(local)?, remote.to_string())))
         .collect()
 }
 
 /// Every ESTABLISHED IPv4 and IPv6 connection on the host now.
 pub fn established_now() -> Vec<(u16, String)> {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(f).ok())
-        .flat_map(|text| established(&text))
-        .collect()
+    tables_now().iter().flat_map(|text| established(text)).collect()
 }
 
 /// Established connections to local `port` now.
@@ -47,18 +53,12 @@ pub struct End {
 
 /// Every ESTABLISHED connection end in a `/proc/net/tcp` text.
 pub fn ends(text: &str) -> Vec<End> {
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            if f.get(3) != Some(&"01") {
-                return None;
-            }
-            let port = |field: &str| u16::from_str_radix(field.rsplit(':').next()?, 16).ok();
+    established_lines(text)
+        .filter_map(|(local, remote, inode)| {
             Some(End {
-                local_port: port(f.get(1)?)?,
-                remote_port: port(f.get(2)?)?,
-                inode: f.get(9)?.parse().ok()?,
+                local_port: port_of(local)?,
+                remote_port: port_of(remote)?,
+                inode: inode.parse().ok()?,
             })
         })
         .collect()
@@ -93,11 +93,7 @@ pub fn foreign_connections(ends: &[End], own: &HashSet<u64>, ports: &[u16]) -> H
 pub fn foreign_connections_now(ports: &[u16]) -> HashMap<u16, usize> {
     // Our sockets before and after the table is read: one closed or opened meanwhile is still ours.
     let mut own = own_socket_inodes();
-    let ends: Vec<End> = ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(f).ok())
-        .flat_map(|text| self::ends(&text))
-        .collect();
+    let ends: Vec<End> = tables_now().iter().flat_map(|text| self::ends(text)).collect();
     own.extend(own_socket_inodes());
     foreign_connections(&ends, &own, ports)
 }
