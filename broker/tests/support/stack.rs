@@ -158,17 +158,12 @@ pub fn free_ports(n: u16) -> u16 {
         .ok()
         .and_then(|t| t.split_whitespace().next()?.parse().ok())
         .unwrap_or(32768);
-    let start = 10_000 + (std::process::id() % 10_000) as u16;
-    let mut base = start;
-    loop {
-        let free = (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
-        if free {
-            return base;
-        }
-        base += n;
-        if base + n >= ephemeral_low {
-            base = 10_000;
-        }
-        assert!(base != start, "no {n} consecutive free ports below {ephemeral_low}");
-    }
+    // Each candidate block once, starting at one that depends on the process (tests run in parallel
+    // processes), wrapping around below the ephemeral range.
+    let blocks = (ephemeral_low.saturating_sub(10_000) / n.max(1)).max(1);
+    let first = (std::process::id() % u32::from(blocks)) as u16;
+    (0..blocks)
+        .map(|i| 10_000 + ((first + i) % blocks) * n)
+        .find(|&base| (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()))
+        .unwrap_or_else(|| panic!("no {n} consecutive free ports below {ephemeral_low}"))
 }
