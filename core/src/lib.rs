@@ -4,15 +4,17 @@
 //! [`VigilConfig`] with every section, validated as a whole so a person sees every mistake at once as
 //! `file:line:column: key.path: message` (`config`, `issue`). The components build their own settings from
 //! it. The per-tick snapshot model the collector produces and the healer and broker read lives here too
-//! (`snapshot`), so those crates need not depend on the collector.
+//! (`snapshot`), so those crates need not depend on the collector. RFC 3339 timestamps, as Alertmanager and
+//! Prometheus write them, are read and written by `time`.
 //!
-//! Layers, bottom up: `issue`; `yaml`; `values`; `scale`; `service`; `config`. `snapshot` stands alone.
+//! Layers, bottom up: `issue`; `yaml`; `values`; `scale`; `service`; `config`. `snapshot` and `time` stand alone.
 
 pub mod config;
 pub mod issue;
 pub mod scale;
 pub mod service;
 pub mod snapshot;
+pub mod time;
 pub mod values;
 pub mod yaml;
 

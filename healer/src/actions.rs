@@ -107,6 +107,7 @@ impl Actions {
             at: self.now(),
             held_for: Duration::ZERO,
             inputs: None,
+            notify: Arc::default(),
         }
     }
 

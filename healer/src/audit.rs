@@ -2,6 +2,7 @@
 //! data directory, so the record survives restarts and crashes (redb commits are atomic).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
@@ -23,7 +24,7 @@ pub enum AuditError {
 
 /// An append-only log of JSON records numbered from 1.
 pub struct AuditLog {
-    db: Database,
+    db: Arc<Database>,
     path: PathBuf,
 }
 
@@ -35,7 +36,13 @@ impl AuditLog {
         let path = data_dir.join("audit.redb");
         let db = Database::create(&path)
             .map_err(|source| AuditError::Open { path: path.clone(), source: Box::new(source) })?;
-        Ok(AuditLog { db, path })
+        Ok(AuditLog { db: Arc::new(db), path })
+    }
+
+    /// The database the log is kept in: the healer's redb state, where other durable tables (incoming
+    /// alerts, the notification outbox) live beside it. redb allows one handle per file.
+    pub fn database(&self) -> Arc<Database> {
+        self.db.clone()
     }
 
     fn store_err(&self, e: impl Into<redb::Error>) -> AuditError {

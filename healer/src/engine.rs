@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Serialize;
 use vigil_core::snapshot::Snapshot;
 
-use crate::rules::{Action, Evaluator, ProposedAction, Signals};
+use crate::rules::{Action, Ended, Evaluator, ProposedAction, Signals};
 
 /// The `rule` of decisions asked for by hand.
 pub const MANUAL_RULE: &str = "manual";
@@ -143,11 +143,27 @@ impl Gate {
 pub struct Engine {
     evaluator: Evaluator,
     gate: Gate,
+    /// `notify` alerts that ended when their rule was removed by a reload.
+    ended: Vec<Ended>,
 }
 
 impl Engine {
     pub fn new(evaluator: Evaluator, gate: Gate) -> Self {
-        Self { evaluator, gate }
+        Self { evaluator, gate, ended: Vec::new() }
+    }
+
+    /// The `notify` alerts that resolved since the last call (conditions no longer holding, instance
+    /// gone, rule removed).
+    pub fn take_ended(&mut self) -> Vec<Ended> {
+        let mut out = std::mem::take(&mut self.ended);
+        out.extend(self.evaluator.take_ended());
+        out
+    }
+
+    /// Carries `notify` alerts that fired before (in an earlier run) into the evaluator.
+    pub fn seed_firing(&mut self, firing: Vec<Ended>) {
+        let gone = self.evaluator.seed_firing(firing);
+        self.ended.extend(gone);
     }
 
     /// One tick: the rules' proposals at monotonic time `at`.
@@ -165,6 +181,11 @@ impl Engine {
         // way. A busy instance is refused before anything is counted.
         if p.action != Action::Notify && fleet.busy(&p.instance_id) {
             return Err(Outcome::Refused { reason: Refusal::InProgress });
+        }
+        // A notification is not an action on an instance: it spends none of the budget that keeps
+        // Vigil from doing too much to the host at once (receivers and Alertmanager do their own grouping).
+        if p.action == Action::Notify {
+            return Ok(());
         }
         if p.action == Action::Hibernate
             && let Some((total, standby)) = fleet.standby_counts(&p.service)
@@ -185,8 +206,11 @@ impl Engine {
     }
 
     /// Puts new rules in force. Their windows start afresh; recent actions' cooldowns are forgotten too.
+    /// Firing `notify` alerts stay firing under a rule of the same name, and resolve when it is gone.
     pub fn replace_rules(&mut self, rules: Vec<crate::rules::Rule>) {
+        let firing = self.evaluator.firing();
         self.evaluator = Evaluator::new(rules);
+        self.seed_firing(firing);
     }
 }
 

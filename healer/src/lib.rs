@@ -4,6 +4,7 @@
 //! the rule language (`rules`).
 
 pub mod actions;
+pub mod alerts;
 pub mod api;
 pub mod audit;
 pub mod autoscale;

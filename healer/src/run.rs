@@ -660,7 +660,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("a.yaml");
-        let good = "rules:\n  - name: n\n    when:\n      - metric: cpu_cores\n        below: 1\n    action: notify\n";
+        let good = "rules:\n  - name: n\n    when:\n      - metric: cpu_cores\n        below: 1\n    action: restart\n";
         std::fs::write(&file, good).unwrap();
         let config = HealerConfig { rules: vec![dir.clone()], ..HealerConfig::default() };
         let status = Arc::new(Mutex::new(json!({})));

@@ -96,8 +96,12 @@ fn run_case(set: &RuleSet, case: &TestCase) -> Option<String> {
     let mut got = Vec::new();
     let mut tick = 0u64;
     let mut at = Duration::ZERO;
+    let mut alerts = Arc::new(Vec::new());
     while at <= case.until {
         while let Some(step) = steps.next_if(|s| s.at <= at) {
+            if let Some(list) = &step.alerts {
+                alerts = Arc::new(list.iter().map(crate::alerts::AlertFact::from_labels).collect());
+            }
             for (id, values) in &step.set {
                 merge(live.entry(id.clone()).or_default(), values);
             }
@@ -110,6 +114,7 @@ fn run_case(set: &RuleSet, case: &TestCase) -> Option<String> {
         snapshot.tick = tick;
         snapshot.elapsed = case.every;
         let mut signals = Signals::new();
+        signals.set_alerts(alerts.clone());
         for (id, values) in &live {
             snapshot.instances.push(instance(id, values));
             if let Some(state) = values.state {

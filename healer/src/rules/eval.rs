@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use vigil_core::snapshot::{InstanceSnapshot, Psi, Snapshot};
 
-use super::{Action, Condition, InstanceState, Metric, Rule, Signal};
+use super::{Action, Condition, InstanceState, Metric, Rule, RuleNotify, Signal};
+use crate::alerts::AlertFact;
 
 /// What is fed per instance alongside the snapshot: its state, and the broker's signals.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -30,6 +31,8 @@ impl InstanceSignals {
 #[derive(Clone, Debug, Default)]
 pub struct Signals {
     instances: HashMap<Arc<str>, InstanceSignals>,
+    /// Incoming alerts firing now, host-wide; each condition checks which are about the instance.
+    alerts: Arc<Vec<AlertFact>>,
 }
 
 impl Signals {
@@ -44,6 +47,13 @@ impl Signals {
     }
     pub fn get(&self, instance_id: &str) -> Option<&InstanceSignals> {
         self.instances.get(instance_id)
+    }
+    /// The incoming alerts firing now.
+    pub fn set_alerts(&mut self, alerts: Arc<Vec<AlertFact>>) {
+        self.alerts = alerts;
+    }
+    pub fn alerts(&self) -> &[AlertFact] {
+        &self.alerts
     }
     fn entry(&mut self, instance_id: &str) -> &mut InstanceSignals {
         if !self.instances.contains_key(instance_id) {
@@ -67,6 +77,17 @@ pub struct ProposedAction {
     /// What led to it beyond the rule's conditions (the autoscaler's observed concurrency, desired count
     /// and mode), kept in the audit log with the decision.
     pub inputs: Option<Arc<serde_json::Value>>,
+    /// Who hears of the decision (the rule's receivers and labels; none for the API's and the broker's).
+    pub notify: Arc<RuleNotify>,
+}
+
+/// A `notify` rule's alert whose conditions stopped holding (or whose instance vanished): it resolves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ended {
+    pub rule: Arc<str>,
+    pub service: Arc<str>,
+    pub instance_id: Arc<str>,
+    pub notify: Arc<RuleNotify>,
 }
 
 /// An action a rule proposed recently: counts for its cooldown and for its service's fraction.
@@ -83,6 +104,8 @@ struct RuleState {
     holding: HashMap<Arc<str>, Duration>,
     /// Proposals within the rule's cooldown.
     recent: Vec<Recent>,
+    /// For a `notify` rule: instance id -> service of the alerts firing (proposed, conditions still holding).
+    firing: HashMap<Arc<str>, Arc<str>>,
 }
 
 /// Evaluates rules over a stream of snapshots. Memory is bounded by the live instances and the proposals
@@ -91,6 +114,8 @@ struct RuleState {
 pub struct Evaluator {
     rules: Vec<Rule>,
     states: Vec<RuleState>,
+    /// Alerts that resolved since the last [`Evaluator::take_ended`].
+    ended: Vec<Ended>,
 }
 
 fn psi_avg10(p: Option<Psi>) -> Option<f64> {
@@ -116,12 +141,13 @@ fn value(metric: Metric, inst: &InstanceSnapshot, signals: Option<&InstanceSigna
     }
 }
 
-fn holds(rule: &Rule, inst: &InstanceSnapshot, signals: Option<&InstanceSignals>) -> bool {
+fn holds(rule: &Rule, inst: &InstanceSnapshot, signals: Option<&InstanceSignals>, alerts: &[AlertFact]) -> bool {
     rule.when.iter().all(|c| match c {
         Condition::Metric { metric, bounds } => {
             value(*metric, inst, signals).is_some_and(|v| bounds.holds(v))
         }
         Condition::State(states) => signals.and_then(|s| s.state).is_some_and(|s| states.contains(&s)),
+        Condition::Alert(want) => alerts.iter().any(|a| want.matches(a, &inst.service, &inst.instance_id)),
     })
 }
 
@@ -136,7 +162,44 @@ fn budget(max_fraction: Option<f64>, instances: usize) -> usize {
 impl Evaluator {
     pub fn new(rules: Vec<Rule>) -> Self {
         let states = rules.iter().map(|_| RuleState::default()).collect();
-        Self { rules, states }
+        Self { rules, states, ended: Vec::new() }
+    }
+
+    /// Marks `notify` alerts as firing that fired before this evaluator existed (a restart, a reload of the
+    /// rules): they resolve when their conditions are next seen not to hold. Returns those whose rule is
+    /// gone or no longer notifies: they have ended already.
+    pub fn seed_firing(&mut self, firing: impl IntoIterator<Item = Ended>) -> Vec<Ended> {
+        let mut gone = Vec::new();
+        for f in firing {
+            match self.rules.iter().position(|r| r.name == f.rule && r.action == Action::Notify) {
+                Some(i) => {
+                    self.states[i].firing.insert(f.instance_id, f.service);
+                }
+                None => gone.push(f),
+            }
+        }
+        gone
+    }
+
+    /// The `notify` alerts that resolved since the last call.
+    pub fn take_ended(&mut self) -> Vec<Ended> {
+        std::mem::take(&mut self.ended)
+    }
+
+    /// The `notify` alerts firing now.
+    pub fn firing(&self) -> Vec<Ended> {
+        let mut out = Vec::new();
+        for (rule, state) in self.rules.iter().zip(&self.states) {
+            for (id, service) in &state.firing {
+                out.push(Ended {
+                    rule: rule.name.clone(),
+                    service: service.clone(),
+                    instance_id: id.clone(),
+                    notify: rule.notify.clone(),
+                });
+            }
+        }
+        out
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -162,12 +225,16 @@ impl Evaluator {
             let mut ready = Vec::new();
             for inst in &snapshot.instances {
                 if !rule.select.matches(&inst.service, &inst.instance_id, inst.kind)
-                    || !holds(rule, inst, signals.get(&inst.instance_id))
+                    || !holds(rule, inst, signals.get(&inst.instance_id), signals.alerts())
                 {
                     continue;
                 }
                 let since = state.holding.get(&inst.instance_id).copied().unwrap_or(at);
                 holding.insert(inst.instance_id.clone(), since);
+                if state.firing.contains_key(&inst.instance_id) {
+                    // Its alert is out already and stays so while the conditions hold.
+                    continue;
+                }
                 let in_cooldown = state.recent.iter().any(|r| r.instance_id == inst.instance_id);
                 if at.saturating_sub(since) >= rule.hold_for && !in_cooldown {
                     ready.push((since, inst));
@@ -188,6 +255,9 @@ impl Evaluator {
                     instance_id: inst.instance_id.clone(),
                 });
                 holding.insert(inst.instance_id.clone(), at);
+                if rule.action == Action::Notify {
+                    state.firing.insert(inst.instance_id.clone(), inst.service.clone());
+                }
                 proposals.push(ProposedAction {
                     rule: rule.name.clone(),
                     action: rule.action,
@@ -196,7 +266,16 @@ impl Evaluator {
                     at,
                     held_for: at.saturating_sub(since),
                     inputs: None,
+                    notify: rule.notify.clone(),
                 });
+            }
+            // An alert whose conditions no longer hold (or whose instance is gone) resolves.
+            let ended: Vec<Arc<str>> =
+                state.firing.keys().filter(|id| !holding.contains_key(*id)).cloned().collect();
+            for id in ended {
+                if let Some(service) = state.firing.remove(&id) {
+                    self.ended.push(Ended { rule: rule.name.clone(), service, instance_id: id, notify: rule.notify.clone() });
+                }
             }
             state.holding = holding;
         }

@@ -1,7 +1,7 @@
 //! Reading and validating rule files: serde-saphyr for the shape (the first YAML or type error, with its
 //! position), then one pass that collects every semantic mistake as `file:line:column: key.path: message`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +14,8 @@ use vigil_core::yaml::from_yaml;
 use vigil_core::{ConfigIssue, render_issues};
 
 use super::{
-    Action, Bounds, Condition, ExpectedAction, Glob, InstanceState, Metric, Rule, RuleSet, Selector,
-    TestCase, TestStep, TestValues,
+    Action, AlertCondition, Bounds, Condition, ExpectedAction, Glob, InstanceState, Metric, ReceiverRef, Rule,
+    RuleNotify, RuleSet, Selector, TestCase, TestStep, TestValues,
 };
 
 /// The most ticks one test case may run (a typo like `every: 1ms` with `until: 1h` would run for long).
@@ -51,6 +51,9 @@ struct RawRule {
     action: Spanned<String>,
     cooldown: Option<Spanned<String>>,
     max_fraction: Option<Spanned<f64>>,
+    notify: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    labels: HashMap<Spanned<String>, Spanned<String>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -70,6 +73,15 @@ struct RawCondition {
     below: Option<Spanned<f64>>,
     at_least: Option<Spanned<f64>>,
     at_most: Option<Spanned<f64>>,
+    alert: Option<Spanned<RawAlertCondition>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlertCondition {
+    name: Option<Spanned<String>>,
+    #[serde(default)]
+    labels: HashMap<Spanned<String>, Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -92,6 +104,7 @@ struct RawStep {
     set: HashMap<Spanned<String>, HashMap<Spanned<String>, Spanned<Scalar>>>,
     #[serde(default)]
     remove: Vec<Spanned<String>>,
+    alerts: Option<Vec<BTreeMap<String, String>>>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -173,15 +186,15 @@ pub fn check_file(path: &Path) -> Result<RuleSet, RulesError> {
 pub fn check_str(text: &str, file: &str) -> Result<RuleSet, RulesError> {
     let invalid = |issues| RulesError::Invalid { file: file.to_string(), issues };
     if text.trim().is_empty() {
-        return Ok(RuleSet { file: file.to_string(), rules: Vec::new(), tests: Vec::new() });
+        return Ok(RuleSet { file: file.to_string(), rules: Vec::new(), tests: Vec::new(), receivers: Vec::new() });
     }
     let raw: RawFile = from_yaml(text, file).map_err(|issue| invalid(vec![issue]))?;
     let mut issues = Issues::default();
-    let rules = validate_rules(&raw.rules, &mut issues);
+    let (rules, receivers) = validate_rules(&raw.rules, &mut issues);
     let tests = validate_tests(&raw.tests, &rules, &mut issues);
     let mut issues = issues.0;
     if issues.is_empty() {
-        Ok(RuleSet { file: file.to_string(), rules, tests })
+        Ok(RuleSet { file: file.to_string(), rules, tests, receivers })
     } else {
         issues.sort_by_key(|i| (i.line, i.column));
         for issue in &mut issues {
@@ -191,8 +204,9 @@ pub fn check_str(text: &str, file: &str) -> Result<RuleSet, RulesError> {
     }
 }
 
-fn validate_rules(raw: &[RawRule], issues: &mut Issues) -> Vec<Rule> {
+fn validate_rules(raw: &[RawRule], issues: &mut Issues) -> (Vec<Rule>, Vec<ReceiverRef>) {
     let mut rules = Vec::new();
+    let mut receivers = Vec::new();
     let mut seen = HashSet::new();
     for (i, r) in raw.iter().enumerate() {
         let p = format!("rules[{i}]");
@@ -273,6 +287,56 @@ fn validate_rules(raw: &[RawRule], issues: &mut Issues) -> Vec<Rule> {
                 issues.at(f, format!("{p}.max_fraction"), format!("{} is outside (0, 1]", f.value));
             }
         }
+        let mut notify = RuleNotify::default();
+        match &r.notify {
+            Some(list) => {
+                let mut named = HashSet::new();
+                for (k, name) in list.value.iter().enumerate() {
+                    let np = format!("{p}.notify[{k}]");
+                    if name.value.trim().is_empty() {
+                        ok = false;
+                        issues.at(name, np, "a receiver needs a name");
+                    } else if !named.insert(name.value.as_str()) {
+                        ok = false;
+                        issues.at(name, np, format!("`{}` is named twice", name.value));
+                    } else {
+                        notify.receivers.push(Arc::from(name.value.as_str()));
+                        receivers.push(ReceiverRef {
+                            rule: Arc::from(r.name.value.as_str()),
+                            name: name.value.clone(),
+                            line: name.referenced.line(),
+                            column: name.referenced.column(),
+                            path: np,
+                        });
+                    }
+                }
+                if list.value.is_empty() && action == Some(Action::Notify) {
+                    ok = false;
+                    issues.at(list, format!("{p}.notify"), "`action: notify` needs at least one receiver");
+                }
+            }
+            None if action == Some(Action::Notify) => {
+                ok = false;
+                issues.at(
+                    &r.action,
+                    format!("{p}.notify"),
+                    "`action: notify` needs `notify: [receivers]` (names from the config's notify.receivers)",
+                );
+            }
+            None => {}
+        }
+        for (k, v) in by_position(&r.labels) {
+            if !label_name_ok(&k.value) {
+                ok = false;
+                issues.at(
+                    k,
+                    format!("{p}.labels.{}", k.value),
+                    format!("`{}` is not a label name ([a-zA-Z_][a-zA-Z0-9_]*)", k.value),
+                );
+            } else {
+                notify.labels.insert(k.value.clone(), v.value.clone());
+            }
+        }
         if let (true, Some(hold_for), Some(cooldown), Some(action)) = (ok, hold_for, cooldown, action) {
             rules.push(Rule {
                 name: Arc::from(r.name.value.as_str()),
@@ -282,10 +346,52 @@ fn validate_rules(raw: &[RawRule], issues: &mut Issues) -> Vec<Rule> {
                 action,
                 cooldown,
                 max_fraction,
+                notify: Arc::new(notify),
             });
         }
     }
-    rules
+    (rules, receivers)
+}
+
+/// A map's entries in the order the file writes them.
+fn by_position<V>(map: &HashMap<Spanned<String>, V>) -> Vec<(&Spanned<String>, &V)> {
+    let mut entries: Vec<_> = map.iter().collect();
+    entries.sort_by_key(|(k, _)| (k.referenced.line(), k.referenced.column()));
+    entries
+}
+
+/// Prometheus' label names: `[a-zA-Z_][a-zA-Z0-9_]*`.
+fn label_name_ok(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn alert_condition(a: &Spanned<RawAlertCondition>, p: &str, issues: &mut Issues) -> Option<AlertCondition> {
+    let raw = &a.value;
+    let name = match &raw.name {
+        Some(n) => Some(Glob::new(&n.value).map_err(|m| issues.at(n, format!("{p}.alert.name"), m)).ok()?),
+        None => None,
+    };
+    let mut labels = Vec::new();
+    let mut ok = true;
+    for (k, v) in by_position(&raw.labels) {
+        if label_name_ok(&k.value) {
+            labels.push((k.value.clone(), v.value.clone()));
+        } else {
+            ok = false;
+            issues.at(
+                k,
+                format!("{p}.alert.labels.{}", k.value),
+                format!("`{}` is not a label name ([a-zA-Z_][a-zA-Z0-9_]*)", k.value),
+            );
+        }
+    }
+    if name.is_none() && labels.is_empty() {
+        issues.at(a, format!("{p}.alert"), "give a `name` or `labels` (or both) to say which alerts");
+        return None;
+    }
+    ok.then_some(AlertCondition { name, labels })
 }
 
 fn condition(c: &Spanned<RawCondition>, p: &str, issues: &mut Issues) -> Option<Condition> {
@@ -298,13 +404,20 @@ fn condition(c: &Spanned<RawCondition>, p: &str, issues: &mut Issues) -> Option<
     };
     let given = [&raw.above, &raw.below, &raw.at_least, &raw.at_most].iter().filter(|b| b.is_some()).count();
     let finite = [bounds.above, bounds.below, bounds.at_least, bounds.at_most].iter().flatten().count();
+    if let Some(alert) = &raw.alert {
+        if raw.metric.is_some() || raw.state.is_some() || given > 0 {
+            issues.at(c, p, "an `alert` condition stands alone: give `metric`, `state` or `alert` in each entry");
+            return None;
+        }
+        return alert_condition(alert, p, issues).map(Condition::Alert);
+    }
     match (&raw.metric, &raw.state) {
         (Some(_), Some(_)) => {
             issues.at(c, p, "give either `metric` or `state`, not both");
             None
         }
         (None, None) => {
-            issues.at(c, p, "give `metric` (with a bound) or `state`");
+            issues.at(c, p, "give `metric` (with a bound), `state` or `alert`");
             None
         }
         (None, Some(states)) => {
@@ -396,7 +509,7 @@ fn validate_tests(raw: &[RawTest], rules: &[Rule], issues: &mut Issues) -> Vec<T
                 known.remove(r.value.as_str());
                 remove.push(Arc::from(r.value.as_str()));
             }
-            steps.push(TestStep { at, set, remove });
+            steps.push(TestStep { at, set, remove, alerts: step.alerts.clone() });
         }
         let mut expect = Vec::new();
         for (e, x) in t.expect.iter().enumerate() {

@@ -21,10 +21,14 @@
 //!         below: 0.01                  # above / below are strict; at_least / at_most are not
 //!       - metric: requests_per_s
 //!         at_most: 0
+//!       - alert: { name: "Disk*", labels: { severity: critical } }   # an incoming alert is firing for it
 //!     for: 5m                          # default 0s: act on the first tick the conditions hold
-//!     action: hibernate                # hibernate | wake | restart | notify
+//!     action: hibernate                # hibernate | wake | restart | notify | stop | start
 //!     cooldown: 10m                    # default 0s
 //!     max_fraction: 0.5                # default 1: share of a service's instances affected at once
+//!     notify: [ops, am]                # receivers (config `notify.receivers`) told of its decisions;
+//!                                      # required for `action: notify`
+//!     labels: { severity: page }       # added to its notifications' labels
 //! tests:
 //!   - name: an idle instance hibernates after five minutes
 //!     every: 30s                       # tick interval, default 1s; ticks run from 0s through `until`
@@ -34,6 +38,8 @@
 //!         set:                         # instance id -> values; values persist until set again
 //!           echo-0: { service: echo, state: active, cpu_cores: 0.001, requests_per_s: 0 }
 //!         remove: []                   # instance ids that vanish
+//!         alerts:                      # incoming alerts firing from here on (each its label set)
+//!           - { alertname: DiskFull, instance_id: echo-0, severity: critical }
 //!     expect:                          # exactly the actions proposed during the run
 //!       - { at: 5m, rule: hibernate-idle, instance_id: echo-0, action: hibernate }
 //! ```
@@ -55,6 +61,13 @@
 //! - `max_fraction`: a rule may have acted on at most ⌈max_fraction × n⌉ (and always at least one) of a
 //!   service's n current instances within its cooldown (for a zero cooldown: within the tick). Instances
 //!   that have held longest go first; the others keep their window and go when the budget frees.
+//! - `alert:` holds while an incoming alert (`POST /api/v1/alerts`, [`crate::alerts`]) is firing that is
+//!   about the instance: its `instance_id` label names it, or its `service` label names the instance's
+//!   service (and it has no `instance_id`), or it has neither (a host-wide alert, about every instance).
+//! - `action: notify` is an alert of Vigil's own: it fires once when the conditions have held for `for`,
+//!   stays firing (proposing nothing more) while they keep holding, and resolves when they stop holding or
+//!   the instance vanishes ([`Evaluator::take_ended`]); its receivers get both. Other actions' decisions
+//!   go to the receivers their rule names, whatever the outcome.
 //! - When an instance vanishes its window is dropped (memory stays bounded by the live instances). The record
 //!   of recent actions is kept until their cooldown ends, so an instance that returns under the same id is
 //!   still in cooldown and still counts against its service's fraction.
@@ -71,7 +84,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use cases::{TestOutcome, run_tests};
-pub use eval::{Evaluator, InstanceSignals, ProposedAction, Signals};
+pub use eval::{Ended, Evaluator, InstanceSignals, ProposedAction, Signals};
 pub use file::{RulesError, check_file, check_str};
 pub use glob::Glob;
 
@@ -258,11 +271,48 @@ impl Bounds {
     }
 }
 
+/// An incoming alert a rule waits for: firing, about the instance (its `instance_id`, its service, or the
+/// whole host), named like `name` (a glob on `alertname`; any name when absent) and carrying every label
+/// given with exactly that value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AlertCondition {
+    pub name: Option<Glob>,
+    pub labels: Vec<(String, String)>,
+}
+
+impl AlertCondition {
+    pub fn matches(&self, fact: &crate::alerts::AlertFact, service: &str, instance_id: &str) -> bool {
+        fact.scope.covers(service, instance_id)
+            && self.name.as_ref().is_none_or(|g| g.matches(&fact.name))
+            && self.labels.iter().all(|(k, v)| fact.labels.get(k) == Some(v))
+    }
+}
+
 /// One condition of a rule's `when`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Condition {
     Metric { metric: Metric, bounds: Bounds },
     State(Vec<InstanceState>),
+    Alert(AlertCondition),
+}
+
+/// Who hears of a rule's decisions, and the labels its notifications carry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuleNotify {
+    /// Receivers (`notify.receivers[].name` in the config) the rule sends to.
+    pub receivers: Vec<Arc<str>>,
+    /// Labels added to its notifications (`severity`, `team`, ... for Alertmanager's routing).
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Where a rule names a receiver, so that a name the config does not know is reported there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceiverRef {
+    pub rule: Arc<str>,
+    pub name: String,
+    pub line: u64,
+    pub column: u64,
+    pub path: String,
 }
 
 /// Which instances a rule looks at. `None` matches everything.
@@ -293,6 +343,8 @@ pub struct Rule {
     pub cooldown: Duration,
     /// Share of a service's instances the rule may affect at once, in (0, 1]; `None` is no limit.
     pub max_fraction: Option<f64>,
+    /// Its receivers and notification labels (`notify:`, `labels:`).
+    pub notify: Arc<RuleNotify>,
 }
 
 /// One instance's values in a test step.
@@ -309,6 +361,8 @@ pub struct TestStep {
     pub at: Duration,
     pub set: Vec<(Arc<str>, TestValues)>,
     pub remove: Vec<Arc<str>>,
+    /// When given, the incoming alerts firing from this step on (each a label set), replacing the last.
+    pub alerts: Option<Vec<std::collections::BTreeMap<String, String>>>,
 }
 
 /// A proposal a test case expects.
@@ -337,6 +391,8 @@ pub struct RuleSet {
     pub file: String,
     pub rules: Vec<Rule>,
     pub tests: Vec<TestCase>,
+    /// Every receiver the rules name, where they name it (checked against the config by the healer).
+    pub receivers: Vec<ReceiverRef>,
 }
 
 #[cfg(test)]

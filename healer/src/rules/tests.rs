@@ -45,6 +45,7 @@ fn idle_rule(hold_for: u64, cooldown: u64, max_fraction: Option<f64>) -> Rule {
         action: Action::Hibernate,
         cooldown: secs(cooldown),
         max_fraction,
+        notify: Arc::default(),
     }
 }
 
@@ -159,6 +160,7 @@ fn signals_and_state_drive_wake_and_missing_values_never_hold() {
         action: Action::Wake,
         cooldown: secs(5),
         max_fraction: None,
+        notify: Arc::default(),
     };
     let mut e = Evaluator::new(vec![wake]);
     let s = snap(vec![inst("echo", "echo-0", 0.0), inst("other", "other-0", 0.0)]);
@@ -348,4 +350,110 @@ proptest! {
             prop_assert!(e.tracked() <= 4);
         }
     }
+}
+
+fn labels(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+#[test]
+fn an_alert_condition_holds_for_the_instances_the_alert_is_about() {
+    let text = "rules:\n  - name: slow\n    when:\n      - alert: { name: \"HighRun*\", labels: { severity: critical } }\n    action: restart\n";
+    let set = check_str(text, "a.yaml").unwrap();
+    let mut e = Evaluator::new(set.rules);
+    let world = snap(vec![inst("echo", "echo-0", 0.5), inst("echo", "echo-1", 0.5), inst("web", "web-0", 0.5)]);
+    let mut fire = |alerts: Vec<std::collections::BTreeMap<String, String>>, at: u64| {
+        let mut signals = Signals::new();
+        signals.set_alerts(Arc::new(alerts.iter().map(crate::alerts::AlertFact::from_labels).collect()));
+        let mut got: Vec<String> =
+            e.observe(secs(at), &world, &signals).into_iter().map(|p| p.instance_id.to_string()).collect();
+        got.sort();
+        got
+    };
+    let crit = |extra: &[(&str, &str)]| {
+        let mut l = labels(&[("alertname", "HighRunQueueDelay"), ("severity", "critical")]);
+        l.extend(labels(extra));
+        l
+    };
+    assert_eq!(fire(vec![crit(&[("instance_id", "echo-1")])], 0), vec!["echo-1"]);
+    assert_eq!(fire(vec![crit(&[("service", "web")])], 1), vec!["web-0"]);
+    assert_eq!(fire(vec![crit(&[])], 2), vec!["echo-0", "echo-1", "web-0"], "a host-wide alert");
+    let warning = labels(&[("alertname", "HighRunQueueDelay"), ("severity", "warning"), ("instance_id", "echo-0")]);
+    assert!(fire(vec![warning], 3).is_empty(), "every label must match");
+    let other = labels(&[("alertname", "DiskFull"), ("severity", "critical")]);
+    assert!(fire(vec![other], 4).is_empty(), "the name must match");
+    assert!(fire(vec![], 5).is_empty());
+}
+
+fn notify_rule() -> Rule {
+    let text = "rules:\n  - name: tell\n    when:\n      - metric: cpu_cores\n        above: 0.9\n    for: 2s\n    action: notify\n    notify: [ops]\n    labels: { severity: page }\n";
+    check_str(text, "n.yaml").unwrap().rules.remove(0)
+}
+
+#[test]
+fn a_notify_rule_fires_once_stays_firing_and_resolves_when_the_conditions_end() {
+    let rule = notify_rule();
+    assert_eq!(&*rule.notify.receivers, &[Arc::from("ops")]);
+    assert_eq!(rule.notify.labels, labels(&[("severity", "page")]));
+    let mut e = Evaluator::new(vec![rule]);
+    let hot = snap(vec![inst("echo", "echo-0", 1.0)]);
+    let cool = snap(vec![inst("echo", "echo-0", 0.1)]);
+    assert!(fired(&mut e, 0, &hot).is_empty());
+    assert!(fired(&mut e, 1, &hot).is_empty());
+    assert_eq!(fired(&mut e, 2, &hot), vec!["echo-0"]);
+    for t in 3..20 {
+        assert!(fired(&mut e, t, &hot).is_empty(), "still firing at {t}s: nothing more to say");
+    }
+    assert!(e.take_ended().is_empty());
+    assert_eq!(e.firing().len(), 1);
+    assert!(fired(&mut e, 20, &cool).is_empty());
+    let ended = e.take_ended();
+    assert_eq!(ended.len(), 1);
+    assert_eq!((&*ended[0].rule, &*ended[0].instance_id, &*ended[0].service), ("tell", "echo-0", "echo"));
+    assert!(e.take_ended().is_empty(), "taken once");
+    // It fires again after a new window, and vanishing resolves it too.
+    assert!(fired(&mut e, 21, &hot).is_empty());
+    assert_eq!(fired(&mut e, 23, &hot), vec!["echo-0"]);
+    assert!(fired(&mut e, 24, &snap(vec![])).is_empty());
+    assert_eq!(e.take_ended().len(), 1);
+}
+
+#[test]
+fn firing_alerts_carry_over_into_new_rules_and_end_with_their_rule() {
+    let mut e = Evaluator::new(vec![notify_rule()]);
+    let hot = snap(vec![inst("echo", "echo-0", 1.0)]);
+    for t in 0..=2 {
+        fired(&mut e, t, &hot);
+    }
+    let firing = e.firing();
+    let mut next = Evaluator::new(vec![notify_rule()]);
+    assert!(next.seed_firing(firing.clone()).is_empty());
+    assert!(fired(&mut next, 3, &hot).is_empty(), "already firing: not proposed again");
+    assert!(fired(&mut next, 10, &hot).is_empty());
+    let mut without = Evaluator::new(vec![idle_rule(0, 0, None)]);
+    let gone = without.seed_firing(firing);
+    assert_eq!(gone.len(), 1, "its rule is gone: it has ended");
+}
+
+#[test]
+fn notify_and_alert_mistakes_are_located() {
+    let text = "rules:\n  - name: a\n    when:\n      - alert: {}\n    action: notify\n  - name: b\n    when:\n      - alert: { name: x, labels: { 9bad: y } }\n        metric: cpu_cores\n    action: restart\n    notify: [ops, ops]\n    labels: { \"bad-name\": v }\n  - name: c\n    when:\n      - state: [active]\n    action: notify\n    notify: []\n";
+    let err = check_str(text, "m.yaml").unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "m.yaml:4:16: rules[0].when[0].alert: give a `name` or `labels` (or both) to say which alerts\n\
+         m.yaml:5:13: rules[0].notify: `action: notify` needs `notify: [receivers]` (names from the config's notify.receivers)\n\
+         m.yaml:8:9: rules[1].when[0]: an `alert` condition stands alone: give `metric`, `state` or `alert` in each entry\n\
+         m.yaml:11:19: rules[1].notify[1]: `ops` is named twice\n\
+         m.yaml:12:15: rules[1].labels.bad-name: `bad-name` is not a label name ([a-zA-Z_][a-zA-Z0-9_]*)\n\
+         m.yaml:17:13: rules[2].notify: `action: notify` needs at least one receiver"
+    );
+}
+
+#[test]
+fn test_cases_can_set_incoming_alerts() {
+    let text = "rules:\n  - name: slow\n    when:\n      - alert: { name: HighRunQueueDelay }\n    for: 2s\n    action: restart\n    cooldown: 1m\ntests:\n  - name: restarts after the alert fired for two seconds\n    steps:\n      - at: 0s\n        set: { echo-0: { service: echo, state: active } }\n      - at: 3s\n        alerts: [ { alertname: HighRunQueueDelay, instance_id: echo-0 } ]\n      - at: 10s\n        alerts: []\n    until: 12s\n    expect:\n      - { at: 5s, rule: slow, instance_id: echo-0, action: restart }\n";
+    let set = check_str(text, "t.yaml").unwrap();
+    let outcomes = run_tests(&set);
+    assert!(outcomes.iter().all(TestOutcome::passed), "{outcomes:?}");
 }
