@@ -98,6 +98,18 @@ enum CtlCommand {
     },
     /// The rules in force.
     Rules,
+    /// Incoming alerts firing now (from Alertmanager's webhook), oldest first.
+    Alerts {
+        /// Only those whose `instance_id` label is this.
+        #[arg(long)]
+        instance_id: Option<String>,
+        /// Only those whose `service` label is this.
+        #[arg(long)]
+        service: Option<String>,
+        /// The whole JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Turn dry-run mode on or off (decide and audit, execute nothing).
     DryRun {
         #[arg(value_parser = ["on", "off"])]
@@ -131,6 +143,17 @@ fn ctl_command(api: SocketAddr, token: Option<String>, command: CtlCommand) -> a
         CtlCommand::Scale { name, .. } => ("POST", format!("/api/v1/services/{name}/scale")),
         CtlCommand::Decisions { limit } => ("GET", format!("/api/v1/decisions?limit={limit}")),
         CtlCommand::Rules => ("GET", "/api/v1/rules".to_string()),
+        CtlCommand::Alerts { instance_id, service, .. } => {
+            let mut query = Vec::new();
+            if let Some(id) = instance_id {
+                query.push(format!("instance_id={}", percent_encode(id)));
+            }
+            if let Some(s) = service {
+                query.push(format!("service={}", percent_encode(s)));
+            }
+            let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
+            ("GET", format!("/api/v1/alerts{query}"))
+        }
         CtlCommand::DryRun { mode } => ("POST", format!("/api/v1/dry-run?enabled={}", mode == "on")),
     };
     let mut answer = client.call_with(method, &path, &body)?;
@@ -172,6 +195,28 @@ fn ctl_command(api: SocketAddr, token: Option<String>, command: CtlCommand) -> a
                 s["scale"].as_str().unwrap_or("-"),
             );
         }
+    } else if let CtlCommand::Alerts { json: false, .. } = command {
+        let alerts = answer["alerts"].as_array().cloned().unwrap_or_default();
+        if alerts.is_empty() {
+            println!("no alerts are firing");
+        }
+        println!("{:<28} {:<26} {:<25} {:<10} {}", "ALERT", "ABOUT", "SINCE", "SEVERITY", "SUMMARY");
+        for a in &alerts {
+            let about = match &a["scope"] {
+                serde_json::Value::Object(o) => {
+                    o.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("?"))).collect::<String>()
+                }
+                other => other.as_str().unwrap_or("?").to_string(),
+            };
+            println!(
+                "{:<28} {:<26} {:<25} {:<10} {}",
+                a["name"].as_str().unwrap_or("?"),
+                about,
+                a["starts_at"].as_str().unwrap_or("?"),
+                a["labels"]["severity"].as_str().unwrap_or("-"),
+                a["annotations"]["summary"].as_str().unwrap_or(""),
+            );
+        }
     } else if let CtlCommand::Instances = command {
         println!("{:<28} {:<16} {:<12} {:>8} {:>14}", "ID", "SERVICE", "STATE", "CPU", "MEMORY");
         for i in answer["instances"].as_array().into_iter().flatten() {
@@ -192,6 +237,17 @@ fn ctl_command(api: SocketAddr, token: Option<String>, command: CtlCommand) -> a
         println!("{}", serde_json::to_string_pretty(&answer)?);
     }
     Ok(())
+}
+
+/// Percent-encodes a query value (everything but unreserved characters).
+fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 #[derive(Subcommand)]

@@ -420,6 +420,89 @@ impl AlertStore {
     }
 }
 
+/// `POST /api/v1/alerts` (Alertmanager's webhook) and `GET /api/v1/alerts`, under the API's token rule.
+pub mod http {
+    use std::sync::Arc;
+
+    use axum::extract::{Query, State};
+    use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::get;
+    use axum::{Json, Router};
+    use serde::Deserialize;
+    use serde_json::{Value, json};
+
+    use super::{AlertStore, AlertStoreError, parse_payload};
+    use crate::api::ApiError;
+
+    fn now_ms() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    }
+
+    /// Which alerts to list: those about this instance, or this service.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Filter {
+        pub instance_id: Option<String>,
+        pub service: Option<String>,
+    }
+
+    /// The firing alerts as the API shows them, oldest first; a filter keeps those whose `instance_id` /
+    /// `service` label has that value. One implementation for REST and gRPC.
+    pub fn list(store: &AlertStore, filter: &Filter) -> Vec<Value> {
+        let label_is = |a: &super::StoredAlert, name: &str, want: &Option<String>| {
+            want.as_ref().is_none_or(|w| a.labels.get(name) == Some(w))
+        };
+        store
+            .list()
+            .into_iter()
+            .filter(|a| label_is(a, "instance_id", &filter.instance_id) && label_is(a, "service", &filter.service))
+            .map(|a| a.to_json())
+            .collect()
+    }
+
+    /// Checks and applies one webhook body: the report, or the error with the field path.
+    pub async fn ingest(store: Arc<AlertStore>, body: &[u8]) -> Result<Value, ApiError> {
+        let incoming = parse_payload(body, now_ms()).map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+        })?;
+        let applied = tokio::task::spawn_blocking(move || store.ingest(incoming))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+        match applied {
+            Ok(report) => Ok(json!(report)),
+            Err(e @ AlertStoreError::Full { .. }) => {
+                Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "alert_store_full", e.to_string()))
+            }
+            Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "alert_store", e.to_string())),
+        }
+    }
+
+    async fn post(State(store): State<Arc<AlertStore>>, body: axum::body::Bytes) -> Response {
+        match ingest(store, &body).await {
+            Ok(report) => Json(report).into_response(),
+            Err(e) => e.into_response(),
+        }
+    }
+
+    async fn get_all(
+        State(store): State<Arc<AlertStore>>,
+        filter: Result<Query<Filter>, axum::extract::rejection::QueryRejection>,
+    ) -> Result<Json<Value>, ApiError> {
+        let Query(filter) =
+            filter.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+        Ok(Json(json!({ "alerts": list(&store, &filter) })))
+    }
+
+    /// The routes; the caller puts them under the API's token rule.
+    pub fn router(store: Arc<AlertStore>) -> Router {
+        Router::new().route("/api/v1/alerts", get(get_all).post(post)).with_state(store)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

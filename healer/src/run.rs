@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use vigil_cgroup::fs::{CgroupError, Layout};
 
 use crate::actions::{Actions, Status, Submitted};
+use crate::alerts::{AlertStore, AlertStoreError};
 use crate::api::{self, ApiError, Control, ManagedInstance};
 use crate::audit::{AuditError, AuditLog};
 use crate::autoscale::scaler::{PinError, ScaledService, Scaler, count_at_start};
@@ -44,6 +45,8 @@ pub enum HealerError {
     Supervisor(#[from] SupervisorError),
     #[error("{0}")]
     Audit(#[from] AuditError),
+    #[error("{0}")]
+    Alerts(#[from] AlertStoreError),
 }
 
 /// The configured rule files and what became of their last load. Files are re-read when one changes
@@ -109,6 +112,7 @@ pub struct Healer {
     scaler: Option<Scaler>,
     scaler_task: Option<JoinHandle<()>>,
     actions: Arc<Actions>,
+    alerts: Arc<AlertStore>,
     standby_metrics: StandbyMetrics,
     rules: Arc<Mutex<Value>>,
     stop: watch::Sender<bool>,
@@ -132,6 +136,10 @@ impl Healer {
             tracing::warn!("no rule files found; the healer decides nothing until rules are configured");
         }
         let audit = Arc::new(AuditLog::open(&config.data_dir)?);
+        let alerts = Arc::new(AlertStore::open(audit.database())?);
+        if !alerts.list().is_empty() {
+            tracing::info!(alerts = alerts.list().len(), "incoming alerts still firing from before the restart");
+        }
         let driver: Arc<dyn crate::cgroup::CgroupDriver> =
             Arc::from(driver_for(&Layout::detect()?, &config.driver_config())?);
         let scaled = scaled_services(&config.services);
@@ -180,12 +188,14 @@ impl Healer {
             supervisor.clone(),
             traffic,
             rule_files,
+            alerts.clone(),
         ));
         Ok(Healer {
             supervisor,
             scaler,
             scaler_task,
             actions,
+            alerts,
             standby_metrics,
             rules: status,
             stop,
@@ -204,6 +214,7 @@ impl Healer {
         if let Some(scaler) = &self.scaler {
             registry.register_collector(Box::new(scaler.metrics()));
         }
+        self.alerts.metrics().register(&mut registry);
         Arc::new(registry)
     }
 
@@ -222,7 +233,13 @@ impl Healer {
             actions: self.actions.clone(),
             rules: self.rules.clone(),
         });
-        api::router(control, snapshots, self.actions.audit().clone(), token)
+        let alerts = vigil_auth::require_bearer(crate::alerts::http::router(self.alerts.clone()), token.as_deref());
+        api::router(control, snapshots, self.actions.audit().clone(), token).merge(alerts)
+    }
+
+    /// The incoming alerts firing now.
+    pub fn alerts(&self) -> &Arc<AlertStore> {
+        &self.alerts
     }
 
     pub fn supervisor(&self) -> &Supervisor {
@@ -314,6 +331,7 @@ async fn step_loop(
     supervisor: Supervisor,
     traffic: Arc<dyn TrafficSource>,
     mut rule_files: RuleFiles,
+    alerts: Arc<AlertStore>,
 ) {
     let mut last = Instant::now();
     let mut ticks: u64 = 0;
@@ -328,6 +346,7 @@ async fn step_loop(
         let elapsed = last.elapsed();
         last = Instant::now();
         let (sup, traffic_source, engine_actions) = (supervisor.clone(), traffic.clone(), actions.clone());
+        let alerts = alerts.clone();
         // Reading the instances' cgroups, /proc/net/tcp and rule files blocks: off the async workers. The
         // engine's lock is held for the evaluation only.
         let evaluated = tokio::task::spawn_blocking(move || {
@@ -342,6 +361,7 @@ async fn step_loop(
             }
             let instances = sup.instances();
             let mut signals = Signals::new();
+            signals.set_alerts(alerts.facts());
             for i in &instances {
                 signals.set_state(&i.id, i.state);
             }
