@@ -7,11 +7,10 @@ use std::process::Command;
 
 fn promtool(args: &[&str]) -> String {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/prometheus");
-    let out = Command::new("promtool")
-        .args(args)
-        .current_dir(&dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run promtool (scripts/setup installs Debian's prometheus): {e}"));
+    let out =
+        Command::new("promtool").args(args).current_dir(&dir).output().unwrap_or_else(|e| {
+            panic!("cannot run promtool (scripts/setup installs Debian's prometheus): {e}")
+        });
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "promtool {} failed:\n{text}", args.join(" "));
     text

@@ -333,10 +333,7 @@ impl AlertStore {
     }
 
     fn refresh_facts(&self, alerts: &BTreeMap<String, StoredAlert>) {
-        let facts: Vec<AlertFact> = alerts
-            .values()
-            .map(|a| AlertFact::from_labels(&a.labels))
-            .collect();
+        let facts: Vec<AlertFact> = alerts.values().map(|a| AlertFact::from_labels(&a.labels)).collect();
         self.metrics.active.set(facts.len() as i64);
         *self.facts.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(facts);
     }
@@ -349,7 +346,9 @@ impl AlertStore {
     /// The firing alerts, oldest first.
     pub fn list(&self) -> Vec<StoredAlert> {
         let mut all: Vec<StoredAlert> = self.alerts().values().cloned().collect();
-        all.sort_by(|a, b| (a.starts_at_ms, &a.name, &a.fingerprint).cmp(&(b.starts_at_ms, &b.name, &b.fingerprint)));
+        all.sort_by(|a, b| {
+            (a.starts_at_ms, &a.name, &a.fingerprint).cmp(&(b.starts_at_ms, &b.name, &b.fingerprint))
+        });
         all
     }
 
@@ -459,16 +458,17 @@ pub mod http {
         store
             .list()
             .into_iter()
-            .filter(|a| label_is(a, "instance_id", &filter.instance_id) && label_is(a, "service", &filter.service))
+            .filter(|a| {
+                label_is(a, "instance_id", &filter.instance_id) && label_is(a, "service", &filter.service)
+            })
             .map(|a| a.to_json())
             .collect()
     }
 
     /// Checks and applies one webhook body: the report, or the error with the field path.
     pub async fn ingest(store: Arc<AlertStore>, body: &[u8]) -> Result<Value, ApiError> {
-        let incoming = parse_payload(body, now_ms()).map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
-        })?;
+        let incoming = parse_payload(body, now_ms())
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
         let applied = tokio::task::spawn_blocking(move || store.ingest(incoming))
             .await
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
@@ -524,7 +524,14 @@ mod tests {
     #[test]
     fn a_payload_is_read_with_its_scope() {
         let labels = r#"{"alertname":"HighRunQueue","instance_id":"echo-0","severity":"critical"}"#;
-        let b = body(&[alert("firing", "a1", labels, T0), alert("firing", "b2", r#"{"alertname":"Disk","service":"echo"}"#, T0), alert("firing", "c3", r#"{"alertname":"Host"}"#, T0)].join(","));
+        let b = body(
+            &[
+                alert("firing", "a1", labels, T0),
+                alert("firing", "b2", r#"{"alertname":"Disk","service":"echo"}"#, T0),
+                alert("firing", "c3", r#"{"alertname":"Host"}"#, T0),
+            ]
+            .join(","),
+        );
         let got = parse_payload(b.as_bytes(), 7).unwrap();
         assert_eq!(got.len(), 3);
         assert!(got[0].firing);
@@ -544,9 +551,15 @@ mod tests {
         let cases = [
             ("nonsense".to_string(), "body"),
             (body(&ok).replace(r#""version":"4""#, r#""version":"3""#), "version"),
-            (body(&ok).replace(r#""status":"firing","receiver""#, r#""status":"burning","receiver""#), "status"),
+            (
+                body(&ok).replace(r#""status":"firing","receiver""#, r#""status":"burning","receiver""#),
+                "status",
+            ),
             (body(&ok).replace(r#""groupKey":"{}:{alertname=\"HighRunQueue\"}","#, ""), "body"),
-            (body(&[ok.clone(), alert("firing", "b", r#"{"alertname":"X"}"#, "yesterday")].join(",")), "alerts[1].startsAt"),
+            (
+                body(&[ok.clone(), alert("firing", "b", r#"{"alertname":"X"}"#, "yesterday")].join(",")),
+                "alerts[1].startsAt",
+            ),
             (body(&alert("firing", "", r#"{"alertname":"X"}"#, T0)), "alerts[0].fingerprint"),
             (body(&alert("firing", "a", r#"{"alertname":7}"#, T0)), "alerts[0].labels.alertname"),
             (body(&alert("pending", "a", r#"{"alertname":"X"}"#, T0)), "alerts[0].status"),

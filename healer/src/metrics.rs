@@ -85,7 +85,11 @@ impl AlertMetrics {
 
     /// Adds them to `r`.
     pub fn register(&self, r: &mut Registry) {
-        r.register("vigil_alerts_received", "Alerts received from Alertmanager, by status", self.received.clone());
+        r.register(
+            "vigil_alerts_received",
+            "Alerts received from Alertmanager, by status",
+            self.received.clone(),
+        );
         r.register("vigil_alerts_active", "Incoming alerts firing now", self.active.clone());
     }
 }

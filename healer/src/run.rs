@@ -138,7 +138,10 @@ impl Healer {
         let audit = Arc::new(AuditLog::open(&config.data_dir)?);
         let alerts = Arc::new(AlertStore::open(audit.database())?);
         if !alerts.list().is_empty() {
-            tracing::info!(alerts = alerts.list().len(), "incoming alerts still firing from before the restart");
+            tracing::info!(
+                alerts = alerts.list().len(),
+                "incoming alerts still firing from before the restart"
+            );
         }
         let driver: Arc<dyn crate::cgroup::CgroupDriver> =
             Arc::from(driver_for(&Layout::detect()?, &config.driver_config())?);
@@ -233,7 +236,8 @@ impl Healer {
             actions: self.actions.clone(),
             rules: self.rules.clone(),
         });
-        let alerts = vigil_auth::require_bearer(crate::alerts::http::router(self.alerts.clone()), token.as_deref());
+        let alerts =
+            vigil_auth::require_bearer(crate::alerts::http::router(self.alerts.clone()), token.as_deref());
         api::router(control, snapshots, self.actions.audit().clone(), token).merge(alerts)
     }
 

@@ -141,7 +141,12 @@ fn value(metric: Metric, inst: &InstanceSnapshot, signals: Option<&InstanceSigna
     }
 }
 
-fn holds(rule: &Rule, inst: &InstanceSnapshot, signals: Option<&InstanceSignals>, alerts: &[AlertFact]) -> bool {
+fn holds(
+    rule: &Rule,
+    inst: &InstanceSnapshot,
+    signals: Option<&InstanceSignals>,
+    alerts: &[AlertFact],
+) -> bool {
     rule.when.iter().all(|c| match c {
         Condition::Metric { metric, bounds } => {
             value(*metric, inst, signals).is_some_and(|v| bounds.holds(v))
@@ -274,7 +279,12 @@ impl Evaluator {
                 state.firing.keys().filter(|id| !holding.contains_key(*id)).cloned().collect();
             for id in ended {
                 if let Some(service) = state.firing.remove(&id) {
-                    self.ended.push(Ended { rule: rule.name.clone(), service, instance_id: id, notify: rule.notify.clone() });
+                    self.ended.push(Ended {
+                        rule: rule.name.clone(),
+                        service,
+                        instance_id: id,
+                        notify: rule.notify.clone(),
+                    });
                 }
             }
             state.holding = holding;

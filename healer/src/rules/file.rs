@@ -14,8 +14,8 @@ use vigil_core::yaml::from_yaml;
 use vigil_core::{ConfigIssue, render_issues};
 
 use super::{
-    Action, AlertCondition, Bounds, Condition, ExpectedAction, Glob, InstanceState, Metric, ReceiverRef, Rule,
-    RuleNotify, RuleSet, Selector, TestCase, TestStep, TestValues,
+    Action, AlertCondition, Bounds, Condition, ExpectedAction, Glob, InstanceState, Metric, ReceiverRef,
+    Rule, RuleNotify, RuleSet, Selector, TestCase, TestStep, TestValues,
 };
 
 /// The most ticks one test case may run (a typo like `every: 1ms` with `until: 1h` would run for long).
@@ -186,7 +186,12 @@ pub fn check_file(path: &Path) -> Result<RuleSet, RulesError> {
 pub fn check_str(text: &str, file: &str) -> Result<RuleSet, RulesError> {
     let invalid = |issues| RulesError::Invalid { file: file.to_string(), issues };
     if text.trim().is_empty() {
-        return Ok(RuleSet { file: file.to_string(), rules: Vec::new(), tests: Vec::new(), receivers: Vec::new() });
+        return Ok(RuleSet {
+            file: file.to_string(),
+            rules: Vec::new(),
+            tests: Vec::new(),
+            receivers: Vec::new(),
+        });
     }
     let raw: RawFile = from_yaml(text, file).map_err(|issue| invalid(vec![issue]))?;
     let mut issues = Issues::default();
@@ -406,7 +411,11 @@ fn condition(c: &Spanned<RawCondition>, p: &str, issues: &mut Issues) -> Option<
     let finite = [bounds.above, bounds.below, bounds.at_least, bounds.at_most].iter().flatten().count();
     if let Some(alert) = &raw.alert {
         if raw.metric.is_some() || raw.state.is_some() || given > 0 {
-            issues.at(c, p, "an `alert` condition stands alone: give `metric`, `state` or `alert` in each entry");
+            issues.at(
+                c,
+                p,
+                "an `alert` condition stands alone: give `metric`, `state` or `alert` in each entry",
+            );
             return None;
         }
         return alert_condition(alert, p, issues).map(Condition::Alert);

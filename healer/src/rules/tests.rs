@@ -361,7 +361,8 @@ fn an_alert_condition_holds_for_the_instances_the_alert_is_about() {
     let text = "rules:\n  - name: slow\n    when:\n      - alert: { name: \"HighRun*\", labels: { severity: critical } }\n    action: restart\n";
     let set = check_str(text, "a.yaml").unwrap();
     let mut e = Evaluator::new(set.rules);
-    let world = snap(vec![inst("echo", "echo-0", 0.5), inst("echo", "echo-1", 0.5), inst("web", "web-0", 0.5)]);
+    let world =
+        snap(vec![inst("echo", "echo-0", 0.5), inst("echo", "echo-1", 0.5), inst("web", "web-0", 0.5)]);
     let mut fire = |alerts: Vec<std::collections::BTreeMap<String, String>>, at: u64| {
         let mut signals = Signals::new();
         signals.set_alerts(Arc::new(alerts.iter().map(crate::alerts::AlertFact::from_labels).collect()));
@@ -378,7 +379,8 @@ fn an_alert_condition_holds_for_the_instances_the_alert_is_about() {
     assert_eq!(fire(vec![crit(&[("instance_id", "echo-1")])], 0), vec!["echo-1"]);
     assert_eq!(fire(vec![crit(&[("service", "web")])], 1), vec!["web-0"]);
     assert_eq!(fire(vec![crit(&[])], 2), vec!["echo-0", "echo-1", "web-0"], "a host-wide alert");
-    let warning = labels(&[("alertname", "HighRunQueueDelay"), ("severity", "warning"), ("instance_id", "echo-0")]);
+    let warning =
+        labels(&[("alertname", "HighRunQueueDelay"), ("severity", "warning"), ("instance_id", "echo-0")]);
     assert!(fire(vec![warning], 3).is_empty(), "every label must match");
     let other = labels(&[("alertname", "DiskFull"), ("severity", "critical")]);
     assert!(fire(vec![other], 4).is_empty(), "the name must match");
