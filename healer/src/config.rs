@@ -35,6 +35,8 @@ pub struct HealerConfig {
     pub healer: HealerSettings,
     /// How often the autoscaler decides: `collector.interval`, the tick its windows are checked against.
     pub tick: Duration,
+    /// The names of `notify.receivers`, which rules may name.
+    pub receivers: Vec<String>,
 }
 
 impl Default for HealerConfig {
@@ -53,6 +55,7 @@ impl HealerConfig {
             services: config.services.clone(),
             healer: config.healer.clone(),
             tick: config.collector.interval.0,
+            receivers: Vec::new(),
         }
     }
 

@@ -77,8 +77,11 @@ impl RuleFiles {
         let mut all = Vec::new();
         let mut files = Vec::new();
         let mut errors = Vec::new();
+        let receivers = self.config.receivers.clone();
         for (file, _) in &self.stamps {
-            match rules::check_file(file) {
+            match rules::check_file(file)
+                .and_then(|set| rules::check_receivers(&set, &receivers).map(|()| set))
+            {
                 Ok(set) => {
                     files.push(json!({
                         "file": file.display().to_string(),

@@ -175,6 +175,29 @@ const KINDS: [InstanceKind; 5] = [
     InstanceKind::Other,
 ];
 
+/// Checks that every receiver `set`'s rules name is one of `known` (the config's `notify.receivers`);
+/// the mistakes are located where the rules name them.
+pub fn check_receivers(set: &RuleSet, known: &[String]) -> Result<(), RulesError> {
+    let configured = if known.is_empty() {
+        "none is configured".to_string()
+    } else {
+        format!("configured: {}", known.join(", "))
+    };
+    let issues: Vec<ConfigIssue> = set
+        .receivers
+        .iter()
+        .filter(|r| !known.contains(&r.name))
+        .map(|r| ConfigIssue {
+            file: set.file.clone(),
+            line: r.line,
+            column: r.column,
+            path: r.path.clone(),
+            message: format!("no receiver `{}` in the config's notify.receivers ({configured})", r.name),
+        })
+        .collect();
+    if issues.is_empty() { Ok(()) } else { Err(RulesError::Invalid { file: set.file.clone(), issues }) }
+}
+
 /// Reads and validates the rule file at `path`.
 pub fn check_file(path: &Path) -> Result<RuleSet, RulesError> {
     let text = std::fs::read_to_string(path)

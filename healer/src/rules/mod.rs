@@ -85,7 +85,7 @@ use std::time::Duration;
 
 pub use cases::{TestOutcome, run_tests};
 pub use eval::{Ended, Evaluator, InstanceSignals, ProposedAction, Signals};
-pub use file::{RulesError, check_file, check_str};
+pub use file::{RulesError, check_file, check_receivers, check_str};
 pub use glob::Glob;
 
 use vigil_core::snapshot::InstanceKind;

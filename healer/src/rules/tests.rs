@@ -459,3 +459,17 @@ fn test_cases_can_set_incoming_alerts() {
     let outcomes = run_tests(&set);
     assert!(outcomes.iter().all(TestOutcome::passed), "{outcomes:?}");
 }
+
+#[test]
+fn receivers_the_config_does_not_know_are_located() {
+    let text = "rules:\n  - name: tell\n    when:\n      - state: [failed]\n    action: notify\n    notify: [ops, pager]\n";
+    let set = check_str(text, "r.yaml").unwrap();
+    assert!(check_receivers(&set, &["ops".into(), "pager".into()]).is_ok());
+    let err = check_receivers(&set, &["ops".into(), "am".into()]).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "r.yaml:6:19: rules[0].notify[1]: no receiver `pager` in the config's notify.receivers (configured: ops, am)"
+    );
+    let err = check_receivers(&set, &[]).unwrap_err().to_string();
+    assert!(err.ends_with("(none is configured)"), "{err}");
+}
