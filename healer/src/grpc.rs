@@ -131,7 +131,7 @@ fn array<'v>(v: &'v Value, key: &str) -> impl Iterator<Item = &'v Value> {
     v[key].as_array().into_iter().flatten()
 }
 
-pub fn instance_of(v: &Value) -> pb::Instance {
+fn instance_of(v: &Value) -> pb::Instance {
     pb::Instance {
         id: text(v, "id"),
         service: text(v, "service"),
@@ -157,7 +157,7 @@ pub fn instance_of(v: &Value) -> pb::Instance {
 }
 
 /// A decision as the audit log records it (with `seq` when it came from the log).
-pub fn decision_of(v: &Value) -> pb::Decision {
+fn decision_of(v: &Value) -> pb::Decision {
     pb::Decision {
         seq: uint(v, "seq"),
         unix_ms: uint(v, "unix_ms"),
@@ -175,7 +175,7 @@ pub fn decision_of(v: &Value) -> pb::Decision {
 }
 
 /// An action answer: running, finished, or (from GetAction) finished with the error of its outcome.
-pub fn action_of(v: &Value) -> pb::ActionReply {
+fn action_of(v: &Value) -> pb::ActionReply {
     pb::ActionReply {
         action_id: uint(v, "action_id"),
         status: text(v, "status"),
@@ -195,7 +195,7 @@ pub fn action_of(v: &Value) -> pb::ActionReply {
     }
 }
 
-pub fn rules_of(v: &Value) -> pb::Rules {
+fn rules_of(v: &Value) -> pb::Rules {
     pb::Rules {
         files: array(v, "files")
             .map(|f| pb::RuleFile {
@@ -212,7 +212,7 @@ pub fn rules_of(v: &Value) -> pb::Rules {
     }
 }
 
-pub fn service_of(v: &Value) -> pb::Service {
+fn service_of(v: &Value) -> pb::Service {
     pb::Service {
         name: text(v, "name"),
         desired: uint32(v, "desired"),
@@ -421,6 +421,9 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let signal = async move {
         shutdown.await;
+        // Probes see the server leave before its listener closes.
+        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        health.set_not_serving::<RemediationServer<RemediationService>>().await;
         stop.send_replace(true);
     };
     tracing::info!(%addr, "serving gRPC: vigil.v1.Remediation, grpc.health.v1.Health, reflection");
