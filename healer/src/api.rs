@@ -189,9 +189,9 @@ const DEFAULT_WAIT: Duration = Duration::from_secs(10);
 const MAX_WAIT: Duration = Duration::from_secs(120);
 
 /// An action request's `wait` (REST `?wait=`, gRPC `ActionRequest.wait`): a duration like `10s`, at most
-/// [`MAX_WAIT`]; none (or an empty one) waits [`DEFAULT_WAIT`].
+/// [`MAX_WAIT`]; none waits [`DEFAULT_WAIT`].
 pub fn parse_wait(text: Option<&str>) -> Result<Duration, ApiError> {
-    let Some(text) = text.filter(|t| !t.is_empty()) else { return Ok(DEFAULT_WAIT) };
+    let Some(text) = text else { return Ok(DEFAULT_WAIT) };
     let d = vigil_core::values::parse_duration(text)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("`wait`: {e}")))?;
     if d > MAX_WAIT {
@@ -773,6 +773,12 @@ mod tests {
         assert_eq!((code, body["error"]["code"].as_str()), (404, Some("not_found")));
         let (code, body) = request(addr, "POST /api/v1/instances/echo-0/wake?wait=1h HTTP/1.0\r\n\r\n").await;
         assert_eq!((code, body["error"]["code"].as_str()), (400, Some("bad_request")));
+        let (code, body) = request(addr, "POST /api/v1/instances/echo-0/wake?wait= HTTP/1.0\r\n\r\n").await;
+        assert_eq!(
+            (code, body["error"]["code"].as_str()),
+            (400, Some("bad_request")),
+            "an empty wait is no duration"
+        );
         let (code, body) = request(addr, "GET /api/v1/decisions?limit=5 HTTP/1.0\r\n\r\n").await;
         assert_eq!((code, body["decisions"][0]["seq"].as_u64()), (200, Some(1)));
         let (code, body) = request(addr, "POST /api/v1/dry-run?enabled=true HTTP/1.0\r\n\r\n").await;

@@ -266,7 +266,9 @@ impl RemediationService {
         request: Request<pb::ActionRequest>,
     ) -> Result<Response<pb::ActionReply>, Status> {
         let r = request.into_inner();
-        let (_, body) = self.api.act(action, &r.instance_id, Some(&r.wait)).await.map_err(status_of)?;
+        // An empty string is proto3's "not set": the default wait, as REST without `?wait=`.
+        let wait = Some(r.wait.as_str()).filter(|w| !w.is_empty());
+        let (_, body) = self.api.act(action, &r.instance_id, wait).await.map_err(status_of)?;
         Ok(Response::new(action_of(&body)))
     }
 }
