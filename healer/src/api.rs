@@ -359,7 +359,8 @@ impl Api {
 
     /// Every decision as it is recorded, in `seq` order, each once and none skipped: with `since`, first
     /// those the audit log holds after it, then the live ones; without, only those recorded from now on.
-    /// The feed ends when `stop` turns true, when the receiver is dropped, or after an error it sends.
+    /// The feed ends when `stop` turns true (or its sender is gone), when the receiver is dropped, or after
+    /// an error it sends.
     ///
     /// The live feed is a broadcast: a watcher subscribes before it reads the log, so nothing recorded
     /// after the read is missed, and it sends a live decision only when it is the next `seq`. Anything else
@@ -933,11 +934,11 @@ mod tests {
     async fn watching_without_since_sees_only_new_decisions() {
         let (api, fake, audit, dir) = bare_api("live");
         record(&audit, &fake, 1, false);
-        let (_stop_tx, stop) = watch::channel(false);
+        let (stop_tx, stop) = watch::channel(false);
         let mut rx = api.watch_decisions(None, stop).await.unwrap();
         record(&audit, &fake, 2, true);
         assert_eq!(next_seq(&mut rx).await, 2);
-        let mut all = api.watch_decisions(Some(0), watch::channel(false).1).await.unwrap();
+        let mut all = api.watch_decisions(Some(0), stop_tx.subscribe()).await.unwrap();
         assert_eq!((next_seq(&mut all).await, next_seq(&mut all).await), (1, 2), "since 0: the whole log");
         let _ = std::fs::remove_dir_all(dir);
     }
