@@ -75,6 +75,8 @@ class Watcher:
     def __init__(self, stub, since_seq=None):
         request = pb.WatchDecisionsRequest() if since_seq is None else pb.WatchDecisionsRequest(since_seq=since_seq)
         self.call = stub.WatchDecisions(request, metadata=AUTH)
+        # The server answers with headers once it has subscribed: from then on no decision is missed.
+        self.call.initial_metadata()
         self.seen = []
         self.error = None
         self.lock = threading.Lock()
