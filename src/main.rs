@@ -31,7 +31,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run everything on this host: collector, managed services, healer, broker and API (embedded defaults, or --config).
+    /// Run everything on this host: collector, managed services, healer, broker, REST and gRPC APIs (embedded defaults, or --config).
     Up {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
@@ -319,6 +319,13 @@ async fn shutdown_signal() {
 struct Parts {
     healer: Option<HealerConfig>,
     broker: Option<(BrokerFile, Option<PathBuf>)>,
+    /// Where the gRPC API listens, when it is served (it serves the healer's operations).
+    grpc: Option<SocketAddr>,
+}
+
+/// Resolves once `stopping` turns true.
+async fn stopped(mut stopping: tokio::sync::watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|s| *s).await;
 }
 
 async fn run_collector(config: Config, parts: Parts) -> anyhow::Result<()> {
@@ -359,19 +366,50 @@ async fn run_collector(config: Config, parts: Parts) -> anyhow::Result<()> {
     let mut registries = Vec::new();
     registries.extend(healer.as_ref().map(Healer::metrics_registry));
     registries.extend(broker.as_ref().map(Broker::metrics_registry));
-    // One token rule for the whole listener: metrics, probes and API alike.
+    // One token rule for the whole listener: metrics, probes and API alike; and for the gRPC API.
     let token = config.http.token.clone().filter(|t| !t.is_empty());
     let mut router = collector.router_with(registries, token.as_deref());
-    if let Some(h) = &healer {
-        router = router.merge(h.router(collector.snapshots(), token));
+    // One set of API operations behind both transports.
+    let api = healer.as_ref().map(|h| h.api(collector.snapshots(), token));
+    if let Some(api) = &api {
+        router = router.merge(vigil_healer::api::router(api.clone()));
     }
+    let grpc = api.zip(parts.grpc);
     let listen: SocketAddr = config.http.listen;
     let served = async {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen} (http.listen)"))?;
+        let grpc = match grpc {
+            Some((api, addr)) => Some((api, vigil_healer::grpc::bind(addr).await?)),
+            None => None,
+        };
         tracing::info!(%listen, "serving /metrics, /healthz, /readyz, /api/v1/");
-        axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await.context("HTTP server")
+        // Both servers stop on the signal, and either stops the other when it fails.
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let signal = async {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = stopped(stopping.clone()) => {}
+            }
+            stop.send_replace(true);
+        };
+        let http = async {
+            let r = axum::serve(listener, router)
+                .with_graceful_shutdown(stopped(stopping.clone()))
+                .await
+                .context("HTTP server");
+            stop.send_replace(true);
+            r
+        };
+        let grpc = async {
+            let Some((api, listener)) = grpc else { return Ok(()) };
+            let r = vigil_healer::grpc::serve(api, listener, stopped(stopping.clone())).await;
+            stop.send_replace(true);
+            r.map_err(anyhow::Error::from)
+        };
+        let ((), http, grpc) = tokio::join!(signal, http, grpc);
+        http.and(grpc)
     }
     .await;
     if let Some(b) = broker {
@@ -473,10 +511,14 @@ fn main() -> ExitCode {
         Command::Up { config } => load_config(config.as_ref(), Runs::Everything).and_then(|c| {
             let healer = Some(HealerConfig::from_config(&c));
             let broker = Some((BrokerFile::from_config(&c), config.clone()));
-            runtime()?.block_on(run_collector(Config::from_config(&c), Parts { healer, broker }))
+            let grpc = c.grpc.enabled.then_some(c.grpc.listen);
+            runtime()?.block_on(run_collector(Config::from_config(&c), Parts { healer, broker, grpc }))
         }),
         Command::Collector { config } => load_config(config.as_ref(), Runs::WithoutServices).and_then(|c| {
-            runtime()?.block_on(run_collector(Config::from_config(&c), Parts { healer: None, broker: None }))
+            runtime()?.block_on(run_collector(
+                Config::from_config(&c),
+                Parts { healer: None, broker: None, grpc: None },
+            ))
         }),
         Command::Broker { config } => load_config(config.as_ref(), Runs::WithoutServices).and_then(|c| {
             runtime()?.block_on(run_broker(

@@ -19,7 +19,7 @@ const TOKEN: &str = "e2e-alerting-token";
 fn prometheus_and_alertmanager_alerts_restart_an_instance_and_resolve() {
     let scratch = Scratch::new("alerting");
     let base = free_ports(5);
-    let (api, app, am, prom) = (base, base + 1, base + 2, base + 3);
+    let (api, app, am, prom, grpc) = (base, base + 1, base + 2, base + 3, base + 4);
     let parent = format!("/vigil-test-alerting-{}", std::process::id());
     let rules = scratch.write(
         "rules.yaml",
@@ -28,7 +28,7 @@ fn prometheus_and_alertmanager_alerts_restart_an_instance_and_resolve() {
     let config = scratch.write(
         "vigil.yaml",
         &format!(
-            "data_dir: {data}\nhttp: {{ listen: \"127.0.0.1:{api}\", token: {TOKEN} }}\nrules: [{rules}]\nhealer: {{ cgroup_parent: {parent}, stop_grace: 2s }}\ncollector: {{ watch: {{ managed_root: {parent} }} }}\nbroker: {{ enabled: false }}\nservices:\n  - name: echo\n    command: [python3, -m, http.server, --bind, 127.0.0.1, \"{{port}}\"]\n    port: {app}\n    readiness: {{ tcp: true }}\n",
+            "data_dir: {data}\nhttp: {{ listen: \"127.0.0.1:{api}\", token: {TOKEN} }}\nrules: [{rules}]\nhealer: {{ cgroup_parent: {parent}, stop_grace: 2s }}\ncollector: {{ watch: {{ managed_root: {parent} }} }}\nbroker: {{ enabled: false }}\ngrpc: {{ listen: \"127.0.0.1:{grpc}\" }}\nservices:\n  - name: echo\n    command: [python3, -m, http.server, --bind, 127.0.0.1, \"{{port}}\"]\n    port: {app}\n    readiness: {{ tcp: true }}\n",
             data = scratch.path("data").display(),
             rules = rules.display(),
         ),

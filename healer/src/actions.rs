@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::watch;
+use serde::Serialize;
+use tokio::sync::{broadcast, watch};
 
 use crate::audit::AuditLog;
 use crate::engine::{Decision, Engine, Executor, Outcome, Refusal, Started};
@@ -17,6 +18,15 @@ use crate::rules::{Action, ProposedAction};
 
 /// Finished decisions kept for lookup by id.
 const KEEP_FINISHED: usize = 1024;
+/// Recorded decisions a subscriber may fall behind by before it must catch up from the audit log.
+const BROADCAST_BUFFER: usize = 1024;
+
+/// A record as the audit log holds it, with its sequence number: what subscribers see.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub seq: u64,
+    pub record: Arc<serde_json::Value>,
+}
 
 /// A submitted action: its id, and its decision once final.
 #[derive(Clone)]
@@ -61,6 +71,7 @@ pub struct Actions {
     metrics: EngineMetrics,
     started: Instant,
     ledger: Mutex<(u64, BTreeMap<u64, Entry>)>,
+    recorded: broadcast::Sender<Recorded>,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -76,7 +87,29 @@ impl Actions {
             metrics: EngineMetrics::default(),
             started: Instant::now(),
             ledger: Mutex::new((0, BTreeMap::new())),
+            recorded: broadcast::channel(BROADCAST_BUFFER).0,
         })
+    }
+
+    /// Every record appended to the audit log from now on, after it is durable. A subscriber that falls
+    /// more than [`BROADCAST_BUFFER`] behind is told it lagged and reads the rest from the log.
+    pub fn subscribe(&self) -> broadcast::Receiver<Recorded> {
+        self.recorded.subscribe()
+    }
+
+    /// Tells subscribers of a record the audit log now holds as `seq` (for writers of the log other than
+    /// [`Actions::submit`], such as the autoscaler's pins).
+    pub fn publish(&self, seq: u64, record: &impl Serialize) {
+        // Nobody listening is the common case: skip the encoding.
+        if self.recorded.receiver_count() == 0 {
+            return;
+        }
+        match serde_json::to_value(record) {
+            Ok(v) => {
+                let _ = self.recorded.send(Recorded { seq, record: Arc::new(v) });
+            }
+            Err(e) => tracing::warn!(error = %e, seq, "cannot announce a recorded decision"),
+        }
     }
 
     /// The engine, for a moment: decisions and settings only; nothing may act while holding it.
@@ -168,7 +201,8 @@ impl Actions {
         submitted
     }
 
-    /// Records the decision (metrics, the audit log off the async workers), then makes it visible.
+    /// Records the decision (metrics, the audit log off the async workers), then makes it visible: to its
+    /// submitter and to subscribers.
     async fn finish(&self, id: u64, p: &ProposedAction, at: SystemTime, outcome: Outcome) {
         let decision = Decision {
             unix_ms: unix_ms(at),
@@ -186,7 +220,7 @@ impl Actions {
         let audit = self.audit.clone();
         let record = decision.clone();
         match tokio::task::spawn_blocking(move || audit.append(&record)).await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(seq)) => self.publish(seq, &decision),
             Ok(Err(e)) => tracing::error!(error = %e, "cannot record a decision in the audit log"),
             Err(e) => tracing::error!(error = %e, "the audit writer panicked"),
         }

@@ -419,15 +419,12 @@ impl AlertStore {
     }
 }
 
-/// `POST /api/v1/alerts` (Alertmanager's webhook) and `GET /api/v1/alerts`, under the API's token rule.
+/// What `POST /api/v1/alerts` (Alertmanager's webhook) and `GET /api/v1/alerts` do, for `crate::api`'s
+/// REST routes and gRPC service alike.
 pub mod http {
     use std::sync::Arc;
 
-    use axum::extract::{Query, State};
     use axum::http::StatusCode;
-    use axum::response::{IntoResponse, Response};
-    use axum::routing::get;
-    use axum::{Json, Router};
     use serde::Deserialize;
     use serde_json::{Value, json};
 
@@ -479,27 +476,6 @@ pub mod http {
             }
             Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "alert_store", e.to_string())),
         }
-    }
-
-    async fn post(State(store): State<Arc<AlertStore>>, body: axum::body::Bytes) -> Response {
-        match ingest(store, &body).await {
-            Ok(report) => Json(report).into_response(),
-            Err(e) => e.into_response(),
-        }
-    }
-
-    async fn get_all(
-        State(store): State<Arc<AlertStore>>,
-        filter: Result<Query<Filter>, axum::extract::rejection::QueryRejection>,
-    ) -> Result<Json<Value>, ApiError> {
-        let Query(filter) =
-            filter.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
-        Ok(Json(json!({ "alerts": list(&store, &filter) })))
-    }
-
-    /// The routes; the caller puts them under the API's token rule.
-    pub fn router(store: Arc<AlertStore>) -> Router {
-        Router::new().route("/api/v1/alerts", get(get_all).post(post)).with_state(store)
     }
 }
 

@@ -1,6 +1,11 @@
-//! REST API v1 (DESIGN.md §4): instances with their state and metrics, hibernate and wake by hand, the
-//! decision log and the rules in force. JSON in and out; errors are `{"error": {"code", "message"}}` with a
-//! fitting status. A bearer token, when configured, is required on every request (the config refuses a
+//! The remediation API's operations, each written once (DESIGN.md §4): instances with their state and
+//! metrics, manual actions, the decision log (read, and watched as it grows), the rules in force, dry-run
+//! mode and the managed services' scale. [`Api`] holds them; the REST routes below and the gRPC service
+//! (`crate::grpc`) are thin wrappers that turn their transport's request into one call of it and its
+//! answer (or [`ApiError`]) back into their own shape, so the two APIs cannot drift apart.
+//!
+//! REST: JSON in and out under `/api/v1/`; errors are `{"error": {"code", "message"}}` with a fitting
+//! status. A bearer token, when configured, is required on every request (the config refuses a
 //! non-loopback bind without one) and compared in constant time ([`vigil_auth`]).
 //!
 //! Instances Vigil did not start (discovered cgroups) are `observed`: Vigil sees them and reports their
@@ -16,12 +21,16 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc, watch};
 use vigil_auth as auth;
 use vigil_cgroup::fs::{self as cgroupfs, Layout};
 use vigil_core::snapshot::InstanceSnapshot;
 
 use crate::SnapshotReceiver;
 
+use crate::actions::Recorded;
+use crate::alerts::AlertStore;
+pub use crate::alerts::http::Filter as AlertFilter;
 use crate::audit::AuditLog;
 use crate::engine::BoxFuture;
 use crate::rules::{Action, InstanceState};
@@ -64,6 +73,8 @@ pub trait Control: Send + Sync {
     fn services(&self) -> Vec<Value>;
     /// Pins a scaled service at `count` instances, or (`None`) gives it back to the autoscaler.
     fn scale<'a>(&'a self, service: &'a str, count: Option<u32>) -> BoxFuture<'a, Result<Value, ApiError>>;
+    /// Every decision as the audit log records it, from now on (see [`crate::actions::Actions::subscribe`]).
+    fn subscribe(&self) -> broadcast::Receiver<Recorded>;
 }
 
 /// `POST /api/v1/services/{name}/scale`'s body: `{"instances": N}` pins, `{"scale": "auto"}` lifts the
@@ -87,7 +98,8 @@ fn parse_scale_body(body: &[u8]) -> Result<Option<u32>, ApiError> {
     }
 }
 
-/// An API error: HTTP status, a stable code and a sentence.
+/// An API error: HTTP status, a stable code and a sentence. gRPC maps the code to its own status codes
+/// (`crate::grpc::code_of`).
 #[derive(Debug, PartialEq)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -99,6 +111,14 @@ impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self { status, code, message: message.into() }
     }
+
+    fn internal(e: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    }
+
+    fn audit(e: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "audit", e.to_string())
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -107,7 +127,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-struct Api {
+/// The API's operations over the healer ([`Control`]), the collector's latest snapshot and the audit log.
+/// Shared by the REST routes and the gRPC service.
+pub struct Api {
     control: Arc<dyn Control>,
     snapshots: SnapshotReceiver,
     audit: Arc<AuditLog>,
@@ -115,6 +137,8 @@ struct Api {
     /// Where the v2 hierarchy is mounted, to list a discovered instance's processes; `None` when it could
     /// not be found, and then they list none.
     layout: Option<Layout>,
+    /// Incoming alerts (`POST /api/v1/alerts`).
+    alerts: Arc<AlertStore>,
 }
 
 /// The state of an instance Vigil did not start: it is seen, not run, so none of the managed lifecycle
@@ -163,8 +187,88 @@ fn instance_json(
     }
 }
 
+/// How long an action request waits for the outcome by default before answering that it runs.
+const DEFAULT_WAIT: Duration = Duration::from_secs(10);
+/// The longest `wait` a request may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(120);
+
+/// An action request's `wait` (REST `?wait=`, gRPC `ActionRequest.wait`): a duration like `10s`, at most
+/// [`MAX_WAIT`]; none waits [`DEFAULT_WAIT`].
+pub fn parse_wait(text: Option<&str>) -> Result<Duration, ApiError> {
+    let Some(text) = text else { return Ok(DEFAULT_WAIT) };
+    let d = vigil_core::values::parse_duration(text)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("`wait`: {e}")))?;
+    if d > MAX_WAIT {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("`wait` may be at most {}s", MAX_WAIT.as_secs()),
+        ));
+    }
+    Ok(d)
+}
+
+/// Decisions read from the audit log at a time while a watcher catches up.
+const WATCH_BATCH: usize = 256;
+/// Decisions a watcher holds for its client before it stops reading (it resumes from the audit log).
+const WATCH_BUFFER: usize = 64;
+/// `decisions(limit)` when no limit is given, and the largest limit.
+const DEFAULT_DECISIONS: usize = 100;
+const MAX_DECISIONS: usize = 10_000;
+
 impl Api {
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    /// The operations on this host's cgroup layout.
+    pub fn new(
+        control: Arc<dyn Control>,
+        snapshots: SnapshotReceiver,
+        audit: Arc<AuditLog>,
+        token: Option<String>,
+    ) -> Arc<Api> {
+        let layout = match Layout::detect() {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "discovered instances will list no pids");
+                None
+            }
+        };
+        Self::with_layout(control, snapshots, audit, token, layout)
+    }
+
+    /// The operations, reading discovered instances' processes under `layout`'s v2 root.
+    pub fn with_layout(
+        control: Arc<dyn Control>,
+        snapshots: SnapshotReceiver,
+        audit: Arc<AuditLog>,
+        token: Option<String>,
+        layout: Option<Layout>,
+    ) -> Arc<Api> {
+        // An empty token is no token, as in the config's check and on the other routes of the listener.
+        let token = token.filter(|t| !t.is_empty());
+        Arc::new(Api { control, snapshots, audit, token, layout, alerts: Arc::new(AlertStore::in_memory()) })
+    }
+
+    /// The same operations over the healer's alert store (by default an empty one kept in memory). Call it
+    /// on the `Api` just made, before it is shared.
+    pub fn with_alerts(self: Arc<Api>, alerts: Arc<AlertStore>) -> Arc<Api> {
+        let mut api = Arc::into_inner(self).expect("with_alerts is called before the Api is shared");
+        api.alerts = alerts;
+        Arc::new(api)
+    }
+
+    /// The incoming alerts firing now, oldest first; a filter keeps those whose `instance_id` / `service`
+    /// label has that value.
+    pub fn alerts(&self, filter: &AlertFilter) -> Vec<Value> {
+        crate::alerts::http::list(&self.alerts, filter)
+    }
+
+    /// Takes an Alertmanager webhook body (version 4): what it did, or a 400 naming the field.
+    pub async fn ingest_alerts(&self, body: &[u8]) -> Result<Value, ApiError> {
+        crate::alerts::http::ingest(self.alerts.clone(), body).await
+    }
+
+    /// The one token rule of both APIs: with a token configured, the request's `authorization` header (an
+    /// HTTP header, or gRPC metadata) must be `Bearer <token>`.
+    pub fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let Some(token) = &self.token else { return Ok(()) };
         if auth::bearer_matches(headers, token) {
             Ok(())
@@ -175,7 +279,7 @@ impl Api {
 
     /// Every instance, or only the one with id `only`: managed ones first, then the discovered ones.
     /// Blocking (see [`instance_json`]); the filter comes before any file is read.
-    fn instances(&self, only: Option<&str>) -> Vec<Value> {
+    fn instances_now(&self, only: Option<&str>) -> Vec<Value> {
         let snap = self.snapshots.borrow().clone();
         let managed = self.control.managed();
         let layout = self.layout.as_ref();
@@ -194,23 +298,206 @@ impl Api {
         out
     }
 
-    /// [`Api::instances`] off the async runtime's workers.
+    /// [`Api::instances_now`] off the async runtime's workers.
     async fn instances_blocking(self: &Arc<Self>, only: Option<String>) -> Result<Vec<Value>, ApiError> {
         let api = self.clone();
-        tokio::task::spawn_blocking(move || api.instances(only.as_deref()))
+        tokio::task::spawn_blocking(move || api.instances_now(only.as_deref()))
             .await
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+            .map_err(ApiError::internal)
+    }
+
+    /// Every instance: managed ones first, then the discovered ones.
+    pub async fn instances(self: &Arc<Self>) -> Result<Vec<Value>, ApiError> {
+        self.instances_blocking(None).await
+    }
+
+    /// One instance by id.
+    pub async fn instance(self: &Arc<Self>, id: &str) -> Result<Value, ApiError> {
+        self.instances_blocking(Some(id.to_string()))
+            .await?
+            .into_iter()
+            .find(|i| i["id"] == id)
+            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no instance `{id}`")))
+    }
+
+    /// A manual action on a managed instance, waiting at most `wait` (see [`parse_wait`]) for its outcome:
+    /// 200 with the finished answer, 202 with the action's id while it runs, or the error its outcome
+    /// fits (refused, failed).
+    pub async fn act(
+        &self,
+        action: Action,
+        instance_id: &str,
+        wait: Option<&str>,
+    ) -> Result<(StatusCode, Value), ApiError> {
+        let wait = parse_wait(wait)?;
+        self.control.act(action, instance_id, wait).await
+    }
+
+    /// A submitted action by its id: running, or finished with its decision.
+    pub async fn action(&self, id: u64) -> Result<Value, ApiError> {
+        let control = self.control.clone();
+        tokio::task::spawn_blocking(move || control.action(id))
+            .await
+            .map_err(ApiError::internal)?
+            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no action `{id}`")))
+    }
+
+    /// The newest `limit` decisions (default 100, at most 10 000), newest first, each with its `seq`.
+    pub async fn decisions(&self, limit: Option<usize>) -> Result<Vec<Value>, ApiError> {
+        let limit = limit.unwrap_or(DEFAULT_DECISIONS).min(MAX_DECISIONS);
+        let audit = self.audit.clone();
+        let rows = tokio::task::spawn_blocking(move || audit.recent(limit))
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(ApiError::audit)?;
+        Ok(rows.into_iter().map(|(seq, v)| with_seq(seq, v)).collect())
+    }
+
+    /// The rules in force, the status of each rule file and dry-run mode.
+    pub fn rules(&self) -> Value {
+        self.control.rules()
+    }
+
+    /// Turns dry-run mode on or off; returns the mode now in force.
+    pub fn set_dry_run(&self, on: bool) -> Result<bool, ApiError> {
+        self.control.set_dry_run(on)
+    }
+
+    /// Every managed service.
+    pub fn services(&self) -> Vec<Value> {
+        self.control.services()
+    }
+
+    /// One managed service by name.
+    pub fn service(&self, name: &str) -> Result<Value, ApiError> {
+        self.control.services().into_iter().find(|s| s["name"] == name).ok_or_else(|| {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no managed service `{name}`"))
+        })
+    }
+
+    /// Pins a scaled service at `count` instances, or (`None`) gives it back to the autoscaler.
+    pub async fn scale(&self, name: &str, count: Option<u32>) -> Result<Value, ApiError> {
+        self.control.scale(name, count).await
+    }
+
+    /// Every decision as it is recorded, in `seq` order, each once and none skipped: with `since`, first
+    /// those the audit log holds after it, then the live ones; without, only those recorded from now on.
+    /// The feed ends when `stop` turns true (or its sender is gone), when the receiver is dropped, or after
+    /// an error it sends.
+    ///
+    /// The live feed is a broadcast: a watcher subscribes before it reads the log, so nothing recorded
+    /// after the read is missed, and it sends a live decision only when it is the next `seq`. Anything else
+    /// (a decision recorded out of broadcast order, one written by another writer of the log, or a
+    /// broadcast the watcher fell behind on while its client read slowly) is read from the audit log,
+    /// which holds every `seq`: a slow client is refilled, never cut off.
+    pub async fn watch_decisions(
+        self: &Arc<Self>,
+        since: Option<u64>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<mpsc::Receiver<Result<Value, ApiError>>, ApiError> {
+        // Subscribed before the log is read: whatever is recorded after the read is broadcast to us.
+        let mut live = self.control.subscribe();
+        let audit = self.audit.clone();
+        let mut next = match since {
+            Some(seq) => seq,
+            None => {
+                let audit = audit.clone();
+                tokio::task::spawn_blocking(move || audit.last_seq())
+                    .await
+                    .map_err(ApiError::internal)?
+                    .map_err(ApiError::audit)?
+            }
+        }
+        .saturating_add(1);
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let feed = async move {
+            if since.is_some() && !catch_up(&audit, &tx, &mut next).await {
+                return;
+            }
+            loop {
+                let received = tokio::select! {
+                    r = live.recv() => r,
+                    _ = tx.closed() => return,
+                };
+                let sent = match received {
+                    Ok(r) if r.seq == next => {
+                        next += 1;
+                        tx.send(Ok(with_seq(r.seq, (*r.record).clone()))).await.is_ok()
+                    }
+                    Ok(r) if r.seq < next => true,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        catch_up(&audit, &tx, &mut next).await
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if !sent {
+                    return;
+                }
+            }
+        };
+        // Also while a send waits for a slow client: a server shutting down does not wait for it.
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = feed => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        });
+        Ok(rx)
     }
 }
+
+/// A decision from the audit log with its place in it.
+fn with_seq(seq: u64, mut v: Value) -> Value {
+    if let Value::Object(map) = &mut v {
+        map.insert("seq".into(), json!(seq));
+    }
+    v
+}
+
+/// Sends every decision the audit log holds from `next` on, and moves `next` past them. False when the
+/// watch is over (the receiver is gone, or reading failed and the error was sent).
+async fn catch_up(audit: &Arc<AuditLog>, tx: &mpsc::Sender<Result<Value, ApiError>>, next: &mut u64) -> bool {
+    loop {
+        let (audit, from) = (audit.clone(), *next);
+        let batch = match tokio::task::spawn_blocking(move || audit.from_seq(from, WATCH_BATCH)).await {
+            Ok(Ok(batch)) => batch,
+            Ok(Err(e)) => {
+                let _ = tx.send(Err(ApiError::audit(e))).await;
+                return false;
+            }
+            Err(e) => {
+                let _ = tx.send(Err(ApiError::internal(e))).await;
+                return false;
+            }
+        };
+        let full = batch.len() == WATCH_BATCH;
+        for (seq, v) in batch {
+            *next = seq.saturating_add(1);
+            if tx.send(Ok(with_seq(seq, v))).await.is_err() {
+                return false;
+            }
+        }
+        if !full {
+            return true;
+        }
+    }
+}
+
+// --- REST: each route parses its request, calls one operation and shapes the answer. ------------------
 
 #[derive(Deserialize)]
 struct Limit {
     limit: Option<usize>,
 }
 
+#[derive(Deserialize)]
+struct Wait {
+    wait: Option<String>,
+}
+
 async fn list(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     api.authorize(&headers)?;
-    Ok(Json(json!({ "instances": api.instances_blocking(None).await? })))
+    Ok(Json(json!({ "instances": api.instances().await? })))
 }
 
 async fn get_one(
@@ -219,36 +506,7 @@ async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     api.authorize(&headers)?;
-    api.instances_blocking(Some(id.clone()))
-        .await?
-        .into_iter()
-        .find(|i| i["id"] == id.as_str())
-        .map(Json)
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no instance `{id}`")))
-}
-
-/// How long an action request waits for the outcome by default before answering 202.
-const DEFAULT_WAIT: Duration = Duration::from_secs(10);
-/// The longest `wait` a request may ask for.
-const MAX_WAIT: Duration = Duration::from_secs(120);
-
-#[derive(Deserialize)]
-struct Wait {
-    wait: Option<String>,
-}
-
-fn parse_wait(q: &Wait) -> Result<Duration, ApiError> {
-    let Some(text) = &q.wait else { return Ok(DEFAULT_WAIT) };
-    let d = vigil_core::values::parse_duration(text)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("`wait`: {e}")))?;
-    if d > MAX_WAIT {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!("`wait` may be at most {}s", MAX_WAIT.as_secs()),
-        ));
-    }
-    Ok(d)
+    api.instance(&id).await.map(Json)
 }
 
 /// `POST /api/v1/instances/{id}/{action}`: hibernate, wake, restart, stop, start.
@@ -266,8 +524,7 @@ async fn act(
             format!("no action `{action}`; instances take hibernate, wake, restart, stop, start"),
         )
     })?;
-    let wait = parse_wait(&q)?;
-    let (status, body) = api.control.act(action, &id, wait).await?;
+    let (status, body) = api.act(action, &id, q.wait.as_deref()).await?;
     Ok((status, Json(body)))
 }
 
@@ -277,14 +534,10 @@ async fn action_status(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     api.authorize(&headers)?;
-    let unknown = || ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no action `{id}`"));
-    let n: u64 = id.parse().map_err(|_| unknown())?;
-    let control = api.control.clone();
-    tokio::task::spawn_blocking(move || control.action(n))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-        .map(Json)
-        .ok_or_else(unknown)
+    let n: u64 = id
+        .parse()
+        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no action `{id}`")))?;
+    api.action(n).await.map(Json)
 }
 
 async fn decisions(
@@ -293,25 +546,12 @@ async fn decisions(
     Query(q): Query<Limit>,
 ) -> Result<Json<Value>, ApiError> {
     api.authorize(&headers)?;
-    let limit = q.limit.unwrap_or(100).min(10_000);
-    let audit = api.audit.clone();
-    let rows = tokio::task::spawn_blocking(move || audit.recent(limit))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "audit", e.to_string()))?;
-    let decisions: Vec<Value> = rows
-        .into_iter()
-        .map(|(seq, mut v)| {
-            v["seq"] = json!(seq);
-            v
-        })
-        .collect();
-    Ok(Json(json!({ "decisions": decisions })))
+    Ok(Json(json!({ "decisions": api.decisions(q.limit).await? })))
 }
 
 async fn rules(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     api.authorize(&headers)?;
-    Ok(Json(api.control.rules()))
+    Ok(Json(api.rules()))
 }
 
 async fn dry_run(
@@ -331,12 +571,12 @@ async fn dry_run(
             ));
         }
     };
-    Ok(Json(json!({ "dry_run": api.control.set_dry_run(enabled)? })))
+    Ok(Json(json!({ "dry_run": api.set_dry_run(enabled)? })))
 }
 
 async fn services(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     api.authorize(&headers)?;
-    Ok(Json(Value::Array(api.control.services())))
+    Ok(Json(Value::Array(api.services())))
 }
 
 async fn service(
@@ -345,9 +585,7 @@ async fn service(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     api.authorize(&headers)?;
-    api.control.services().into_iter().find(|s| s["name"] == name.as_str()).map(Json).ok_or_else(|| {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no managed service `{name}`"))
-    })
+    api.service(&name).map(Json)
 }
 
 async fn scale(
@@ -358,41 +596,35 @@ async fn scale(
 ) -> Result<Json<Value>, ApiError> {
     api.authorize(&headers)?;
     let count = parse_scale_body(&body)?;
-    Ok(Json(api.control.scale(&name, count).await?))
+    Ok(Json(api.scale(&name, count).await?))
+}
+
+async fn list_alerts(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    filter: Result<Query<AlertFilter>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    api.authorize(&headers)?;
+    let Query(filter) =
+        filter.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    Ok(Json(json!({ "alerts": api.alerts(&filter) })))
+}
+
+async fn post_alerts(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    api.authorize(&headers)?;
+    Ok(Json(api.ingest_alerts(&body).await?))
 }
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /api/v1/instances")
 }
 
-/// The `/api/v1/` routes, on this host's cgroup layout.
-pub fn router(
-    control: Arc<dyn Control>,
-    snapshots: SnapshotReceiver,
-    audit: Arc<AuditLog>,
-    token: Option<String>,
-) -> Router {
-    let layout = match Layout::detect() {
-        Ok(l) => Some(l),
-        Err(e) => {
-            tracing::warn!(error = %e, "discovered instances will list no pids");
-            None
-        }
-    };
-    router_on(control, snapshots, audit, token, layout)
-}
-
-/// The `/api/v1/` routes, reading discovered instances' processes under `layout`'s v2 root.
-pub fn router_on(
-    control: Arc<dyn Control>,
-    snapshots: SnapshotReceiver,
-    audit: Arc<AuditLog>,
-    token: Option<String>,
-    layout: Option<Layout>,
-) -> Router {
-    // An empty token is no token, as in the config's check and on the other routes of the listener.
-    let token = token.filter(|t| !t.is_empty());
-    let api = Arc::new(Api { control, snapshots, audit, token, layout });
+/// The `/api/v1/` routes over `api`.
+pub fn router(api: Arc<Api>) -> Router {
     Router::new()
         .route("/api/v1/instances", get(list))
         .route("/api/v1/instances/{id}", get(get_one))
@@ -404,6 +636,7 @@ pub fn router_on(
         .route("/api/v1/decisions", get(decisions))
         .route("/api/v1/rules", get(rules))
         .route("/api/v1/dry-run", post(dry_run))
+        .route("/api/v1/alerts", get(list_alerts).post(post_alerts))
         .route("/api/v1/{*rest}", get(not_found).post(not_found))
         .with_state(api)
 }
@@ -418,6 +651,13 @@ mod tests {
 
     struct Fake {
         acted: Mutex<Vec<(Action, String)>>,
+        recorded: broadcast::Sender<Recorded>,
+    }
+
+    impl Fake {
+        fn new() -> Fake {
+            Fake { acted: Mutex::new(Vec::new()), recorded: broadcast::channel(4).0 }
+        }
     }
 
     impl Control for Fake {
@@ -468,6 +708,9 @@ mod tests {
                 json!({"name": "echo", "desired": 1}),
                 json!({"name": "api", "desired": 3, "mode": "stable"}),
             ]
+        }
+        fn subscribe(&self) -> broadcast::Receiver<Recorded> {
+            self.recorded.subscribe()
         }
         fn scale<'a>(
             &'a self,
@@ -540,10 +783,10 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let audit = Arc::new(AuditLog::open(&dir).unwrap());
         audit.append(&json!({"rule": "idle", "action": "hibernate", "instance_id": "echo-0"})).unwrap();
-        let fake = Arc::new(Fake { acted: Mutex::new(Vec::new()) });
+        let fake = Arc::new(Fake::new());
         // The receiver keeps the last value after the sender is gone.
         let (_, rx) = tokio::sync::watch::channel(Arc::new(snapshot));
-        let app = router_on(fake.clone(), rx, audit, token, layout);
+        let app = router(Api::with_layout(fake.clone(), rx, audit, token, layout));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -575,6 +818,12 @@ mod tests {
         assert_eq!((code, body["error"]["code"].as_str()), (404, Some("not_found")));
         let (code, body) = request(addr, "POST /api/v1/instances/echo-0/wake?wait=1h HTTP/1.0\r\n\r\n").await;
         assert_eq!((code, body["error"]["code"].as_str()), (400, Some("bad_request")));
+        let (code, body) = request(addr, "POST /api/v1/instances/echo-0/wake?wait= HTTP/1.0\r\n\r\n").await;
+        assert_eq!(
+            (code, body["error"]["code"].as_str()),
+            (400, Some("bad_request")),
+            "an empty wait is no duration"
+        );
         let (code, body) = request(addr, "GET /api/v1/decisions?limit=5 HTTP/1.0\r\n\r\n").await;
         assert_eq!((code, body["decisions"][0]["seq"].as_u64()), (200, Some(1)));
         let (code, body) = request(addr, "POST /api/v1/dry-run?enabled=true HTTP/1.0\r\n\r\n").await;
@@ -666,6 +915,75 @@ mod tests {
                 request(addr, &format!("GET /api/v1/rules HTTP/1.0\r\nAuthorization: {wrong}\r\n\r\n")).await;
             assert_eq!((code, body["error"]["code"].as_str()), (401, Some("unauthorized")), "{wrong}");
         }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// An [`Api`] over the fake, with an empty audit log in a fresh directory.
+    fn bare_api(name: &str) -> (Arc<Api>, Arc<Fake>, Arc<AuditLog>, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("vigil-api-watch-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let audit = Arc::new(AuditLog::open(&dir).unwrap());
+        let fake = Arc::new(Fake::new());
+        let (_, rx) = tokio::sync::watch::channel(Arc::new(vigil_core::snapshot::Snapshot::empty()));
+        (Api::with_layout(fake.clone(), rx, audit.clone(), None, None), fake, audit, dir)
+    }
+
+    /// Appends a decision numbered `n` and, when `announce`, broadcasts it as `finish` does.
+    fn record(audit: &AuditLog, fake: &Fake, n: u64, announce: bool) -> u64 {
+        let v = json!({ "rule": "idle", "action": "hibernate", "instance_id": format!("echo-{n}") });
+        let seq = audit.append(&v).unwrap();
+        if announce {
+            let _ = fake.recorded.send(Recorded { seq, record: Arc::new(v) });
+        }
+        seq
+    }
+
+    async fn next_seq(rx: &mut mpsc::Receiver<Result<Value, ApiError>>) -> u64 {
+        let item = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("a decision in time");
+        item.expect("the feed is open").expect("no error")["seq"].as_u64().expect("a seq")
+    }
+
+    #[tokio::test]
+    async fn watching_replays_then_follows_without_gaps_or_duplicates() {
+        let (api, fake, audit, dir) = bare_api("replay");
+        for n in 1..=3 {
+            record(&audit, &fake, n, false);
+        }
+        let (stop_tx, stop) = watch::channel(false);
+        let mut rx = api.watch_decisions(Some(1), stop).await.unwrap();
+        assert_eq!((next_seq(&mut rx).await, next_seq(&mut rx).await), (2, 3), "the replay after seq 1");
+        record(&audit, &fake, 4, true);
+        assert_eq!(next_seq(&mut rx).await, 4, "a live decision");
+        // A broadcast seen again (already sent) is skipped; one missing from the broadcast (another writer
+        // of the log, or out of order) is read from the log before the next live one.
+        let _ = fake.recorded.send(Recorded { seq: 4, record: Arc::new(json!({})) });
+        record(&audit, &fake, 5, false);
+        record(&audit, &fake, 6, true);
+        assert_eq!((next_seq(&mut rx).await, next_seq(&mut rx).await), (5, 6));
+        // More than the broadcast holds while the watcher does not run: it lags, and catches up from the
+        // log.
+        for n in 7..=20 {
+            record(&audit, &fake, n, true);
+        }
+        for want in 7..=20 {
+            assert_eq!(next_seq(&mut rx).await, want);
+        }
+        stop_tx.send_replace(true);
+        let end = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("ends in time");
+        assert!(end.is_none(), "the feed ends when the server stops");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn watching_without_since_sees_only_new_decisions() {
+        let (api, fake, audit, dir) = bare_api("live");
+        record(&audit, &fake, 1, false);
+        let (stop_tx, stop) = watch::channel(false);
+        let mut rx = api.watch_decisions(None, stop).await.unwrap();
+        record(&audit, &fake, 2, true);
+        assert_eq!(next_seq(&mut rx).await, 2);
+        let mut all = api.watch_decisions(Some(0), stop_tx.subscribe()).await.unwrap();
+        assert_eq!((next_seq(&mut all).await, next_seq(&mut all).await), (1, 2), "since 0: the whole log");
         let _ = std::fs::remove_dir_all(dir);
     }
 }

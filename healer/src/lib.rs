@@ -1,7 +1,7 @@
 //! `vigil-healer`: Vigil's decision and execution layer. It reads the collector's snapshots, evaluates the
 //! rule files over windows of them, passes proposed actions through the safety gate, and executes them:
 //! today the mechanics of the low-power standby (`standby`) on the cgroups a `CgroupDriver` manages, and
-//! the rule language (`rules`).
+//! the rule language (`rules`). Its API's operations (`api`) are served over REST and gRPC (`grpc`).
 
 pub mod actions;
 pub mod alerts;
@@ -11,6 +11,7 @@ pub mod autoscale;
 pub mod client;
 pub mod config;
 pub mod engine;
+pub mod grpc;
 pub mod instance;
 pub mod lifecycle;
 pub mod metrics;

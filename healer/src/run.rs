@@ -16,9 +16,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use vigil_cgroup::fs::{CgroupError, Layout};
 
-use crate::actions::{Actions, Status, Submitted};
+use crate::actions::{Actions, Recorded, Status, Submitted};
 use crate::alerts::{AlertStore, AlertStoreError};
-use crate::api::{self, ApiError, Control, ManagedInstance};
+use crate::api::{self, Api, ApiError, Control, ManagedInstance};
 use crate::audit::{AuditError, AuditLog};
 use crate::autoscale::scaler::{PinError, ScaledService, Scaler, count_at_start};
 use crate::autoscale::signal::LoadSource;
@@ -231,17 +231,21 @@ impl Healer {
         }
     }
 
-    /// `/api/v1/...`.
-    pub fn router(&self, snapshots: SnapshotReceiver, token: Option<String>) -> Router {
+    /// The API's operations over this healer, for the REST routes ([`api::router`]) and the gRPC service
+    /// (`crate::grpc`) alike; `token`, when set, is required by both.
+    pub fn api(&self, snapshots: SnapshotReceiver, token: Option<String>) -> Arc<Api> {
         let control = Arc::new(HealerControl {
             supervisor: self.supervisor.clone(),
             scaler: self.scaler.clone(),
             actions: self.actions.clone(),
             rules: self.rules.clone(),
         });
-        let alerts =
-            vigil_auth::require_bearer(crate::alerts::http::router(self.alerts.clone()), token.as_deref());
-        api::router(control, snapshots, self.actions.audit().clone(), token).merge(alerts)
+        Api::new(control, snapshots, self.actions.audit().clone(), token).with_alerts(self.alerts.clone())
+    }
+
+    /// `/api/v1/...`.
+    pub fn router(&self, snapshots: SnapshotReceiver, token: Option<String>) -> Router {
+        api::router(self.api(snapshots, token))
     }
 
     /// The incoming alerts firing now.
@@ -616,6 +620,10 @@ impl Control for HealerControl {
         engine.set_dry_run(on);
         tracing::warn!(dry_run = on, "dry-run mode changed through the API");
         Ok(engine.dry_run())
+    }
+
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Recorded> {
+        self.actions.subscribe()
     }
 
     fn services(&self) -> Vec<Value> {

@@ -10,6 +10,7 @@
 
 pub mod broker;
 pub mod collector;
+pub mod grpc;
 pub mod healer;
 
 use std::collections::BTreeMap;
@@ -24,6 +25,7 @@ pub use self::broker::{
     split_mistakes,
 };
 pub use self::collector::{CollectorConfig, HttpConfig, WatchConfig};
+pub use self::grpc::GrpcConfig;
 pub use self::healer::HealerSettings;
 use crate::issue::{ConfigError, ConfigIssue};
 use crate::service::ServiceSpec;
@@ -35,6 +37,9 @@ pub const DEFAULT_YAML: &str = "\
 data_dir: ./.vigil            # state and audit log
 http:
   listen: 127.0.0.1:9750      # /metrics, /healthz, /readyz, /api/v1/; any non-loopback bind needs a token
+grpc:                         # vigil.v1.Remediation (the REST API's operations), health, reflection
+  enabled: true
+  listen: 127.0.0.1:9751      # the token is http.token: any non-loopback bind needs one
 collector:
   interval: 1s                # one snapshot per tick
   max_instances: 2000         # instances exported one by one; the rest are summed into one overflow series
@@ -61,6 +66,7 @@ pub struct VigilConfig {
     /// State and the audit log.
     pub data_dir: PathBuf,
     pub http: HttpConfig,
+    pub grpc: GrpcConfig,
     pub collector: CollectorConfig,
     /// Decide and audit, execute nothing.
     pub dry_run: bool,
@@ -93,6 +99,7 @@ impl Default for VigilConfig {
         Self {
             data_dir: PathBuf::from("./.vigil"),
             http: HttpConfig::default(),
+            grpc: GrpcConfig::default(),
             collector: CollectorConfig::default(),
             dry_run: false,
             rules: default_rules(),
@@ -150,6 +157,7 @@ impl VigilConfig {
     pub fn mistakes(&self, doc: &Document, runs: Runs) -> Vec<ConfigIssue> {
         let mut out = Mistakes { doc, issues: Vec::new() };
         self.collector_mistakes(&mut out);
+        self.grpc_mistakes(&mut out);
         self.healer_mistakes(&mut out, runs);
         self.broker_mistakes(&mut out);
         self.cross_section_mistakes(&mut out, runs);
@@ -183,6 +191,20 @@ impl VigilConfig {
                 "http.listen",
                 format!(
                     "{listen} is not a loopback address: set http.token (a bearer token) to expose the API"
+                ),
+            );
+        }
+    }
+
+    /// The gRPC API shares the REST API's token, so it has the same rule for leaving loopback.
+    fn grpc_mistakes(&self, out: &mut Mistakes) {
+        let listen = self.grpc.listen;
+        if self.grpc.enabled && !listen.ip().is_loopback() && self.http.token().is_none() {
+            out.at(
+                "grpc.listen",
+                format!(
+                    "{listen} is not a loopback address: set http.token (a bearer token, the gRPC API's too) \
+                     to expose the API"
                 ),
             );
         }
@@ -356,6 +378,9 @@ impl VigilConfig {
 
         // One port, one listener.
         let mut listeners: Vec<(&str, SocketAddr)> = vec![("http.listen", self.http.listen)];
+        if self.grpc.enabled {
+            listeners.push(("grpc.listen", self.grpc.listen));
+        }
         if self.broker.enabled {
             listeners.push(("broker.listen", self.broker.listen));
             if self.broker.http.enabled {

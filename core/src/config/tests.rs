@@ -21,6 +21,7 @@ fn every_key_is_read() {
     let text = "\
 data_dir: /tmp/v
 http: { listen: 127.0.0.1:9000, token: t }
+grpc: { enabled: false, listen: 127.0.0.1:9001 }
 collector:
   interval: 2s
   max_instances: 10
@@ -70,6 +71,7 @@ broker:
     let c = VigilConfig::parse(text, "v.yaml").unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.data_dir, PathBuf::from("/tmp/v"));
     assert_eq!(c.http.token(), Some("t"));
+    assert_eq!(c.grpc, GrpcConfig { enabled: false, listen: "127.0.0.1:9001".parse().unwrap() });
     assert_eq!(c.collector.interval(), Duration::from_secs(2));
     assert_eq!(c.collector.watch.max_tracked, 5);
     assert!(c.dry_run);
@@ -107,8 +109,8 @@ fn unknown_keys_are_located_everywhere() {
         vec![
             "v.yaml:2:3: collector.intervl: unknown field `intervl`, expected one of `interval`, `max_instances`, \
              `cgroupfs_interval`, `watch`",
-            "v.yaml:3:1: servics: unknown field `servics`, expected one of `data_dir`, `http`, `collector`, \
-             `dry_run`, `rules`, `services`, `healer`, `broker`",
+            "v.yaml:3:1: servics: unknown field `servics`, expected one of `data_dir`, `http`, `grpc`, \
+             `collector`, `dry_run`, `rules`, `services`, `healer`, `broker`",
             "v.yaml:4:11: broker.lisen: unknown field `lisen`, expected one of `enabled`, `listen`, `token`, \
              `http`, `queue`, `splits`, `health`, `managed_capacity`, `upstreams`, `max_frame_bytes`, \
              `max_reassembly_per_stream`, `max_reassembly_per_connection`, `max_pending_write_bytes`, \
@@ -286,5 +288,31 @@ services:
             "v.yaml:11:26: services[0].scale.max_scale_up_rate: must be a finite number greater than 1, got 0.5",
             "v.yaml:12:21: services[0].scale.panic_window: 1s is shorter than the decision tick (2s): it would hold no sample",
         ]
+    );
+}
+
+#[test]
+fn grpc_needs_the_token_off_loopback_and_a_port_of_its_own() {
+    assert_eq!(
+        issues("grpc:\n  listen: 0.0.0.0:9751\n"),
+        vec![
+            "v.yaml:2:11: grpc.listen: 0.0.0.0:9751 is not a loopback address: set http.token (a bearer token, \
+             the gRPC API's too) to expose the API",
+        ]
+    );
+    // The REST token covers it; a disabled listener needs none and binds nothing.
+    assert!(issues("http: { token: t }\ngrpc: { listen: 0.0.0.0:9751 }\n").is_empty());
+    assert!(issues("grpc: { enabled: false, listen: 0.0.0.0:9750 }\n").is_empty());
+    assert_eq!(
+        issues("grpc: { listen: 127.0.0.1:9750 }\n"),
+        vec!["v.yaml:1:17: grpc.listen: 127.0.0.1:9750 is bound twice: http.listen and grpc.listen"]
+    );
+    assert_eq!(
+        issues("grpc:\n  listen: 127.0.0.1:7878\n"),
+        vec!["v.yaml:2:11: grpc.listen: 127.0.0.1:7878 is bound twice: grpc.listen and broker.listen"]
+    );
+    assert!(
+        issues("grpc: { listen: 127.0.0.1:0 }\nhttp: { listen: 127.0.0.1:0 }\n").is_empty(),
+        "port 0 is any port"
     );
 }

@@ -472,8 +472,9 @@ impl Scaler {
             "inputs": { "pinned": count, "scale": if count.is_some() { "pinned" } else { "auto" } },
         });
         let audit = self.inner.actions.audit().clone();
+        let announced = record.clone();
         match tokio::task::spawn_blocking(move || audit.append(&record)).await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(seq)) => self.inner.actions.publish(seq, &announced),
             Ok(Err(e)) => tracing::error!(error = %e, "cannot record a scale pin in the audit log"),
             Err(e) => tracing::error!(error = %e, "the audit writer panicked"),
         }
