@@ -1,4 +1,5 @@
-//! Shell-style globs for selectors: `*` (any run), `?` (one character), `[abc]`, `[a-z]`, `[!0-9]`.
+//! Shell-style globs for selectors (rule `select:`, notification `match:`): `*` (any run), `?` (one
+//! character), `[abc]`, `[a-z]`, `[!0-9]`.
 
 use std::fmt;
 
