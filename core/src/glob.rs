@@ -122,6 +122,14 @@ impl Glob {
     }
 }
 
+/// A glob in a configuration file is compiled as it is read, so a bad one is reported at its position.
+impl<'de> serde::Deserialize<'de> for Glob {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Glob, D::Error> {
+        let text = String::deserialize(d)?;
+        Glob::new(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
