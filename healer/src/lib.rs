@@ -14,6 +14,7 @@ pub mod engine;
 pub mod instance;
 pub mod lifecycle;
 pub mod metrics;
+pub mod notify;
 pub mod rules;
 pub mod run;
 pub mod service;
