@@ -116,7 +116,10 @@ fn main() -> Result<()> {
     let audit = Arc::new(AuditLog::open(&dir.0.join("data"))?);
     let notifier = Notifier::open(audit.clone(), &config.notify, "http://127.0.0.1:9750")?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let task = runtime.block_on(async { notifier.spawn(stop_rx) });
+    let task = {
+        let _in_runtime = runtime.enter();
+        notifier.spawn(stop_rx)
+    };
 
     // Latency, one at a time.
     let mut latencies = Vec::with_capacity(LATENCY_SAMPLES);
@@ -183,7 +186,10 @@ fn main() -> Result<()> {
     notifier.enqueue(&items)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let start = Instant::now();
-    let task = runtime.block_on(async { notifier.spawn(stop_rx) });
+    let task = {
+        let _in_runtime = runtime.enter();
+        notifier.spawn(stop_rx)
+    };
     for _ in 0..n {
         runtime
             .block_on(async { tokio::time::timeout(WAIT, arrived.recv()).await })

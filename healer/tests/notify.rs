@@ -217,7 +217,10 @@ fn a_webhook_backlog_arrives_in_order_once_across_an_outage_and_a_restart() {
     // Phase 1: the receiver is down while the backlog is queued.
     let (audit, notifier) = open(&data, &yaml);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let task = runtime.block_on(async { notifier.spawn(stop_rx) });
+    let task = {
+        let _in_runtime = runtime.enter();
+        notifier.spawn(stop_rx)
+    };
     queue(&audit, &notifier, "ops", 0..FIRST);
     assert_eq!(notifier.queued()["ops"], FIRST);
     wait_until(Duration::from_secs(20), "failed attempts while the receiver is down", || {
@@ -260,7 +263,10 @@ fn a_webhook_backlog_arrives_in_order_once_across_an_outage_and_a_restart() {
     let (audit, notifier) = open(&data, &yaml);
     assert_eq!(notifier.queued()["ops"], left, "the queue survived the restart");
     let (stop_tx, stop_rx) = watch::channel(false);
-    let task = runtime.block_on(async { notifier.spawn(stop_rx) });
+    let task = {
+        let _in_runtime = runtime.enter();
+        notifier.spawn(stop_rx)
+    };
     let got = wait_until(Duration::from_secs(30), "the rest of the second backlog", || {
         let got = received(&out);
         if got.len() >= SECOND { Ok(got) } else { Err(format!("{} of {SECOND}", got.len())) }
@@ -348,7 +354,10 @@ fn alertmanager_shows_the_alert_and_then_its_resolution() {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio");
     let (stop_tx, stop_rx) = watch::channel(false);
-    let task = runtime.block_on(async { notifier.spawn(stop_rx) });
+    let task = {
+        let _in_runtime = runtime.enter();
+        notifier.spawn(stop_rx)
+    };
 
     let rule = format!("hot-{}", std::process::id());
     let labels = BTreeMap::from([("team".to_string(), "ops".to_string())]);
