@@ -28,11 +28,6 @@ pub enum ValueError {
     NotASocketAddress { text: String },
     #[error("`{text}` is not an http URL like http://127.0.0.1:9093/path: {reason}")]
     NotAnHttpUrl { text: String, reason: &'static str },
-    #[error(
-        "`{text}`: https is not supported; Vigil posts over plain http (use an http:// URL, e.g. a TLS proxy on \
-         this host)"
-    )]
-    HttpsUnsupported { text: String },
 }
 
 /// A duration written as `500ms`, `1s`, `5m`, `2h` (fractions allowed: `1.5s`).
@@ -208,13 +203,14 @@ impl From<Addr> for SocketAddr {
     }
 }
 
-/// An `http://host[:port][/path]` URL to post to: the host (a name, an IPv4 address or a bracketed IPv6
-/// one), the port (80 unless written) and the path with its query (`/` unless written). Anything a plain
-/// HTTP/1.1 client could not use as written is refused here, https included, so a URL that loads is one
-/// that can be posted to.
+/// An `http://` or `https://` URL to post to, `scheme://host[:port][/path]`: the host (a name, an IPv4
+/// address or a bracketed IPv6 one), the port (80 or 443 unless written) and the path with its query (`/`
+/// unless written). Anything an HTTP/1.1 client could not use as written is refused here, so a URL that
+/// loads is one that can be posted to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpUrl {
     text: String,
+    https: bool,
     host: String,
     port: u16,
     path: String,
@@ -224,6 +220,13 @@ impl HttpUrl {
     /// The URL as written (trimmed).
     pub fn as_str(&self) -> &str {
         &self.text
+    }
+    /// `https` or `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.https { "https" } else { "http" }
+    }
+    pub fn is_https(&self) -> bool {
+        self.https
     }
     /// The host as written in the URL (an IPv6 address keeps its brackets).
     pub fn host(&self) -> &str {
@@ -236,6 +239,10 @@ impl HttpUrl {
     pub fn path(&self) -> &str {
         &self.path
     }
+    /// The URL with every part explicit: `scheme://host:port/path`.
+    pub fn full(&self) -> String {
+        format!("{}://{}:{}{}", self.scheme(), self.host, self.port, self.path)
+    }
     /// This URL with `suffix` appended to its path (one `/` between them, any query kept after it), e.g.
     /// Alertmanager's `/api/v2/alerts` below a base URL.
     pub fn join(&self, suffix: &str) -> HttpUrl {
@@ -245,12 +252,15 @@ impl HttpUrl {
         if let Some(q) = query {
             path = format!("{path}?{q}");
         }
-        HttpUrl {
-            text: format!("http://{}:{}{path}", self.host, self.port),
+        let mut joined = HttpUrl {
+            text: String::new(),
+            https: self.https,
             host: self.host.clone(),
             port: self.port,
             path,
-        }
+        };
+        joined.text = joined.full();
+        joined
     }
 }
 
@@ -265,12 +275,14 @@ impl FromStr for HttpUrl {
     fn from_str(s: &str) -> Result<HttpUrl, ValueError> {
         let text = s.trim();
         let bad = |reason| ValueError::NotAnHttpUrl { text: s.to_string(), reason };
-        if text.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("https://")) {
-            return Err(ValueError::HttpsUnsupported { text: s.to_string() });
-        }
-        let rest = match text.get(..7) {
-            Some(p) if p.eq_ignore_ascii_case("http://") => &text[7..],
-            _ => return Err(bad("it must start with http://")),
+        let scheme_is =
+            |scheme: &str| text.get(..scheme.len()).is_some_and(|p| p.eq_ignore_ascii_case(scheme));
+        let (https, rest) = if scheme_is("https://") {
+            (true, &text[8..])
+        } else if scheme_is("http://") {
+            (false, &text[7..])
+        } else {
+            return Err(bad("it must start with http:// or https://"));
         };
         if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(bad("it contains whitespace"));
@@ -302,6 +314,7 @@ impl FromStr for HttpUrl {
             return Err(bad("the host has characters a host name cannot have"));
         }
         let port = match port {
+            None if https => 443,
             None => 80,
             Some(p) => match p.parse::<u16>() {
                 Ok(p) if p > 0 => p,
@@ -315,7 +328,7 @@ impl FromStr for HttpUrl {
         } else {
             path.to_string()
         };
-        Ok(HttpUrl { text: text.to_string(), host: host.to_string(), port, path })
+        Ok(HttpUrl { text: text.to_string(), https, host: host.to_string(), port, path })
     }
 }
 
@@ -464,14 +477,18 @@ mod tests {
         assert_eq!(u.join("api/v2/alerts").path(), "/base/api/v2/alerts?a=1");
         let u: HttpUrl = "http://h:1?x".parse().unwrap();
         assert_eq!(u.path(), "/?x");
+        let u: HttpUrl = "HTTPS://hooks.example/in".parse().unwrap();
+        assert_eq!((u.scheme(), u.host(), u.port(), u.path()), ("https", "hooks.example", 443, "/in"));
+        assert_eq!(u.join("x").to_string(), "https://hooks.example:443/in/x");
         assert_eq!(
-            read::<HttpUrl>("https://x/hook"),
-            Err("t.yaml:1:4: v: `https://x/hook`: https is not supported; Vigil posts over plain http (use an \
-                 http:// URL, e.g. a TLS proxy on this host)"
+            read::<HttpUrl>("ftp://x/hook"),
+            Err("t.yaml:1:4: v: `ftp://x/hook` is not an http URL like http://127.0.0.1:9093/path: it must start \
+                 with http:// or https://"
                 .into())
         );
         for (text, reason) in [
-            ("ftp://x/", "it must start with http://"),
+            ("ftp://x/", "it must start with http:// or https://"),
+            ("https://", "it names no host"),
             ("http://", "it names no host"),
             ("http://:80/", "it names no host"),
             ("http://a b/", "it contains whitespace"),

@@ -14,9 +14,10 @@
 //!         url: http://127.0.0.1:9099/hook
 //!         secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw   # or a list: one signature per secret (rotation)
 //!         headers: { X-Team: ops }                        # optional, added to every request
+//!         # ca_file: /etc/vigil/ca.pem                   # https only: trust these CAs, not the web roots
 //!       match: { action: [restart, hibernate, notify], outcome: [succeeded, failed] }   # optional
 //!     - name: am
-//!       alertmanager: { url: http://127.0.0.1:9093 }
+//!       alertmanager: { url: http://127.0.0.1:9093 }      # https:// too; `ca_file` as above
 //! ```
 //!
 //! A receiver's `match` takes a decision when every list it gives contains the decision's value (`rule`
@@ -26,6 +27,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use base64::Engine as _;
 use serde::Deserialize;
@@ -146,6 +148,10 @@ impl ReceiverConfig {
 pub struct WebhookConfig {
     pub url: HttpUrl,
     pub secret: Secrets,
+    /// For an `https://` URL: a PEM file of the CA certificates to trust instead of the built-in web roots
+    /// (a receiver with a private CA or a self-signed certificate).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// Sent with every request (e.g. an `Authorization` the receiver wants); see [`RESERVED_HEADERS`].
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
@@ -156,6 +162,9 @@ pub struct WebhookConfig {
 #[serde(deny_unknown_fields)]
 pub struct AlertmanagerConfig {
     pub url: HttpUrl,
+    /// As for a webhook: the CAs to trust for an `https://` URL instead of the built-in web roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// One Standard Webhooks signing key: `whsec_` followed by the base64 of 24..=64 random bytes. Its text
@@ -435,6 +444,18 @@ pub fn notify_mistakes(n: &NotifyConfig, written: &dyn Fn(&str) -> bool) -> Vec<
                 "a receiver is either `webhook:` or `alertmanager:`, not both: declare two receivers".into(),
             ),
             _ => {}
+        }
+        let urls = [
+            r.webhook.as_ref().map(|w| ("webhook", &w.url, &w.ca_file)),
+            r.alertmanager.as_ref().map(|a| ("alertmanager", &a.url, &a.ca_file)),
+        ];
+        for (kind, url, ca_file) in urls.into_iter().flatten() {
+            if ca_file.is_some() && !url.is_https() {
+                at(
+                    format!("{p}.{kind}.ca_file"),
+                    format!("a CA file is for https:// URLs; `{url}` is plain http"),
+                );
+            }
         }
         if let Some(w) = &r.webhook {
             for (name, value) in &w.headers {

@@ -310,6 +310,8 @@ notify:
         secret: [whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw, whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=]
     - name: am
       alertmanager: { url: \"http://127.0.0.1:9093\" }
+    - name: tls
+      webhook: { url: \"https://hooks.example/in\", secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw, ca_file: ca.pem }
 ";
     let c = VigilConfig::parse(text, "v.yaml").unwrap_or_else(|e| panic!("{e}"));
     let n = &c.notify;
@@ -329,6 +331,9 @@ notify:
     assert_eq!(rotating.secret.iter().map(|s| s.key().len()).collect::<Vec<_>>(), [24, 32]);
     let Some(ReceiverKind::Alertmanager(am)) = n.receivers[2].kind() else { panic!("am is an alertmanager") };
     assert_eq!(am.url.join("/api/v2/alerts").to_string(), "http://127.0.0.1:9093/api/v2/alerts");
+    let Some(ReceiverKind::Webhook(tls)) = n.receivers[3].kind() else { panic!("tls is a webhook") };
+    assert_eq!((tls.url.scheme(), tls.url.port()), ("https", 443));
+    assert_eq!(tls.ca_file.as_deref(), Some(std::path::Path::new("ca.pem")));
     let with_url =
         VigilConfig::parse("notify: { external_url: \"https://v.example/\" }\n", "v.yaml").unwrap();
     assert_eq!(with_url.notify.external_url_or(with_url.http.listen), "https://v.example");
@@ -341,7 +346,7 @@ notify:
   retry: { initial: soon }
   receivers:
     - name: a
-      webhook: { url: \"https://x/hook\", secret: whsec_c2hvcnQ= }
+      webhook: { url: \"ftp://x/hook\", secret: whsec_c2hvcnQ= }
     - name: b
       webhook: { url: \"ftp://x/\", secret: [sekrit] }
       match: { action: [reboot], outcome: [ok], rule: [\"tell-[\"] }
@@ -352,12 +357,12 @@ notify:
         issues(text),
         vec![
             "v.yaml:2:21: notify.retry.initial: `soon` is not a duration like 500ms, 1s, 5m, 2h",
-            "v.yaml:5:23: notify.receivers[0].webhook.url: `https://x/hook`: https is not supported; Vigil posts \
-             over plain http (use an http:// URL, e.g. a TLS proxy on this host)",
-            "v.yaml:5:49: notify.receivers[0].webhook.secret: the secret decodes to 5 bytes; a webhook secret is \
+            "v.yaml:5:23: notify.receivers[0].webhook.url: `ftp://x/hook` is not an http URL like \
+             http://127.0.0.1:9093/path: it must start with http:// or https://",
+            "v.yaml:5:47: notify.receivers[0].webhook.secret: the secret decodes to 5 bytes; a webhook secret is \
              24..=64 random bytes",
             "v.yaml:7:23: notify.receivers[1].webhook.url: `ftp://x/` is not an http URL like \
-             http://127.0.0.1:9093/path: it must start with http://",
+             http://127.0.0.1:9093/path: it must start with http:// or https://",
             "v.yaml:7:43: notify.receivers[1].webhook.secret: a webhook secret is `whsec_` followed by base64 \
              (Standard Webhooks); this one does not start with `whsec_`",
             "v.yaml:8:25: notify.receivers[1].match.action[0]: `reboot` is not an action: one of hibernate, \
@@ -383,7 +388,7 @@ notify:
     - name: ops
       webhook: { url: http://x/, secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw, headers: { Webhook-Id: x, \"a b\": y } }
     - name: ops
-      alertmanager: { url: http://x/ }
+      alertmanager: { url: http://x/, ca_file: /etc/ca.pem }
       match: { action: [] }
     - name: \"\"
     - name: both
@@ -402,6 +407,8 @@ notify:
             "v.yaml:8:115: notify.receivers[0].webhook.headers.a b: \"a b\" is not an HTTP header name",
             "v.yaml:9:13: notify.receivers[1].name: receiver `ops` is declared twice (first as \
              notify.receivers[0])",
+            "v.yaml:10:48: notify.receivers[1].alertmanager.ca_file: a CA file is for https:// URLs; `http://x/` \
+             is plain http",
             "v.yaml:11:16: notify.receivers[1].match.action: an empty list matches nothing: leave `action` out \
              to match every action",
             "v.yaml:12:7: notify.receivers[2]: a receiver needs one of `webhook:` or `alertmanager:`",

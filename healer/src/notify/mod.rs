@@ -79,7 +79,7 @@ pub use self::notice::{
 pub use self::outbox::OutboxError;
 pub use self::webhook::{body as webhook_body, signature as webhook_signature};
 
-use self::http::Poster;
+use self::http::{Poster, Trust};
 use self::outbox::Entry;
 use crate::audit::{AuditError, AuditLog};
 use crate::engine::Decision;
@@ -116,6 +116,8 @@ enum Target {
 
 struct Receiver {
     name: String,
+    /// Its own client: receivers may trust different CAs.
+    poster: Poster,
     target: Target,
     matcher: Option<Matcher>,
     uri: Uri,
@@ -133,7 +135,6 @@ struct Inner {
     retry_initial: Duration,
     retry_max: Duration,
     give_up_after: Duration,
-    poster: Poster,
     metrics: NotifyMetrics,
 }
 
@@ -144,7 +145,7 @@ pub struct Notifier {
 }
 
 fn uri_of(name: &str, url: &HttpUrl) -> Result<Uri, NotifyError> {
-    let text = format!("http://{}:{}{}", url.host(), url.port(), url.path());
+    let text = url.full();
     text.parse().map_err(|e| NotifyError::Receiver { name: name.into(), reason: format!("URL {text}: {e}") })
 }
 
@@ -175,7 +176,7 @@ impl Notifier {
     ) -> Result<Notifier, NotifyError> {
         let mut receivers = Vec::new();
         for r in &config.receivers {
-            let (target, url) = match r.kind() {
+            let (target, url, ca_file) = match r.kind() {
                 Some(ReceiverKind::Webhook(w)) => {
                     let mut headers = Vec::new();
                     for (k, v) in &w.headers {
@@ -187,9 +188,11 @@ impl Notifier {
                         let value = HeaderValue::try_from(v.as_str()).map_err(|e| bad(&e))?;
                         headers.push((name, value));
                     }
-                    (Target::Webhook { secrets: w.secret.clone(), headers }, w.url.clone())
+                    (Target::Webhook { secrets: w.secret.clone(), headers }, w.url.clone(), &w.ca_file)
                 }
-                Some(ReceiverKind::Alertmanager(a)) => (Target::Alertmanager, a.url.join("/api/v2/alerts")),
+                Some(ReceiverKind::Alertmanager(a)) => {
+                    (Target::Alertmanager, a.url.join("/api/v2/alerts"), &a.ca_file)
+                }
                 None => {
                     return Err(NotifyError::Receiver {
                         name: r.name.clone(),
@@ -197,8 +200,12 @@ impl Notifier {
                     });
                 }
             };
+            let trust = ca_file.clone().map_or(Trust::WebRoots, Trust::CaFile);
+            let poster = Poster::new(config.timeout.0, &trust)
+                .map_err(|reason| NotifyError::Receiver { name: r.name.clone(), reason })?;
             receivers.push(Receiver {
                 name: r.name.clone(),
+                poster,
                 uri: uri_of(&r.name, &url)?,
                 target,
                 matcher: r.matcher.clone(),
@@ -212,7 +219,6 @@ impl Notifier {
             retry_initial: config.retry.initial.0,
             retry_max: config.retry.max.0,
             give_up_after: config.give_up_after.0,
-            poster: Poster::new(config.timeout.0),
             metrics: NotifyMetrics::default(),
             audit,
         };
@@ -463,12 +469,12 @@ async fn attempt(inner: &Inner, r: &Receiver, q: &outbox::Queued, webhook_body: 
                 }
             }
             all.extend(headers.iter().cloned());
-            inner.poster.post(&r.uri, &all, webhook_body.clone()).await
+            r.poster.post(&r.uri, &all, webhook_body.clone()).await
         }
         Target::Alertmanager => {
             let _one_at_a_time = r.posting.lock().await;
             let body = alertmanager::body(&[&q.notice], &inner.external_url, now);
-            inner.poster.post(&r.uri, &[], Bytes::from(body)).await
+            r.poster.post(&r.uri, &[], Bytes::from(body)).await
         }
     }
 }
@@ -571,7 +577,7 @@ async fn refresh_open_alerts(inner: Arc<Inner>, index: usize, mut stop: watch::R
         let body =
             alertmanager::body(&open.iter().collect::<Vec<_>>(), &inner.external_url, notice::now_ms());
         let answer = tokio::select! {
-            a = inner.poster.post(&r.uri, &[], Bytes::from(body)) => a,
+            a = r.poster.post(&r.uri, &[], Bytes::from(body)) => a,
             _ = stopped(&mut stop) => return,
         };
         match answer {
