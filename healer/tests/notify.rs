@@ -4,6 +4,8 @@
 //!   fails its first requests, and still gets every notification once, in order; the notifier is then
 //!   stopped in the middle of a second backlog and reopened on the same data directory, and the rest
 //!   arrives the same way;
+//! - the same receiver over https, with a certificate from a CA made for the test: a receiver that
+//!   trusts that CA (`ca_file`) delivers; one that trusts only the web's roots does not, and retries;
 //! - a real Alertmanager (Debian `prometheus-alertmanager`) gets a firing condition, which shows in its
 //!   API with the labels and fingerprint Vigil computed, and then its resolution, after which it is no
 //!   longer active.
@@ -176,12 +178,18 @@ fn queue(audit: &AuditLog, notifier: &Notifier, receiver: &str, range: std::ops:
 }
 
 fn failed_attempts(notifier: &Notifier) -> u64 {
+    failed_attempts_of(notifier, "ops")
+}
+
+fn failed_attempts_of(notifier: &Notifier, receiver: &str) -> u64 {
     let mut registry = prometheus_client::registry::Registry::default();
     notifier.metrics().register(&mut registry);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode metrics");
     text.lines()
-        .find_map(|l| l.strip_prefix("vigil_notifications_failed_total{receiver=\"ops\"} "))
+        .find_map(|l| {
+            l.strip_prefix(&format!("vigil_notifications_failed_total{{receiver=\"{receiver}\"}} "))
+        })
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
@@ -285,6 +293,117 @@ fn a_webhook_backlog_arrives_in_order_once_across_an_outage_and_a_restart() {
     runtime.block_on(task).expect("the delivery tasks end");
     // The decisions are in the audit log beside their notifications.
     assert_eq!(audit.recent(1000).expect("audit").len(), SECOND);
+}
+
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("run openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A CA (`ca.pem`) and a certificate it signed for 127.0.0.1 (`server.pem`, `server.key`) in `dir`.
+fn make_certificates(dir: &Path) {
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    openssl(
+        dir,
+        &[
+            &["req", "-x509"],
+            &ec[..],
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=vigil test CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        dir,
+        &[&["req"], &ec[..], &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]]
+            .concat(),
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+         extendedKeyUsage=serverAuth\n",
+    )
+    .expect("write server.ext");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+}
+
+#[test]
+fn an_https_receiver_is_reached_through_the_ca_it_names() {
+    let dir = TempDir::new("https");
+    make_certificates(&dir.0);
+    let out = dir.0.join("received.jsonl");
+    let port = free_port(3);
+    let cert = dir.0.join("server.pem");
+    let key = dir.0.join("server.key");
+    let mut receiver = start_receiver(
+        port,
+        &out,
+        &["--tls-cert", cert.to_str().expect("utf-8 path"), "--tls-key", key.to_str().expect("utf-8 path")],
+    );
+    let ca = dir.0.join("ca.pem");
+    let yaml = format!(
+        "notify:\n  retry: {{ initial: 50ms, max: 200ms }}\n  timeout: 2s\n  receivers:\n    - name: ops\n      \
+         webhook: {{ url: \"https://127.0.0.1:{port}/hook\", secret: {SECRET_NEW}, ca_file: \"{}\" }}\n    - \
+         name: web-roots\n      webhook: {{ url: \"https://127.0.0.1:{port}/hook\", secret: {SECRET_NEW} }}\n",
+        ca.display()
+    );
+    let (audit, notifier) = open(&dir.0.join("data"), &yaml);
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = {
+        let _in_runtime = runtime.enter();
+        notifier.spawn(stop_rx)
+    };
+    queue(&audit, &notifier, "ops", 0..3);
+    queue(&audit, &notifier, "web-roots", 100..101);
+    let got = wait_until(Duration::from_secs(20), "three notifications over https", || {
+        let got = received(&out);
+        if got.len() >= 3 { Ok(got) } else { Err(format!("{} of 3", got.len())) }
+    });
+    assert_in_order_once(&got, &expected(0..3));
+    // The test CA is no web root: that receiver's certificate is refused, and the notice waits, retried.
+    wait_until(Duration::from_secs(20), "failed attempts through the web roots", || {
+        let n = failed_attempts_of(&notifier, "web-roots");
+        if n >= 2 { Ok(n) } else { Err(format!("{n} failed attempts")) }
+    });
+    assert_eq!(notifier.queued()["web-roots"], 1);
+    assert_eq!(received(&out).len(), 3, "nothing arrived through an untrusted connection");
+    receiver.assert_running();
+    stop_tx.send_replace(true);
+    runtime.block_on(task).expect("the delivery tasks end");
 }
 
 /// `GET path` on 127.0.0.1:`port`: the status and the body.

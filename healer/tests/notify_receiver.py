@@ -7,8 +7,9 @@ recorded again), and appends each verified, new message to the output file as on
 acknowledged. Requests are handled one at a time in arrival order.
 
     python3 notify_receiver.py --port P --secret whsec_... --out FILE [--fail-first K] [--delay-ms D]
+        [--tls-cert CERT --tls-key KEY]
 
---fail-first K answers 500 to the first K requests (before verifying them); --delay-ms D waits D ms
+--tls-cert CERT --tls-key KEY serves https with that certificate. --fail-first K answers 500 to the first K requests (before verifying them); --delay-ms D waits D ms
 before answering each request (a slow receiver). A message id seen before a restart is in FILE already:
 the ids in FILE are read at start, so deduplication holds across restarts too. Prints `ready` once it
 listens, and a line to stderr for every request it does not simply take (failed on purpose, not
@@ -18,6 +19,7 @@ verified, a duplicate).
 import argparse
 import json
 import os
+import ssl
 import sys
 import threading
 import time
@@ -33,6 +35,8 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--fail-first", type=int, default=0)
     p.add_argument("--delay-ms", type=int, default=0)
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
     args = p.parse_args()
 
     webhook = Webhook(args.secret)
@@ -84,6 +88,10 @@ def main():
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    if args.tls_cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     print("ready", flush=True)
     server.serve_forever()
 

@@ -61,7 +61,7 @@ notify:                       # where decisions and alerts are sent: durable out
   receivers: []
   # receivers:
   #   - name: ops
-  #     webhook: { url: \"http://127.0.0.1:9099/hook\", secret: whsec_... }   # signed, Standard Webhooks
+  #     webhook: { url: \"http://127.0.0.1:9099/hook\", secret: whsec_... }   # signed, Standard Webhooks; https too
   #     match: { action: [restart], outcome: [failed] }                      # optional: what else it gets
   #   - name: am
   #     alertmanager: { url: \"http://127.0.0.1:9093\" }                       # posts to /api/v2/alerts

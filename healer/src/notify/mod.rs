@@ -16,7 +16,8 @@
 //! `notify` rule's condition is [`Notice::firing`] while it holds and [`Notice::resolved`] when it ends,
 //! both with the same labels (so the same fingerprint). Webhooks get an Alertmanager v4 body with one alert
 //! per message, signed with Standard Webhooks (`webhook`); Alertmanagers get `POST /api/v2/alerts`, with
-//! open alerts re-posted every minute until resolved (`alertmanager`).
+//! open alerts re-posted every minute until resolved (`alertmanager`). Both take `http://` and `https://`
+//! URLs; https trusts Mozilla's roots (built in) or the receiver's `ca_file` (`http`).
 //!
 //! # Durability and order
 //!
