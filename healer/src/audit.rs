@@ -78,11 +78,6 @@ impl AuditLog {
         Ok(seq)
     }
 
-    /// The database, for the other tables that live beside the log (see the module doc).
-    pub fn database(&self) -> &Database {
-        &self.db
-    }
-
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path

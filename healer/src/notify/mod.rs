@@ -224,11 +224,11 @@ impl Notifier {
             audit,
         };
         let db = inner.audit.database();
-        outbox::create(db).map_err(|e| inner.outbox_err(e))?;
+        outbox::create(&db).map_err(|e| inner.outbox_err(e))?;
         for r in &inner.receivers {
             inner.metrics.declare(&r.name);
         }
-        for (name, n) in outbox::counts(db).map_err(|e| inner.outbox_err(e))? {
+        for (name, n) in outbox::counts(&db).map_err(|e| inner.outbox_err(e))? {
             if inner.receiver(&name).is_none() {
                 // Kept, not dropped: the receiver may be back in the next config.
                 tracing::warn!(receiver = %name, queued = n, "notifications queued for a receiver no longer configured");
@@ -319,7 +319,7 @@ impl Notifier {
     /// Notifications waiting, per configured receiver (0 included), read from the outbox now; blocking (a
     /// read transaction). On a read error: the delivery tasks' latest counts.
     pub fn queued(&self) -> BTreeMap<String, usize> {
-        let counts = outbox::counts(self.inner.audit.database()).unwrap_or_else(|e| {
+        let counts = outbox::counts(&self.inner.audit.database()).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read the outbox's counts");
             self.inner.metrics.queued()
         });
@@ -356,7 +356,7 @@ impl Inner {
         f: impl FnOnce(&Database) -> Result<T, OutboxError> + Send + 'static,
     ) -> Result<T, NotifyError> {
         let inner = self.clone();
-        match tokio::task::spawn_blocking(move || f(inner.audit.database()).map_err(|e| inner.outbox_err(e)))
+        match tokio::task::spawn_blocking(move || f(&inner.audit.database()).map_err(|e| inner.outbox_err(e)))
             .await
         {
             Ok(result) => result,

@@ -260,27 +260,10 @@ pub fn fingerprint(labels: &BTreeMap<String, String>) -> String {
 /// Alertmanager's "no end": the zero time of Go, as its webhooks write it.
 pub const OPEN_END: &str = "0001-01-01T00:00:00Z";
 
-/// `ms` since the Unix epoch as RFC 3339 in UTC with milliseconds: `2023-11-14T22:13:20.000Z`.
+/// `ms` since the Unix epoch as RFC 3339 in UTC with milliseconds (`2023-11-14T22:13:20.000Z`), as
+/// Alertmanager writes times; `vigil_core::time` does the calendar.
 pub fn rfc3339(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm), in the proleptic Gregorian calendar.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ms % 1000
-    )
+    vigil_core::time::format_rfc3339_ms(i64::try_from(ms).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]
