@@ -389,33 +389,31 @@ async fn deliver(inner: Arc<Inner>, index: usize, mut stop: watch::Receiver<bool
             return;
         }
         let name = r.name.clone();
-        let (entries, queued) = match inner.blocking(move |db| outbox::front(db, &name, BATCH)).await {
-            Ok(front) => front,
-            Err(e) => {
-                tracing::error!(receiver = %r.name, error = %e, "cannot read the notification outbox");
-                (Vec::new(), u64::MAX)
+        let entries = match inner.blocking(move |db| outbox::front(db, &name, BATCH)).await {
+            Ok((entries, queued)) => {
+                inner.metrics.set_queued(&r.name, queued);
+                store_failures = 0;
+                entries
             }
-        };
-        if queued != u64::MAX {
-            inner.metrics.set_queued(&r.name, queued);
-        }
-        if entries.is_empty() {
-            if queued == u64::MAX {
-                store_failures += 1;
+            Err(e) => {
+                // The database is unusable for now: read again after a growing pause.
+                tracing::error!(receiver = %r.name, error = %e, "cannot read the notification outbox");
+                store_failures = store_failures.saturating_add(1);
                 let pause = backoff::ceiling(store_failures, inner.retry_initial, inner.retry_max);
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
                     _ = stopped(&mut stop) => return,
                 }
-            } else {
-                tokio::select! {
-                    _ = r.wake.notified() => {}
-                    _ = stopped(&mut stop) => return,
-                }
+                continue;
+            }
+        };
+        if entries.is_empty() {
+            tokio::select! {
+                _ = r.wake.notified() => {}
+                _ = stopped(&mut stop) => return,
             }
             continue;
         }
-        store_failures = 0;
         for entry in entries {
             match deliver_one(&inner, r, entry, &mut stop, &mut last_durable).await {
                 Done::Removed => {}
