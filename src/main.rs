@@ -200,7 +200,7 @@ fn ctl_command(api: SocketAddr, token: Option<String>, command: CtlCommand) -> a
         if alerts.is_empty() {
             println!("no alerts are firing");
         }
-        println!("{:<28} {:<26} {:<25} {:<10} {}", "ALERT", "ABOUT", "SINCE", "SEVERITY", "SUMMARY");
+        println!("{:<28} {:<26} {:<25} {:<10} SUMMARY", "ALERT", "ABOUT", "SINCE", "SEVERITY");
         for a in &alerts {
             let about = match &a["scope"] {
                 serde_json::Value::Object(o) => {

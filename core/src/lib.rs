@@ -7,9 +7,13 @@
 //! (`snapshot`), so those crates need not depend on the collector. RFC 3339 timestamps, as Alertmanager and
 //! Prometheus write them, are read and written by `time`.
 //!
-//! Layers, bottom up: `issue`; `yaml`; `values`; `scale`; `service`; `config`. `snapshot` and `time` stand alone.
+//! Shell-style globs (`glob`), which rule selectors and notification matchers share, are here too.
+//!
+//! Layers, bottom up: `issue`; `yaml`; `glob`; `values`; `scale`; `service`; `config`. `snapshot` and `time`
+//! stand alone.
 
 pub mod config;
+pub mod glob;
 pub mod issue;
 pub mod scale;
 pub mod service;

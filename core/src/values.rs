@@ -26,6 +26,8 @@ pub enum ValueError {
     NotACpuList { list: String, reason: &'static str },
     #[error("`{text}` is not a socket address like 127.0.0.1:9750")]
     NotASocketAddress { text: String },
+    #[error("`{text}` is not an http URL like http://127.0.0.1:9093/path: {reason}")]
+    NotAnHttpUrl { text: String, reason: &'static str },
 }
 
 /// A duration written as `500ms`, `1s`, `5m`, `2h` (fractions allowed: `1.5s`).
@@ -201,6 +203,141 @@ impl From<Addr> for SocketAddr {
     }
 }
 
+/// An `http://` or `https://` URL to post to, `scheme://host[:port][/path]`: the host (a name, an IPv4
+/// address or a bracketed IPv6 one), the port (80 or 443 unless written) and the path with its query (`/`
+/// unless written). Anything an HTTP/1.1 client could not use as written is refused here, so a URL that
+/// loads is one that can be posted to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpUrl {
+    text: String,
+    https: bool,
+    host: String,
+    port: u16,
+    path: String,
+}
+
+impl HttpUrl {
+    /// The URL as written (trimmed).
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+    /// `https` or `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.https { "https" } else { "http" }
+    }
+    pub fn is_https(&self) -> bool {
+        self.https
+    }
+    /// The host as written in the URL (an IPv6 address keeps its brackets).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    /// The path and query, starting with `/`.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+    /// The URL with every part explicit: `scheme://host:port/path`.
+    pub fn full(&self) -> String {
+        format!("{}://{}:{}{}", self.scheme(), self.host, self.port, self.path)
+    }
+    /// This URL with `suffix` appended to its path (one `/` between them, any query kept after it), e.g.
+    /// Alertmanager's `/api/v2/alerts` below a base URL.
+    pub fn join(&self, suffix: &str) -> HttpUrl {
+        let (base, query) =
+            self.path.split_once('?').map_or((self.path.as_str(), None), |(b, q)| (b, Some(q)));
+        let mut path = format!("{}/{}", base.trim_end_matches('/'), suffix.trim_start_matches('/'));
+        if let Some(q) = query {
+            path = format!("{path}?{q}");
+        }
+        let mut joined = HttpUrl {
+            text: String::new(),
+            https: self.https,
+            host: self.host.clone(),
+            port: self.port,
+            path,
+        };
+        joined.text = joined.full();
+        joined
+    }
+}
+
+impl fmt::Display for HttpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl FromStr for HttpUrl {
+    type Err = ValueError;
+    fn from_str(s: &str) -> Result<HttpUrl, ValueError> {
+        let text = s.trim();
+        let bad = |reason| ValueError::NotAnHttpUrl { text: s.to_string(), reason };
+        let scheme_is =
+            |scheme: &str| text.get(..scheme.len()).is_some_and(|p| p.eq_ignore_ascii_case(scheme));
+        let (https, rest) = if scheme_is("https://") {
+            (true, &text[8..])
+        } else if scheme_is("http://") {
+            (false, &text[7..])
+        } else {
+            return Err(bad("it must start with http:// or https://"));
+        };
+        if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad("it contains whitespace"));
+        }
+        if text.contains('#') {
+            return Err(bad("a fragment (#...) is never sent"));
+        }
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(end);
+        if authority.contains('@') {
+            return Err(bad("credentials in the URL are not supported: use the receiver's headers"));
+        }
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (addr, after) = v6.split_once(']').ok_or_else(|| bad("an IPv6 host has no closing `]`"))?;
+            addr.parse::<std::net::Ipv6Addr>().map_err(|_| bad("the IPv6 host is not an address"))?;
+            (&authority[..addr.len() + 2], after.strip_prefix(':'))
+        } else {
+            match authority.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("it names no host"));
+        }
+        if !host.starts_with('[')
+            && !host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        {
+            return Err(bad("the host has characters a host name cannot have"));
+        }
+        let port = match port {
+            None if https => 443,
+            None => 80,
+            Some(p) => match p.parse::<u16>() {
+                Ok(p) if p > 0 => p,
+                _ => return Err(bad("the port is not a number in 1..=65535")),
+            },
+        };
+        let path = if path.is_empty() {
+            "/".to_string()
+        } else if path.starts_with('?') {
+            format!("/{path}")
+        } else {
+            path.to_string()
+        };
+        Ok(HttpUrl { text: text.to_string(), https, host: host.to_string(), port, path })
+    }
+}
+
+impl<'de> Deserialize<'de> for HttpUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_text(d)
+    }
+}
+
 /// For `#[serde(deserialize_with = "socket_addr")]` on a `SocketAddr` field: the address as [`Addr`]
 /// reads it, refused with the text as written.
 pub fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
@@ -326,6 +463,50 @@ mod tests {
             read::<CpuList>("a"),
             Err("t.yaml:1:4: v: \"a\" is not a CPU list: expected CPU numbers like 0-3,5".into())
         );
+    }
+
+    #[test]
+    fn http_urls() {
+        let u: HttpUrl = "http://127.0.0.1:9099/hook".parse().unwrap();
+        assert_eq!((u.host(), u.port(), u.path()), ("127.0.0.1", 9099, "/hook"));
+        let u: HttpUrl = "http://am.local".parse().unwrap();
+        assert_eq!((u.host(), u.port(), u.path()), ("am.local", 80, "/"));
+        assert_eq!(u.join("/api/v2/alerts").to_string(), "http://am.local:80/api/v2/alerts");
+        let u: HttpUrl = "http://[::1]:9093/base/?a=1".parse().unwrap();
+        assert_eq!((u.host(), u.port(), u.path()), ("[::1]", 9093, "/base/?a=1"));
+        assert_eq!(u.join("api/v2/alerts").path(), "/base/api/v2/alerts?a=1");
+        let u: HttpUrl = "http://h:1?x".parse().unwrap();
+        assert_eq!(u.path(), "/?x");
+        let u: HttpUrl = "HTTPS://hooks.example/in".parse().unwrap();
+        assert_eq!((u.scheme(), u.host(), u.port(), u.path()), ("https", "hooks.example", 443, "/in"));
+        assert_eq!(u.join("x").to_string(), "https://hooks.example:443/in/x");
+        assert_eq!(
+            read::<HttpUrl>("ftp://x/hook"),
+            Err("t.yaml:1:4: v: `ftp://x/hook` is not an http URL like http://127.0.0.1:9093/path: it must start \
+                 with http:// or https://"
+                .into())
+        );
+        for (text, reason) in [
+            ("ftp://x/", "it must start with http:// or https://"),
+            ("https://", "it names no host"),
+            ("http://", "it names no host"),
+            ("http://:80/", "it names no host"),
+            ("http://a b/", "it contains whitespace"),
+            ("http://x/#top", "a fragment (#...) is never sent"),
+            ("http://u:p@x/", "credentials in the URL are not supported: use the receiver's headers"),
+            ("http://x:0/", "the port is not a number in 1..=65535"),
+            ("http://x:99999/", "the port is not a number in 1..=65535"),
+            ("http://x:/", "the port is not a number in 1..=65535"),
+            ("http://[::1/", "an IPv6 host has no closing `]`"),
+            ("http://[zz]/", "the IPv6 host is not an address"),
+            ("http://a%20b/", "the host has characters a host name cannot have"),
+        ] {
+            assert_eq!(
+                text.parse::<HttpUrl>(),
+                Err(ValueError::NotAnHttpUrl { text: text.into(), reason }),
+                "{text}"
+            );
+        }
     }
 
     #[test]

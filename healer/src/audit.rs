@@ -1,10 +1,12 @@
 //! The durable audit log: every decision and its outcome, appended to an embedded redb database under the
-//! data directory, so the record survives restarts and crashes (redb commits are atomic).
+//! data directory, so the record survives restarts and crashes (redb commits are atomic). Other durable
+//! state that must commit with a decision (the notification outbox, `crate::notify`) lives in tables of the
+//! same database and is written in the decision's own transaction ([`AuditLog::append_with`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::Serialize;
 
 /// Sequence number → the decision as JSON.
@@ -51,7 +53,19 @@ impl AuditLog {
 
     /// Appends one record durably; returns its sequence number.
     pub fn append<T: Serialize>(&self, record: &T) -> Result<u64, AuditError> {
-        let bytes = serde_json::to_vec(record)?;
+        self.append_with(record, |_, _| Ok::<(), AuditError>(()))
+    }
+
+    /// Appends one record and lets `also` write other tables in the same transaction (given the record's
+    /// sequence number): both commit, durably, or neither does. An error from `also` aborts the
+    /// transaction, the record included.
+    pub fn append_with<T, E, F>(&self, record: &T, also: F) -> Result<u64, E>
+    where
+        T: Serialize,
+        E: From<AuditError>,
+        F: FnOnce(&WriteTransaction, u64) -> Result<(), E>,
+    {
+        let bytes = serde_json::to_vec(record).map_err(AuditError::from)?;
         let tx = self.db.begin_write().map_err(|e| self.store_err(e))?;
         let seq = {
             let mut table = tx.open_table(DECISIONS).map_err(|e| self.store_err(e))?;
@@ -59,8 +73,14 @@ impl AuditLog {
             table.insert(last + 1, bytes.as_slice()).map_err(|e| self.store_err(e))?;
             last + 1
         };
+        also(&tx, seq)?;
         tx.commit().map_err(|e| self.store_err(e))?;
         Ok(seq)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The newest `limit` records, newest first, as JSON values.

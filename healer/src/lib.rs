@@ -15,6 +15,7 @@ pub mod grpc;
 pub mod instance;
 pub mod lifecycle;
 pub mod metrics;
+pub mod notify;
 pub mod rules;
 pub mod run;
 pub mod service;

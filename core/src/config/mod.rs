@@ -12,6 +12,7 @@ pub mod broker;
 pub mod collector;
 pub mod grpc;
 pub mod healer;
+pub mod notify;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -27,6 +28,10 @@ pub use self::broker::{
 pub use self::collector::{CollectorConfig, HttpConfig, WatchConfig};
 pub use self::grpc::GrpcConfig;
 pub use self::healer::HealerSettings;
+pub use self::notify::{
+    ActionName, AlertmanagerConfig, Matcher, NotifyConfig, OutcomeName, ReceiverConfig, ReceiverKind,
+    RetryConfig, Secrets, WebhookConfig, WebhookSecret,
+};
 use crate::issue::{ConfigError, ConfigIssue};
 use crate::service::ServiceSpec;
 use crate::yaml::Document;
@@ -57,6 +62,18 @@ broker:
     max_per_service: 1000
     max_total: 10000
     timeout: 30s
+notify:                       # where decisions and alerts are sent: durable outbox, retried until delivered
+  receivers: []
+  # receivers:
+  #   - name: ops
+  #     webhook: { url: \"http://127.0.0.1:9099/hook\", secret: whsec_... }   # signed, Standard Webhooks; https too
+  #     match: { action: [restart], outcome: [failed] }                      # optional: what else it gets
+  #   - name: am
+  #     alertmanager: { url: \"http://127.0.0.1:9093\" }                       # posts to /api/v2/alerts
+  # external_url: http://127.0.0.1:9750   # links sent along; default http://<http.listen>
+  retry: { initial: 500ms, max: 1m }      # exponential backoff with jitter
+  give_up_after: 24h                      # older undelivered notifications are dropped, counted
+  timeout: 10s                            # per attempt
 ";
 
 /// The whole configuration file. Every key is optional; [`VigilConfig::default`] is [`DEFAULT_YAML`].
@@ -75,6 +92,7 @@ pub struct VigilConfig {
     pub services: Vec<ServiceSpec>,
     pub healer: HealerSettings,
     pub broker: BrokerConfig,
+    pub notify: NotifyConfig,
 }
 
 /// What the command being started runs, which decides what a service entry must say. The whole file is
@@ -106,6 +124,7 @@ impl Default for VigilConfig {
             services: Vec::new(),
             healer: HealerSettings::default(),
             broker: BrokerConfig::default(),
+            notify: NotifyConfig::default(),
         }
     }
 }
@@ -160,6 +179,10 @@ impl VigilConfig {
         self.grpc_mistakes(&mut out);
         self.healer_mistakes(&mut out, runs);
         self.broker_mistakes(&mut out);
+        let written = |path: &str| out.doc.has(&format!("notify.{path}"));
+        for (path, message) in notify::notify_mistakes(&self.notify, &written) {
+            out.at(&format!("notify.{path}"), message);
+        }
         self.cross_section_mistakes(&mut out, runs);
         out.issues
     }

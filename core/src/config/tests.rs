@@ -110,7 +110,7 @@ fn unknown_keys_are_located_everywhere() {
             "v.yaml:2:3: collector.intervl: unknown field `intervl`, expected one of `interval`, `max_instances`, \
              `cgroupfs_interval`, `watch`",
             "v.yaml:3:1: servics: unknown field `servics`, expected one of `data_dir`, `http`, `grpc`, \
-             `collector`, `dry_run`, `rules`, `services`, `healer`, `broker`",
+             `collector`, `dry_run`, `rules`, `services`, `healer`, `broker`, `notify`",
             "v.yaml:4:11: broker.lisen: unknown field `lisen`, expected one of `enabled`, `listen`, `token`, \
              `http`, `queue`, `splits`, `health`, `managed_capacity`, `upstreams`, `max_frame_bytes`, \
              `max_reassembly_per_stream`, `max_reassembly_per_connection`, `max_pending_write_bytes`, \
@@ -314,5 +314,139 @@ fn grpc_needs_the_token_off_loopback_and_a_port_of_its_own() {
     assert!(
         issues("grpc: { listen: 127.0.0.1:0 }\nhttp: { listen: 127.0.0.1:0 }\n").is_empty(),
         "port 0 is any port"
+    );
+}
+
+#[test]
+fn notify_is_read() {
+    let text = "\
+http: { listen: 127.0.0.1:9000 }
+notify:
+  retry: { initial: 1s, max: 30s }
+  give_up_after: 1h
+  timeout: 2s
+  receivers:
+    - name: ops
+      webhook:
+        url: \"http://127.0.0.1:9099/hook\"
+        secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
+        headers: { X-Team: ops }
+      match: { rule: [tell-*], action: [restart, hibernate, notify], outcome: [succeeded, failed], service: [echo] }
+    - name: rotating
+      webhook:
+        url: http://127.0.0.1:9099/
+        secret: [whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw, whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=]
+    - name: am
+      alertmanager: { url: \"http://127.0.0.1:9093\" }
+    - name: tls
+      webhook: { url: \"https://hooks.example/in\", secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw, ca_file: ca.pem }
+";
+    let c = VigilConfig::parse(text, "v.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let n = &c.notify;
+    assert_eq!(n.retry.initial.0, Duration::from_secs(1));
+    assert_eq!(n.retry.max.0, Duration::from_secs(30));
+    assert_eq!(n.give_up_after.0, Duration::from_secs(3600));
+    assert_eq!(n.timeout.0, Duration::from_secs(2));
+    assert_eq!(n.external_url_or(c.http.listen), "http://127.0.0.1:9000");
+    let Some(ReceiverKind::Webhook(ops)) = n.receivers[0].kind() else { panic!("ops is a webhook") };
+    assert_eq!((ops.url.host(), ops.url.port(), ops.url.path()), ("127.0.0.1", 9099, "/hook"));
+    assert_eq!(ops.secret.len(), 1);
+    assert_eq!(ops.headers.get("X-Team").map(String::as_str), Some("ops"));
+    let m = n.receivers[0].matcher.as_ref().unwrap();
+    assert!(m.matches("tell-ops", "restart", "failed", "echo"));
+    assert!(!m.matches("tell-ops", "restart", "refused", "echo"));
+    let Some(ReceiverKind::Webhook(rotating)) = n.receivers[1].kind() else { panic!("a webhook") };
+    assert_eq!(rotating.secret.iter().map(|s| s.key().len()).collect::<Vec<_>>(), [24, 32]);
+    let Some(ReceiverKind::Alertmanager(am)) = n.receivers[2].kind() else { panic!("am is an alertmanager") };
+    assert_eq!(am.url.join("/api/v2/alerts").to_string(), "http://127.0.0.1:9093/api/v2/alerts");
+    let Some(ReceiverKind::Webhook(tls)) = n.receivers[3].kind() else { panic!("tls is a webhook") };
+    assert_eq!((tls.url.scheme(), tls.url.port()), ("https", 443));
+    assert_eq!(tls.ca_file.as_deref(), Some(std::path::Path::new("ca.pem")));
+    let with_url =
+        VigilConfig::parse("notify: { external_url: \"https://v.example/\" }\n", "v.yaml").unwrap();
+    assert_eq!(with_url.notify.external_url_or(with_url.http.listen), "https://v.example");
+}
+
+#[test]
+fn notify_values_are_refused_where_written() {
+    let text = "\
+notify:
+  retry: { initial: soon }
+  receivers:
+    - name: a
+      webhook: { url: \"ftp://x/hook\", secret: whsec_c2hvcnQ= }
+    - name: b
+      webhook: { url: \"ftp://x/\", secret: [sekrit] }
+      match: { action: [reboot], outcome: [ok], rule: [\"tell-[\"] }
+    - name: c
+      webhook: { url: \"http://x/\", secret: [] }
+";
+    assert_eq!(
+        issues(text),
+        vec![
+            "v.yaml:2:21: notify.retry.initial: `soon` is not a duration like 500ms, 1s, 5m, 2h",
+            "v.yaml:5:23: notify.receivers[0].webhook.url: `ftp://x/hook` is not an http URL like \
+             http://127.0.0.1:9093/path: it must start with http:// or https://",
+            "v.yaml:5:47: notify.receivers[0].webhook.secret: the secret decodes to 5 bytes; a webhook secret is \
+             24..=64 random bytes",
+            "v.yaml:7:23: notify.receivers[1].webhook.url: `ftp://x/` is not an http URL like \
+             http://127.0.0.1:9093/path: it must start with http:// or https://",
+            "v.yaml:7:43: notify.receivers[1].webhook.secret: a webhook secret is `whsec_` followed by base64 \
+             (Standard Webhooks); this one does not start with `whsec_`",
+            "v.yaml:8:25: notify.receivers[1].match.action[0]: `reboot` is not an action: one of hibernate, \
+             wake, restart, notify, stop, start",
+            "v.yaml:8:44: notify.receivers[1].match.outcome[0]: `ok` is not an outcome: one of succeeded, \
+             failed, refused, dry_run",
+            "v.yaml:8:56: notify.receivers[1].match.rule[0]: unclosed `[` in glob `tell-[`",
+            "v.yaml:10:44: notify.receivers[2].webhook.secret: an empty list of secrets signs nothing: give at \
+             least one",
+        ]
+    );
+}
+
+#[test]
+fn notify_mistakes_are_located() {
+    let text = "\
+notify:
+  retry: { initial: 0s, max: 0s }
+  timeout: 0s
+  give_up_after: 0s
+  external_url: vigil.local
+  receivers:
+    - name: ops
+      webhook: { url: http://x/, secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw, headers: { Webhook-Id: x, \"a b\": y } }
+    - name: ops
+      alertmanager: { url: http://x/, ca_file: /etc/ca.pem }
+      match: { action: [] }
+    - name: \"\"
+    - name: both
+      webhook: { url: http://x/, secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw }
+      alertmanager: { url: http://x/ }
+";
+    assert_eq!(
+        issues(text),
+        vec![
+            "v.yaml:2:21: notify.retry.initial: must be above 0",
+            "v.yaml:3:12: notify.timeout: must be above 0",
+            "v.yaml:4:18: notify.give_up_after: must be above 0",
+            "v.yaml:5:17: notify.external_url: \"vigil.local\" is not a URL like http://vigil.example:9750",
+            "v.yaml:8:105: notify.receivers[0].webhook.headers.Webhook-Id: `Webhook-Id` is set by Vigil itself \
+             and cannot be configured",
+            "v.yaml:8:115: notify.receivers[0].webhook.headers.a b: \"a b\" is not an HTTP header name",
+            "v.yaml:9:13: notify.receivers[1].name: receiver `ops` is declared twice (first as \
+             notify.receivers[0])",
+            "v.yaml:10:48: notify.receivers[1].alertmanager.ca_file: a CA file is for https:// URLs; `http://x/` \
+             is plain http",
+            "v.yaml:11:16: notify.receivers[1].match.action: an empty list matches nothing: leave `action` out \
+             to match every action",
+            "v.yaml:12:7: notify.receivers[2]: a receiver needs one of `webhook:` or `alertmanager:`",
+            "v.yaml:12:13: notify.receivers[2].name: \"\": a receiver name must be non-empty, without whitespace",
+            "v.yaml:15:7: notify.receivers[3].alertmanager: a receiver is either `webhook:` or `alertmanager:`, \
+             not both: declare two receivers",
+        ]
+    );
+    assert_eq!(
+        issues("notify: { retry: { initial: 2s, max: 1s } }\n"),
+        vec!["v.yaml:1:38: notify.retry.max: 1s is shorter than notify.retry.initial (2s)"]
     );
 }

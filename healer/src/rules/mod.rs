@@ -78,7 +78,6 @@
 mod cases;
 mod eval;
 mod file;
-mod glob;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,7 +85,8 @@ use std::time::Duration;
 pub use cases::{TestOutcome, run_tests};
 pub use eval::{Ended, Evaluator, InstanceSignals, ProposedAction, Signals};
 pub use file::{RulesError, check_file, check_receivers, check_str};
-pub use glob::Glob;
+/// Globs are shared with the notification matchers of the config, so they live in `vigil-core`.
+pub use vigil_core::glob::Glob;
 
 use vigil_core::snapshot::InstanceKind;
 

@@ -1,4 +1,5 @@
-//! Shell-style globs for selectors: `*` (any run), `?` (one character), `[abc]`, `[a-z]`, `[!0-9]`.
+//! Shell-style globs for selectors (rule `select:`, notification `match:`): `*` (any run), `?` (one
+//! character), `[abc]`, `[a-z]`, `[!0-9]`.
 
 use std::fmt;
 
@@ -118,6 +119,14 @@ impl Glob {
             }
         }
         self.tokens[t..].iter().all(|tok| *tok == Token::AnyRun)
+    }
+}
+
+/// A glob in a configuration file is compiled as it is read, so a bad one is reported at its position.
+impl<'de> serde::Deserialize<'de> for Glob {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Glob, D::Error> {
+        let text = String::deserialize(d)?;
+        Glob::new(&text).map_err(serde::de::Error::custom)
     }
 }
 
