@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
+use crate::alerting::Alerting;
 use crate::audit::AuditLog;
 use crate::engine::{Decision, Engine, Executor, Outcome, Refusal, Started};
 use crate::metrics::EngineMetrics;
@@ -72,6 +73,8 @@ pub struct Actions {
     started: Instant,
     ledger: Mutex<(u64, BTreeMap<u64, Entry>)>,
     recorded: broadcast::Sender<Recorded>,
+    /// Where decisions' notifications go (`notify.receivers`); without it decisions are only audited.
+    alerting: Option<Arc<Alerting>>,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -88,7 +91,24 @@ impl Actions {
             started: Instant::now(),
             ledger: Mutex::new((0, BTreeMap::new())),
             recorded: broadcast::channel(BROADCAST_BUFFER).0,
+            alerting: None,
         })
+    }
+
+    /// The same, sending each decision's notifications through `alerting`.
+    pub fn with_alerting(
+        engine: Engine,
+        executor: Arc<dyn Executor>,
+        audit: Arc<AuditLog>,
+        alerting: Arc<Alerting>,
+    ) -> Arc<Actions> {
+        let mut actions = Arc::into_inner(Self::new(engine, executor, audit)).expect("not shared yet");
+        actions.alerting = Some(alerting);
+        Arc::new(actions)
+    }
+
+    pub fn alerting(&self) -> Option<&Arc<Alerting>> {
+        self.alerting.as_ref()
     }
 
     /// Every record appended to the audit log from now on, after it is durable. A subscriber that falls
@@ -187,6 +207,11 @@ impl Actions {
                 Err(error) => Outcome::Failed { seconds, error },
             }
         };
+        // A notification is not done to the instance: it is the decision itself, sent with its record.
+        if p.action == Action::Notify {
+            self.finish(id, &p, now, outcome_of(Ok(()))).await;
+            return submitted;
+        }
         match self.executor.start(p.action, &p.service, &p.instance_id).await {
             Started::Finished(result) => self.finish(id, &p, now, outcome_of(result)).await,
             Started::Busy => self.finish(id, &p, now, Outcome::Refused { reason: Refusal::InProgress }).await,
@@ -219,9 +244,15 @@ impl Actions {
         self.metrics.record(&decision);
         let audit = self.audit.clone();
         let record = decision.clone();
-        match tokio::task::spawn_blocking(move || audit.append(&record)).await {
+        let alerting = self.alerting.clone();
+        let rule = p.notify.clone();
+        let recorded = tokio::task::spawn_blocking(move || match alerting {
+            Some(a) => a.record(&record, &rule).map_err(|e| e.to_string()),
+            None => audit.append(&record).map_err(|e| e.to_string()),
+        });
+        match recorded.await {
             Ok(Ok(seq)) => self.publish(seq, &decision),
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot record a decision in the audit log"),
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot record a decision (and its notifications)"),
             Err(e) => tracing::error!(error = %e, "the audit writer panicked"),
         }
         let mut ledger = self.ledger();

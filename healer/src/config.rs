@@ -37,6 +37,10 @@ pub struct HealerConfig {
     pub tick: Duration,
     /// The names of `notify.receivers`, which rules may name.
     pub receivers: Vec<String>,
+    /// `notify:`: the receivers of decisions and notify rules.
+    pub notify: vigil_core::config::NotifyConfig,
+    /// `externalURL` / `generatorURL` of notifications (`notify.external_url`, else the API's address).
+    pub external_url: String,
 }
 
 impl Default for HealerConfig {
@@ -55,7 +59,9 @@ impl HealerConfig {
             services: config.services.clone(),
             healer: config.healer.clone(),
             tick: config.collector.interval.0,
-            receivers: Vec::new(),
+            receivers: config.notify.receivers.iter().map(|r| r.name.clone()).collect(),
+            notify: config.notify.clone(),
+            external_url: config.notify.external_url_or(config.http.listen),
         }
     }
 

@@ -4,6 +4,7 @@
 //! the rule language (`rules`). Its API's operations (`api`) are served over REST and gRPC (`grpc`).
 
 pub mod actions;
+pub mod alerting;
 pub mod alerts;
 pub mod api;
 pub mod audit;

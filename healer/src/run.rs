@@ -47,6 +47,10 @@ pub enum HealerError {
     Audit(#[from] AuditError),
     #[error("{0}")]
     Alerts(#[from] AlertStoreError),
+    #[error("notifications: {0}")]
+    Notify(#[from] crate::notify::NotifyError),
+    #[error("{0}")]
+    Alerting(#[from] crate::alerting::AlertingError),
 }
 
 /// The configured rule files and what became of their last load. Files are re-read when one changes
@@ -116,6 +120,8 @@ pub struct Healer {
     scaler_task: Option<JoinHandle<()>>,
     actions: Arc<Actions>,
     alerts: Arc<AlertStore>,
+    notifier: crate::notify::Notifier,
+    notifier_task: JoinHandle<()>,
     standby_metrics: StandbyMetrics,
     rules: Arc<Mutex<Value>>,
     stop: watch::Sender<bool>,
@@ -172,9 +178,17 @@ impl Healer {
             max_actions_per_minute: config.healer.max_actions_per_minute,
             max_standby_fraction: config.healer.max_standby_fraction.get(),
         });
-        let engine = Engine::new(Evaluator::new(rule_list), gate);
-        let actions = Actions::new(engine, Arc::new(supervisor.clone()), audit);
+        let mut engine = Engine::new(Evaluator::new(rule_list), gate);
         let (stop, stop_rx) = watch::channel(false);
+        let notifier = crate::notify::Notifier::open(audit.clone(), &config.notify, &config.external_url)?;
+        let alerting = Arc::new(crate::alerting::Alerting::new(audit.clone(), notifier.clone()));
+        let firing = alerting.firing()?;
+        if !firing.is_empty() {
+            tracing::info!(alerts = firing.len(), "notify alerts still firing from before the restart");
+        }
+        engine.seed_firing(firing);
+        let notifier_task = notifier.spawn(stop_rx.clone());
+        let actions = Actions::with_alerting(engine, Arc::new(supervisor.clone()), audit, alerting);
         let scaler = if scaled.is_empty() {
             None
         } else {
@@ -202,6 +216,8 @@ impl Healer {
             scaler_task,
             actions,
             alerts,
+            notifier,
+            notifier_task,
             standby_metrics,
             rules: status,
             stop,
@@ -221,6 +237,7 @@ impl Healer {
             registry.register_collector(Box::new(scaler.metrics()));
         }
         self.alerts.metrics().register(&mut registry);
+        self.notifier.metrics().register(&mut registry);
         Arc::new(registry)
     }
 
@@ -276,6 +293,8 @@ impl Healer {
         if let Some(task) = self.scaler_task {
             let _ = task.await;
         }
+        // Delivery stops between attempts; what is still queued waits in the outbox for the next start.
+        let _ = self.notifier_task.await;
         self.supervisor.shutdown(self.grace).await;
     }
 }
@@ -377,7 +396,16 @@ async fn step_loop(
                 signals.set_state(&i.id, i.state);
             }
             traffic_source.observe(&instances, elapsed, &mut signals);
-            let proposals = engine_actions.engine().evaluate(engine_actions.now(), &snapshot, &signals);
+            let (proposals, ended) = {
+                let mut engine = engine_actions.engine();
+                let proposals = engine.evaluate(engine_actions.now(), &snapshot, &signals);
+                (proposals, engine.take_ended())
+            };
+            if let Some(alerting) = engine_actions.alerting()
+                && let Err(e) = alerting.resolve(&ended)
+            {
+                tracing::error!(error = %e, "cannot queue the resolution of notify alerts");
+            }
             (proposals, rule_files)
         })
         .await;

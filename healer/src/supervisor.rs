@@ -470,9 +470,11 @@ impl crate::engine::Executor for Supervisor {
                 Action::Restart => Request::Restart,
                 Action::Stop => Request::Stop,
                 Action::Start => Request::Start,
+                // Sent with the decision's record (`crate::actions`), never asked of an instance.
                 Action::Notify => {
-                    tracing::warn!(instance = id, "rule notification");
-                    return Started::Finished(Ok(()));
+                    return Started::Finished(Err(format!(
+                        "notify is sent to the rule's receivers, not done to `{id}`"
+                    )));
                 }
             };
             match self.request(id, request).await {

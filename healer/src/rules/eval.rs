@@ -104,9 +104,22 @@ struct RuleState {
     holding: HashMap<Arc<str>, Duration>,
     /// Proposals within the rule's cooldown.
     recent: Vec<Recent>,
-    /// For a `notify` rule: instance id -> service of the alerts firing (proposed, conditions still holding).
-    firing: HashMap<Arc<str>, Arc<str>>,
+    /// For a `notify` rule: instance id -> the alert firing for it (proposed, conditions still holding).
+    firing: HashMap<Arc<str>, Firing>,
 }
+
+/// A `notify` alert that is out.
+#[derive(Debug)]
+struct Firing {
+    service: Arc<str>,
+    /// For one carried over from before this evaluator (a restart): ticks it has not been seen in yet. It
+    /// ends only once seen not holding, or after [`UNSEEN_TICKS`], so an instance that is still coming up
+    /// after a restart does not resolve (and then fire again). `None` once seen.
+    unseen: Option<u32>,
+}
+
+/// Ticks a carried-over alert waits to see its instance before it resolves.
+const UNSEEN_TICKS: u32 = 30;
 
 /// Evaluates rules over a stream of snapshots. Memory is bounded by the live instances and the proposals
 /// within each rule's cooldown.
@@ -178,7 +191,9 @@ impl Evaluator {
         for f in firing {
             match self.rules.iter().position(|r| r.name == f.rule && r.action == Action::Notify) {
                 Some(i) => {
-                    self.states[i].firing.insert(f.instance_id, f.service);
+                    self.states[i]
+                        .firing
+                        .insert(f.instance_id, Firing { service: f.service, unseen: Some(0) });
                 }
                 None => gone.push(f),
             }
@@ -195,10 +210,10 @@ impl Evaluator {
     pub fn firing(&self) -> Vec<Ended> {
         let mut out = Vec::new();
         for (rule, state) in self.rules.iter().zip(&self.states) {
-            for (id, service) in &state.firing {
+            for (id, f) in &state.firing {
                 out.push(Ended {
                     rule: rule.name.clone(),
-                    service: service.clone(),
+                    service: f.service.clone(),
                     instance_id: id.clone(),
                     notify: rule.notify.clone(),
                 });
@@ -261,7 +276,10 @@ impl Evaluator {
                 });
                 holding.insert(inst.instance_id.clone(), at);
                 if rule.action == Action::Notify {
-                    state.firing.insert(inst.instance_id.clone(), inst.service.clone());
+                    state.firing.insert(
+                        inst.instance_id.clone(),
+                        Firing { service: inst.service.clone(), unseen: None },
+                    );
                 }
                 proposals.push(ProposedAction {
                     rule: rule.name.clone(),
@@ -275,10 +293,20 @@ impl Evaluator {
                 });
             }
             // An alert whose conditions no longer hold (or whose instance is gone) resolves.
-            let ended: Vec<Arc<str>> =
-                state.firing.keys().filter(|id| !holding.contains_key(*id)).cloned().collect();
+            let mut ended = Vec::new();
+            for (id, f) in state.firing.iter_mut() {
+                if holding.contains_key(id) {
+                    f.unseen = None;
+                    continue;
+                }
+                let present = snapshot.instances.iter().any(|i| i.instance_id == *id);
+                match &mut f.unseen {
+                    Some(n) if !present && *n < UNSEEN_TICKS => *n += 1,
+                    _ => ended.push(id.clone()),
+                }
+            }
             for id in ended {
-                if let Some(service) = state.firing.remove(&id) {
+                if let Some(Firing { service, .. }) = state.firing.remove(&id) {
                     self.ended.push(Ended {
                         rule: rule.name.clone(),
                         service,

@@ -433,8 +433,23 @@ fn firing_alerts_carry_over_into_new_rules_and_end_with_their_rule() {
     assert!(fired(&mut next, 3, &hot).is_empty(), "already firing: not proposed again");
     assert!(fired(&mut next, 10, &hot).is_empty());
     let mut without = Evaluator::new(vec![idle_rule(0, 0, None)]);
-    let gone = without.seed_firing(firing);
+    let gone = without.seed_firing(firing.clone());
     assert_eq!(gone.len(), 1, "its rule is gone: it has ended");
+    // After a restart the instance may take a while to appear: it is waited for, then seen not holding.
+    let mut restarted = Evaluator::new(vec![notify_rule()]);
+    restarted.seed_firing(firing.clone());
+    for t in 0..30 {
+        fired(&mut restarted, t, &snap(vec![]));
+        assert!(restarted.take_ended().is_empty(), "still waiting for echo-0 at tick {t}");
+    }
+    fired(&mut restarted, 30, &snap(vec![inst("echo", "echo-0", 0.1)]));
+    assert_eq!(restarted.take_ended().len(), 1, "seen, not holding: resolved");
+    let mut never = Evaluator::new(vec![notify_rule()]);
+    never.seed_firing(firing);
+    for t in 0..=30 {
+        fired(&mut never, t, &snap(vec![]));
+    }
+    assert_eq!(never.take_ended().len(), 1, "never seen: resolved after the grace");
 }
 
 #[test]
