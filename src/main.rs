@@ -256,19 +256,40 @@ enum RulesCommand {
     Check {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
+        /// Also check the receivers the rules name against this config's `notify.receivers`.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Run each file's own test cases.
     Test {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
+        /// Also check the receivers the rules name against this config's `notify.receivers`.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
 }
 
 /// Checks (and with `run_tests`, tests) each file; prints one line per file and case. Err when any fails.
-fn rules_command(files: &[PathBuf], run_tests: bool) -> anyhow::Result<()> {
+fn rules_command(files: &[PathBuf], run_tests: bool, config: Option<&PathBuf>) -> anyhow::Result<()> {
+    let receivers: Option<Vec<String>> = match config {
+        Some(path) => Some(
+            load_config(Some(path), Runs::WithoutServices)?
+                .notify
+                .receivers
+                .into_iter()
+                .map(|r| r.name)
+                .collect(),
+        ),
+        None => None,
+    };
     let mut failed = 0usize;
     for file in files {
-        match rules::check_file(file) {
+        let checked = rules::check_file(file).and_then(|set| match &receivers {
+            Some(known) => rules::check_receivers(&set, known).map(|()| set),
+            None => Ok(set),
+        });
+        match checked {
             Err(e) => {
                 eprintln!("{e}");
                 failed += 1;
@@ -500,8 +521,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Rules { command: RulesCommand::Check { files } } => rules_command(&files, false),
-        Command::Rules { command: RulesCommand::Test { files } } => rules_command(&files, true),
+        Command::Rules { command: RulesCommand::Check { files, config } } => {
+            rules_command(&files, false, config.as_ref())
+        }
+        Command::Rules { command: RulesCommand::Test { files, config } } => {
+            rules_command(&files, true, config.as_ref())
+        }
         Command::Ctl { api, token, command } => ctl_command(api, token, command),
         Command::DefaultConfig => {
             print!("{}", vigil_core::config::DEFAULT_YAML);

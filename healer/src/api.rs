@@ -139,6 +139,8 @@ pub struct Api {
     layout: Option<Layout>,
     /// Incoming alerts (`POST /api/v1/alerts`).
     alerts: Arc<AlertStore>,
+    /// `alerts.secret`: when set, incoming alerts must be signed (Standard Webhooks).
+    alert_secret: Option<vigil_core::config::Secrets>,
 }
 
 /// The state of an instance Vigil did not start: it is seen, not run, so none of the managed lifecycle
@@ -244,14 +246,28 @@ impl Api {
     ) -> Arc<Api> {
         // An empty token is no token, as in the config's check and on the other routes of the listener.
         let token = token.filter(|t| !t.is_empty());
-        Arc::new(Api { control, snapshots, audit, token, layout, alerts: Arc::new(AlertStore::in_memory()) })
+        Arc::new(Api {
+            control,
+            snapshots,
+            audit,
+            token,
+            layout,
+            alerts: Arc::new(AlertStore::in_memory()),
+            alert_secret: None,
+        })
     }
 
     /// The same operations over the healer's alert store (by default an empty one kept in memory). Call it
     /// on the `Api` just made, before it is shared.
-    pub fn with_alerts(self: Arc<Api>, alerts: Arc<AlertStore>) -> Arc<Api> {
+    /// With `secret`, a payload must carry a Standard Webhooks signature by one of its keys.
+    pub fn with_alerts(
+        self: Arc<Api>,
+        alerts: Arc<AlertStore>,
+        secret: Option<vigil_core::config::Secrets>,
+    ) -> Arc<Api> {
         let mut api = Arc::into_inner(self).expect("with_alerts is called before the Api is shared");
         api.alerts = alerts;
+        api.alert_secret = secret;
         Arc::new(api)
     }
 
@@ -261,8 +277,20 @@ impl Api {
         crate::alerts::http::list(&self.alerts, filter)
     }
 
-    /// Takes an Alertmanager webhook body (version 4): what it did, or a 400 naming the field.
-    pub async fn ingest_alerts(&self, body: &[u8]) -> Result<Value, ApiError> {
+    /// Takes an Alertmanager webhook body (version 4): what it did, or a 400 naming the field (401 when
+    /// `alerts.secret` is set and the signature does not verify).
+    pub async fn ingest_alerts(&self, headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
+        if let Some(secret) = &self.alert_secret {
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            crate::notify::verify_webhook(secret, headers, body, now).map_err(|why| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "bad_signature",
+                    format!("alerts.secret is set: {why}"),
+                )
+            })?;
+        }
         crate::alerts::http::ingest(self.alerts.clone(), body).await
     }
 
@@ -616,7 +644,7 @@ async fn post_alerts(
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     api.authorize(&headers)?;
-    Ok(Json(api.ingest_alerts(&body).await?))
+    Ok(Json(api.ingest_alerts(&headers, &body).await?))
 }
 
 async fn not_found() -> ApiError {

@@ -41,6 +41,8 @@ pub struct HealerConfig {
     pub notify: vigil_core::config::NotifyConfig,
     /// `externalURL` / `generatorURL` of notifications (`notify.external_url`, else the API's address).
     pub external_url: String,
+    /// `alerts.secret`: incoming alerts must be signed with one of these.
+    pub alerts_secret: Option<vigil_core::config::Secrets>,
 }
 
 impl Default for HealerConfig {
@@ -62,6 +64,7 @@ impl HealerConfig {
             receivers: config.notify.receivers.iter().map(|r| r.name.clone()).collect(),
             notify: config.notify.clone(),
             external_url: config.notify.external_url_or(config.http.listen),
+            alerts_secret: config.alerts.secret.clone(),
         }
     }
 

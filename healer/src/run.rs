@@ -122,6 +122,7 @@ pub struct Healer {
     alerts: Arc<AlertStore>,
     notifier: crate::notify::Notifier,
     notifier_task: JoinHandle<()>,
+    alert_secret: Option<vigil_core::config::Secrets>,
     standby_metrics: StandbyMetrics,
     rules: Arc<Mutex<Value>>,
     stop: watch::Sender<bool>,
@@ -218,6 +219,7 @@ impl Healer {
             alerts,
             notifier,
             notifier_task,
+            alert_secret: config.alerts_secret.clone(),
             standby_metrics,
             rules: status,
             stop,
@@ -257,7 +259,8 @@ impl Healer {
             actions: self.actions.clone(),
             rules: self.rules.clone(),
         });
-        Api::new(control, snapshots, self.actions.audit().clone(), token).with_alerts(self.alerts.clone())
+        Api::new(control, snapshots, self.actions.audit().clone(), token)
+            .with_alerts(self.alerts.clone(), self.alert_secret.clone())
     }
 
     /// `/api/v1/...`.

@@ -8,6 +8,7 @@
 //! section comes back together, in file order, each at its real line and column. The collector, the healer
 //! and the broker then build their own settings from the sections they use.
 
+pub mod alerts;
 pub mod broker;
 pub mod collector;
 pub mod grpc;
@@ -21,6 +22,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use self::alerts::AlertsConfig;
 pub use self::broker::{
     BrokerConfig, HealthPolicy, HttpTriggerConfig, MAX_FRAME_LEN, QueueConfig, Split, SplitError, Upstream,
     split_mistakes,
@@ -93,6 +95,8 @@ pub struct VigilConfig {
     pub healer: HealerSettings,
     pub broker: BrokerConfig,
     pub notify: NotifyConfig,
+    /// How incoming alerts are taken (`POST /api/v1/alerts`).
+    pub alerts: AlertsConfig,
 }
 
 /// What the command being started runs, which decides what a service entry must say. The whole file is
@@ -125,6 +129,7 @@ impl Default for VigilConfig {
             healer: HealerSettings::default(),
             broker: BrokerConfig::default(),
             notify: NotifyConfig::default(),
+            alerts: AlertsConfig::default(),
         }
     }
 }

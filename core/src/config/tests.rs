@@ -110,7 +110,7 @@ fn unknown_keys_are_located_everywhere() {
             "v.yaml:2:3: collector.intervl: unknown field `intervl`, expected one of `interval`, `max_instances`, \
              `cgroupfs_interval`, `watch`",
             "v.yaml:3:1: servics: unknown field `servics`, expected one of `data_dir`, `http`, `grpc`, \
-             `collector`, `dry_run`, `rules`, `services`, `healer`, `broker`, `notify`",
+             `collector`, `dry_run`, `rules`, `services`, `healer`, `broker`, `notify`, `alerts`",
             "v.yaml:4:11: broker.lisen: unknown field `lisen`, expected one of `enabled`, `listen`, `token`, \
              `http`, `queue`, `splits`, `health`, `managed_capacity`, `upstreams`, `max_frame_bytes`, \
              `max_reassembly_per_stream`, `max_reassembly_per_connection`, `max_pending_write_bytes`, \
@@ -448,5 +448,21 @@ notify:
     assert_eq!(
         issues("notify: { retry: { initial: 2s, max: 1s } }\n"),
         vec!["v.yaml:1:38: notify.retry.max: 1s is shorter than notify.retry.initial (2s)"]
+    );
+}
+
+#[test]
+fn incoming_alerts_may_require_a_signature() {
+    let c =
+        VigilConfig::parse("alerts: { secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw }\n", "v.yaml").unwrap();
+    assert_eq!(c.alerts.secret.map(|s| s.len()), Some(1));
+    assert_eq!(VigilConfig::default().alerts.secret, None);
+    assert_eq!(
+        issues("alerts:\n  secret: sekrit\n  signed: true\n"),
+        vec![
+            "v.yaml:2:11: alerts.secret: a webhook secret is `whsec_` followed by base64 (Standard Webhooks); \
+             this one does not start with `whsec_`",
+            "v.yaml:3:3: alerts.signed: unknown field `signed`, expected `secret`",
+        ]
     );
 }

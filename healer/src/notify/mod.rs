@@ -78,7 +78,7 @@ pub use self::notice::{
     rfc3339,
 };
 pub use self::outbox::OutboxError;
-pub use self::webhook::{body as webhook_body, signature as webhook_signature};
+pub use self::webhook::{body as webhook_body, signature as webhook_signature, verify as verify_webhook};
 
 use self::http::{Poster, Trust};
 use self::outbox::Entry;

@@ -75,6 +75,44 @@ pub fn signature(secrets: &Secrets, id: &str, timestamp: u64, body: &[u8]) -> St
     out.join(" ")
 }
 
+/// How far a `webhook-timestamp` may be from now, either way (Standard Webhooks' replay window).
+pub const TOLERANCE_SECS: u64 = 300;
+
+/// Checks a signed request as a Standard Webhooks receiver does: `webhook-id`, `webhook-timestamp`
+/// (within [`TOLERANCE_SECS`] of `now_secs`) and a `webhook-signature` holding at least one `v1,`
+/// signature made with one of `secrets` (compared in constant time). The error says what is missing or
+/// wrong, never the expected signature.
+pub fn verify(
+    secrets: &Secrets,
+    headers: &http::HeaderMap,
+    body: &[u8],
+    now_secs: u64,
+) -> Result<(), String> {
+    let header = |name: &str| -> Result<&str, String> {
+        headers
+            .get(name)
+            .ok_or_else(|| format!("the `{name}` header is missing"))?
+            .to_str()
+            .map_err(|_| format!("the `{name}` header is not text"))
+    };
+    let id = header("webhook-id")?;
+    let timestamp: u64 = header("webhook-timestamp")?
+        .trim()
+        .parse()
+        .map_err(|_| "`webhook-timestamp` is not unix seconds".to_string())?;
+    if timestamp.abs_diff(now_secs) > TOLERANCE_SECS {
+        return Err(format!(
+            "`webhook-timestamp` {timestamp} is more than {TOLERANCE_SECS} s from now ({now_secs})"
+        ));
+    }
+    let presented = header("webhook-signature")?;
+    let expected = signature(secrets, id, timestamp, body);
+    let matched = presented
+        .split_whitespace()
+        .any(|p| expected.split_whitespace().any(|e| vigil_auth::same_secret(p.as_bytes(), e.as_bytes())));
+    if matched { Ok(()) } else { Err("no `webhook-signature` matches a configured secret".to_string()) }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -140,5 +178,42 @@ mod tests {
         assert_eq!(v["status"], NoticeStatus::Resolved.as_str());
         assert_eq!(v["alerts"][0]["endsAt"], "2023-11-14T22:14:20.000Z");
         assert_eq!(v["alerts"][0]["fingerprint"], n.fingerprint());
+    }
+
+    #[test]
+    fn verification_takes_the_reference_signature_and_refuses_the_rest() {
+        let one = secrets(&["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]);
+        let other = secrets(&["whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="]);
+        let body = br#"{"version":"4"}"#;
+        let headers = |sig: &str, ts: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("webhook-id", "msg_0123456789abcdef0000000000000001".parse().unwrap());
+            h.insert("webhook-timestamp", ts.parse().unwrap());
+            h.insert("webhook-signature", sig.parse().unwrap());
+            h
+        };
+        // The signature PyPI `standardwebhooks` made (above), alone or beside one by an unknown key.
+        let good = "v1,dMU7GENzSqLchzCVcZFw4bkpDvOmYhN3dggfU/Uyj0g=";
+        assert_eq!(verify(&one, &headers(good, "1700000000"), body, 1_700_000_100), Ok(()));
+        let rotated = format!("v1,AAAA{} {good}", &good[7..]);
+        assert_eq!(verify(&one, &headers(&rotated, "1700000000"), body, 1_700_000_000), Ok(()));
+        let refused = [
+            verify(&other, &headers(good, "1700000000"), body, 1_700_000_000),
+            verify(&one, &headers(good, "1700000000"), br#"{"version":"3"}"#, 1_700_000_000),
+            verify(&one, &headers(good, "1700000000"), body, 1_700_000_301),
+            verify(&one, &headers(good, "soon"), body, 1_700_000_000),
+            verify(&one, &http::HeaderMap::new(), body, 1_700_000_000),
+        ];
+        let messages: Vec<String> = refused.into_iter().map(|r| r.unwrap_err()).collect();
+        assert_eq!(
+            messages,
+            [
+                "no `webhook-signature` matches a configured secret",
+                "no `webhook-signature` matches a configured secret",
+                "`webhook-timestamp` 1700000000 is more than 300 s from now (1700000301)",
+                "`webhook-timestamp` is not unix seconds",
+                "the `webhook-id` header is missing",
+            ]
+        );
     }
 }
