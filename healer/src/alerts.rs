@@ -17,6 +17,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use vigil_core::time::{format_rfc3339_ms, parse_rfc3339_ms};
@@ -288,7 +291,7 @@ pub struct AlertStore {
     db: Option<Arc<Database>>,
     alerts: Mutex<BTreeMap<String, StoredAlert>>,
     facts: Mutex<Arc<Vec<AlertFact>>>,
-    metrics: crate::metrics::AlertMetrics,
+    metrics: AlertMetrics,
 }
 
 impl AlertStore {
@@ -312,7 +315,7 @@ impl AlertStore {
             db: Some(db),
             alerts: Mutex::new(alerts),
             facts: Mutex::new(Arc::new(Vec::new())),
-            metrics: crate::metrics::AlertMetrics::default(),
+            metrics: AlertMetrics::default(),
         };
         store.refresh_facts(&store.alerts());
         Ok(store)
@@ -324,7 +327,7 @@ impl AlertStore {
             db: None,
             alerts: Mutex::new(BTreeMap::new()),
             facts: Mutex::new(Arc::new(Vec::new())),
-            metrics: crate::metrics::AlertMetrics::default(),
+            metrics: AlertMetrics::default(),
         }
     }
 
@@ -352,7 +355,7 @@ impl AlertStore {
         all
     }
 
-    pub fn metrics(&self) -> &crate::metrics::AlertMetrics {
+    pub fn metrics(&self) -> &AlertMetrics {
         &self.metrics
     }
 
@@ -419,63 +422,30 @@ impl AlertStore {
     }
 }
 
-/// What `POST /api/v1/alerts` (Alertmanager's webhook) and `GET /api/v1/alerts` do, for `crate::api`'s
-/// REST routes and gRPC service alike.
-pub mod http {
-    use std::sync::Arc;
+/// Incoming alerts (`POST /api/v1/alerts`): `vigil_alerts_received_total{status}` and `vigil_alerts_active`.
+#[derive(Clone, Default)]
+pub struct AlertMetrics {
+    received: Family<Vec<(&'static str, String)>, Counter>,
+    pub active: prometheus_client::metrics::gauge::Gauge,
+}
 
-    use axum::http::StatusCode;
-    use serde::Deserialize;
-    use serde_json::{Value, json};
-
-    use super::{AlertStore, AlertStoreError, parse_payload};
-    use crate::api::ApiError;
-
-    fn now_ms() -> i64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0)
+impl AlertMetrics {
+    /// Counts what one payload brought.
+    pub fn record(&self, r: &Ingested) {
+        let firing = (r.new + r.updated + r.duplicates) as u64;
+        let resolved = (r.resolved + r.resolved_unknown) as u64;
+        self.received.get_or_create(&vec![("status", "firing".to_string())]).inc_by(firing);
+        self.received.get_or_create(&vec![("status", "resolved".to_string())]).inc_by(resolved);
     }
 
-    /// Which alerts to list: those about this instance, or this service.
-    #[derive(Debug, Default, Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub struct Filter {
-        pub instance_id: Option<String>,
-        pub service: Option<String>,
-    }
-
-    /// The firing alerts as the API shows them, oldest first; a filter keeps those whose `instance_id` /
-    /// `service` label has that value. One implementation for REST and gRPC.
-    pub fn list(store: &AlertStore, filter: &Filter) -> Vec<Value> {
-        let label_is = |a: &super::StoredAlert, name: &str, want: &Option<String>| {
-            want.as_ref().is_none_or(|w| a.labels.get(name) == Some(w))
-        };
-        store
-            .list()
-            .into_iter()
-            .filter(|a| {
-                label_is(a, "instance_id", &filter.instance_id) && label_is(a, "service", &filter.service)
-            })
-            .map(|a| a.to_json())
-            .collect()
-    }
-
-    /// Checks and applies one webhook body: the report, or the error with the field path.
-    pub async fn ingest(store: Arc<AlertStore>, body: &[u8]) -> Result<Value, ApiError> {
-        let incoming = parse_payload(body, now_ms())
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
-        let applied = tokio::task::spawn_blocking(move || store.ingest(incoming))
-            .await
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-        match applied {
-            Ok(report) => Ok(json!(report)),
-            Err(e @ AlertStoreError::Full { .. }) => {
-                Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "alert_store_full", e.to_string()))
-            }
-            Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "alert_store", e.to_string())),
-        }
+    /// Adds them to `r`.
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "vigil_alerts_received",
+            "Alerts received from Alertmanager, by status",
+            self.received.clone(),
+        );
+        r.register("vigil_alerts_active", "Incoming alerts firing now", self.active.clone());
     }
 }
 

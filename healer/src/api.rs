@@ -30,10 +30,10 @@ use crate::SnapshotReceiver;
 
 use crate::actions::Recorded;
 use crate::alerts::AlertStore;
-pub use crate::alerts::http::Filter as AlertFilter;
 use crate::audit::AuditLog;
 use crate::engine::BoxFuture;
 use crate::rules::{Action, InstanceState};
+pub use alerts_http::Filter as AlertFilter;
 
 /// A Vigil-managed instance as its owner (the supervisor) sees it.
 #[derive(Clone, Debug, PartialEq)]
@@ -274,7 +274,7 @@ impl Api {
     /// The incoming alerts firing now, oldest first; a filter keeps those whose `instance_id` / `service`
     /// label has that value.
     pub fn alerts(&self, filter: &AlertFilter) -> Vec<Value> {
-        crate::alerts::http::list(&self.alerts, filter)
+        alerts_http::list(&self.alerts, filter)
     }
 
     /// Takes an Alertmanager webhook body (version 4): what it did, or a 400 naming the field (401 when
@@ -291,7 +291,7 @@ impl Api {
                 )
             })?;
         }
-        crate::alerts::http::ingest(self.alerts.clone(), body).await
+        alerts_http::ingest(self.alerts.clone(), body).await
     }
 
     /// The one token rule of both APIs: with a token configured, the request's `authorization` header (an
@@ -667,6 +667,66 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/alerts", get(list_alerts).post(post_alerts))
         .route("/api/v1/{*rest}", get(not_found).post(not_found))
         .with_state(api)
+}
+
+/// What `POST /api/v1/alerts` (Alertmanager's webhook) and `GET /api/v1/alerts` do, for `crate::api`'s
+/// REST routes and gRPC service alike.
+pub mod alerts_http {
+    use std::sync::Arc;
+
+    use axum::http::StatusCode;
+    use serde::Deserialize;
+    use serde_json::{Value, json};
+
+    use super::ApiError;
+    use crate::alerts::{AlertStore, AlertStoreError, parse_payload};
+
+    fn now_ms() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    }
+
+    /// Which alerts to list: those about this instance, or this service.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Filter {
+        pub instance_id: Option<String>,
+        pub service: Option<String>,
+    }
+
+    /// The firing alerts as the API shows them, oldest first; a filter keeps those whose `instance_id` /
+    /// `service` label has that value. One implementation for REST and gRPC.
+    pub fn list(store: &AlertStore, filter: &Filter) -> Vec<Value> {
+        let label_is = |a: &crate::alerts::StoredAlert, name: &str, want: &Option<String>| {
+            want.as_ref().is_none_or(|w| a.labels.get(name) == Some(w))
+        };
+        store
+            .list()
+            .into_iter()
+            .filter(|a| {
+                label_is(a, "instance_id", &filter.instance_id) && label_is(a, "service", &filter.service)
+            })
+            .map(|a| a.to_json())
+            .collect()
+    }
+
+    /// Checks and applies one webhook body: the report, or the error with the field path.
+    pub async fn ingest(store: Arc<AlertStore>, body: &[u8]) -> Result<Value, ApiError> {
+        let incoming = parse_payload(body, now_ms())
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
+        let applied = tokio::task::spawn_blocking(move || store.ingest(incoming))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+        match applied {
+            Ok(report) => Ok(json!(report)),
+            Err(e @ AlertStoreError::Full { .. }) => {
+                Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "alert_store_full", e.to_string()))
+            }
+            Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "alert_store", e.to_string())),
+        }
+    }
 }
 
 #[cfg(test)]

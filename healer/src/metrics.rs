@@ -67,33 +67,6 @@ pub struct StandbyMetrics {
     pub prefetch_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
 }
 
-/// Incoming alerts (`POST /api/v1/alerts`): `vigil_alerts_received_total{status}` and `vigil_alerts_active`.
-#[derive(Clone, Default)]
-pub struct AlertMetrics {
-    received: Family<Labels, Counter>,
-    pub active: prometheus_client::metrics::gauge::Gauge,
-}
-
-impl AlertMetrics {
-    /// Counts what one payload brought.
-    pub fn record(&self, r: &crate::alerts::Ingested) {
-        let firing = (r.new + r.updated + r.duplicates) as u64;
-        let resolved = (r.resolved + r.resolved_unknown) as u64;
-        self.received.get_or_create(&vec![("status", "firing".to_string())]).inc_by(firing);
-        self.received.get_or_create(&vec![("status", "resolved".to_string())]).inc_by(resolved);
-    }
-
-    /// Adds them to `r`.
-    pub fn register(&self, r: &mut Registry) {
-        r.register(
-            "vigil_alerts_received",
-            "Alerts received from Alertmanager, by status",
-            self.received.clone(),
-        );
-        r.register("vigil_alerts_active", "Incoming alerts firing now", self.active.clone());
-    }
-}
-
 /// The lifecycle state of managed instances, read from their owner at scrape time.
 pub trait StateSource: Send + Sync + 'static {
     /// `(service, instance_id, state)` of every managed instance.
