@@ -315,10 +315,11 @@ fn a_readiness_failure_after_wake_restarts_the_instance_and_the_held_request_is_
 #[test]
 fn a_slow_hibernate_blocks_neither_the_api_nor_the_rules() {
     let scratch = Scratch::new("slowhook");
-    // Fires on every tick while wk-0 hibernates: each tick leaves a decision in the audit log.
+    // Proposes on every tick while wk-0 hibernates, and is refused `in_progress` (the instance is busy):
+    // each tick leaves a decision in the audit log. (A notify rule would fire once and stay firing.)
     let rules = scratch.write(
         "tick.yaml",
-        "rules:\n  - name: tick-probe\n    select: { instance_id: wk-0 }\n    when:\n      - state: [hibernating]\n    action: notify\n",
+        "rules:\n  - name: tick-probe\n    select: { instance_id: wk-0 }\n    when:\n      - state: [hibernating]\n    action: wake\n",
     );
     let stack = start_with_rules(
         "slowhook",
@@ -355,10 +356,10 @@ fn a_slow_hibernate_blocks_neither_the_api_nor_the_rules() {
         std::thread::sleep(Duration::from_millis(250));
     }
     assert!(slowest < Duration::from_millis(100), "slowest answer during the hook: {slowest:?}\n{second}");
-    // The rules ticked all along (one notify a tick, ~1 s apart), none held up by the hibernate.
+    // The rules ticked all along (one refused wake a tick, ~1 s apart), none held up by the hibernate.
     let ticks: Vec<u64> = decisions(stack.api)
         .iter()
-        .filter(|d| d["rule"] == "tick-probe" && d["outcome"] == "succeeded")
+        .filter(|d| d["rule"] == "tick-probe" && d["outcome"] == "refused" && d["reason"] == "in_progress")
         .filter_map(|d| d["unix_ms"].as_u64())
         .collect();
     assert!(ticks.len() >= 5, "only {} rule ticks acted during the hook: {ticks:?}", ticks.len());
