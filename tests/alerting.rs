@@ -11,7 +11,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Proc, Scratch, Vigil, free_ports, wait_for};
+use support::{Proc, Scratch, Vigil, alertmanager, free_ports, wait_for};
 
 const TOKEN: &str = "e2e-alerting-token";
 
@@ -36,22 +36,12 @@ fn prometheus_and_alertmanager_alerts_restart_an_instance_and_resolve() {
     let mut vigil = Vigil::up(&scratch.0, "vigil", &config, ([127, 0, 0, 1], api).into(), Some(TOKEN));
     let first_pids = vigil.active_pids("echo-0", Duration::from_secs(60));
 
-    scratch.write(
-        "alertmanager.yaml",
+    let _am = alertmanager(
+        &scratch,
+        am,
         &format!(
             "route:\n  receiver: vigil\n  group_by: [alertname, instance_id]\n  group_wait: 0s\n  group_interval: 1s\n  repeat_interval: 1h\nreceivers:\n  - name: vigil\n    webhook_configs:\n      - url: http://127.0.0.1:{api}/api/v1/alerts\n        send_resolved: true\n        http_config:\n          authorization: {{ credentials: {TOKEN} }}\n"
         ),
-    );
-    let _am = Proc::spawn(
-        "alertmanager",
-        &scratch.0,
-        "/usr/bin/prometheus-alertmanager",
-        &[
-            format!("--config.file={}", scratch.path("alertmanager.yaml").display()),
-            format!("--storage.path={}", scratch.path("am-data").display()),
-            format!("--web.listen-address=127.0.0.1:{am}"),
-            "--cluster.listen-address=".to_string(),
-        ],
     );
     scratch.write(
         "alert.rules.yaml",

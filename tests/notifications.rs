@@ -11,7 +11,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Proc, Scratch, Vigil, free_ports, wait_for};
+use support::{Proc, Scratch, Vigil, alertmanager, free_ports, wait_for};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -52,18 +52,7 @@ fn notifications_survive_a_down_receiver_and_a_restart_and_reach_alertmanager() 
             rules = rules.display(),
         ),
     );
-    scratch.write("alertmanager.yaml", "route: { receiver: \"null\" }\nreceivers:\n  - name: \"null\"\n");
-    let _am = Proc::spawn(
-        "alertmanager",
-        &scratch.0,
-        "/usr/bin/prometheus-alertmanager",
-        &[
-            format!("--config.file={}", scratch.path("alertmanager.yaml").display()),
-            format!("--storage.path={}", scratch.path("am-data").display()),
-            format!("--web.listen-address=127.0.0.1:{am}"),
-            "--cluster.listen-address=".to_string(),
-        ],
-    );
+    let _am = alertmanager(&scratch, am, "route: { receiver: \"null\" }\nreceivers:\n  - name: \"null\"\n");
 
     let mut vigil = Vigil::up(&scratch.0, "vigil", &config, ([127, 0, 0, 1], api).into(), None);
     vigil.active_pids("echo-0", Duration::from_secs(60));

@@ -102,6 +102,22 @@ impl Drop for Proc {
     }
 }
 
+/// Debian's Alertmanager on `127.0.0.1:port` with `config` (YAML), its state in `scratch`, clustering off.
+pub fn alertmanager(scratch: &Scratch, port: u16, config: &str) -> Proc {
+    let file = scratch.write("alertmanager.yaml", config);
+    Proc::spawn(
+        "alertmanager",
+        &scratch.0,
+        "/usr/bin/prometheus-alertmanager",
+        &[
+            format!("--config.file={}", file.display()),
+            format!("--storage.path={}", scratch.path("am-data").display()),
+            format!("--web.listen-address=127.0.0.1:{port}"),
+            "--cluster.listen-address=".to_string(),
+        ],
+    )
+}
+
 /// A scratch directory removed on drop.
 pub struct Scratch(pub PathBuf);
 
