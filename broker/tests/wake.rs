@@ -80,8 +80,9 @@ fn a_request_to_a_hibernated_instance_wakes_it_and_every_broker_panel_has_data()
     assert!(ok(&answer), "{answer}");
     let held = started.elapsed();
     wait_state(stack.healer(), "wk-0", "active");
-    let decisions = http(api, "GET", "/api/v1/decisions");
-    assert!(decisions.contains("\"rule\":\"broker-demand\""), "{decisions}");
+    // Audited when the wake's outcome is known, which may be just after the request was answered.
+    let wake = demanded_wake(api);
+    assert_eq!(wake["outcome"], "succeeded", "{wake}");
     let metrics = support::metric(stack.broker());
     assert!(metrics.contains("vigil_broker_queue_wait_seconds_count{service=\"wk\"} 1"), "{metrics}");
     assert!(
