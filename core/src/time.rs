@@ -37,6 +37,16 @@ fn days_in_month(year: i64, month: u32) -> u32 {
     }
 }
 
+/// Milliseconds since the Unix epoch at `t` (0 for a clock set before 1970).
+pub fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Milliseconds since the Unix epoch now.
+pub fn now_unix_ms() -> u64 {
+    unix_ms(std::time::SystemTime::now())
+}
+
 /// Formats milliseconds since the epoch as UTC RFC 3339 with milliseconds: `2026-12-02T05:20:01.123Z`.
 pub fn format_rfc3339_ms(unix_ms: i64) -> String {
     let (days, ms_of_day) = (unix_ms.div_euclid(86_400_000), unix_ms.rem_euclid(86_400_000));

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
@@ -77,9 +77,7 @@ pub struct Actions {
     alerting: Option<Arc<Alerting>>,
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+use vigil_core::time::unix_ms;
 
 impl Actions {
     pub fn new(engine: Engine, executor: Arc<dyn Executor>, audit: Arc<AuditLog>) -> Arc<Actions> {

@@ -58,10 +58,6 @@ fn key(rule: &str, instance_id: &str) -> String {
     format!("{rule}\0{instance_id}")
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 /// The decisions' and the notify rules' way out to the receivers.
 pub struct Alerting {
     audit: Arc<AuditLog>,
@@ -145,7 +141,7 @@ impl Alerting {
         let mut resolved = 0;
         {
             let mut table = tx.open_table(FIRING).map_err(|e| self.store_err(e))?;
-            let now = now_ms();
+            let now = vigil_core::time::now_unix_ms();
             for e in ended {
                 let removed =
                     table.remove(key(&e.rule, &e.instance_id).as_str()).map_err(|e| self.store_err(e))?;

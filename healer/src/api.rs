@@ -281,8 +281,7 @@ impl Api {
     /// `alerts.secret` is set and the signature does not verify).
     pub async fn ingest_alerts(&self, headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
         if let Some(secret) = &self.alert_secret {
-            let now =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let now = vigil_core::time::now_unix_ms() / 1000;
             crate::notify::verify_webhook(secret, headers, body, now).map_err(|why| {
                 ApiError::new(
                     StatusCode::UNAUTHORIZED,
@@ -681,13 +680,6 @@ pub mod alerts_http {
     use super::ApiError;
     use crate::alerts::{AlertStore, AlertStoreError, parse_payload};
 
-    fn now_ms() -> i64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0)
-    }
-
     /// Which alerts to list: those about this instance, or this service.
     #[derive(Debug, Default, Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -714,7 +706,7 @@ pub mod alerts_http {
 
     /// Checks and applies one webhook body: the report, or the error with the field path.
     pub async fn ingest(store: Arc<AlertStore>, body: &[u8]) -> Result<Value, ApiError> {
-        let incoming = parse_payload(body, now_ms())
+        let incoming = parse_payload(body, vigil_core::time::now_unix_ms() as i64)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
         let applied = tokio::task::spawn_blocking(move || store.ingest(incoming))
             .await

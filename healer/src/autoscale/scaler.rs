@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
@@ -138,9 +138,7 @@ pub struct Scaler {
     inner: Arc<Inner>,
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+use vigil_core::time::now_unix_ms as unix_ms;
 
 /// The desired counts a previous run left in `data_dir`; empty when there are none or the file is
 /// unreadable (then the services start at `min`, and a warning says why).

@@ -5,7 +5,6 @@
 //! [`Notice::created_at`] in tests).
 
 use std::collections::BTreeMap;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -60,9 +59,7 @@ pub struct Notice {
     pub created_ms: u64,
 }
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+pub(crate) use vigil_core::time::now_unix_ms as now_ms;
 
 /// `outcome` as a label (and a matcher) says it.
 pub fn outcome_name(o: &Outcome) -> &'static str {
