@@ -83,48 +83,58 @@ impl AuditLog {
         &self.path
     }
 
-    /// The newest `limit` records, newest first, as JSON values.
-    pub fn recent(&self, limit: usize) -> Result<Vec<(u64, serde_json::Value)>, AuditError> {
+    /// Runs `read` over the log's table in one read transaction; an empty log (no table yet) gives `empty`.
+    fn read<R>(
+        &self,
+        empty: R,
+        read: impl FnOnce(&redb::ReadOnlyTable<u64, &'static [u8]>) -> Result<R, AuditError>,
+    ) -> Result<R, AuditError> {
         let tx = self.db.begin_read().map_err(|e| self.store_err(e))?;
-        let table = match tx.open_table(DECISIONS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.store_err(e)),
-        };
+        match tx.open_table(DECISIONS) {
+            Ok(table) => read(&table),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(empty),
+            Err(e) => Err(self.store_err(e)),
+        }
+    }
+
+    /// Decodes the records `entries` yields.
+    fn decode<'a>(
+        &self,
+        entries: impl Iterator<
+            Item = Result<
+                (redb::AccessGuard<'a, u64>, redb::AccessGuard<'a, &'static [u8]>),
+                redb::StorageError,
+            >,
+        >,
+    ) -> Result<Vec<(u64, serde_json::Value)>, AuditError> {
         let mut out = Vec::new();
-        for entry in table.iter().map_err(|e| self.store_err(e))?.rev().take(limit) {
+        for entry in entries {
             let (k, v) = entry.map_err(|e| self.store_err(e))?;
             out.push((k.value(), serde_json::from_slice(v.value())?));
         }
         Ok(out)
     }
 
+    /// The newest `limit` records, newest first, as JSON values.
+    pub fn recent(&self, limit: usize) -> Result<Vec<(u64, serde_json::Value)>, AuditError> {
+        self.read(Vec::new(), |table| {
+            self.decode(table.iter().map_err(|e| self.store_err(e))?.rev().take(limit))
+        })
+    }
+
     /// The sequence number of the newest record; 0 for an empty log.
     pub fn last_seq(&self) -> Result<u64, AuditError> {
-        let tx = self.db.begin_read().map_err(|e| self.store_err(e))?;
-        let table = match tx.open_table(DECISIONS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
-            Err(e) => return Err(self.store_err(e)),
-        };
-        Ok(table.last().map_err(|e| self.store_err(e))?.map(|(k, _)| k.value()).unwrap_or(0))
+        self.read(0, |table| {
+            Ok(table.last().map_err(|e| self.store_err(e))?.map(|(k, _)| k.value()).unwrap_or(0))
+        })
     }
 
     /// At most `limit` records from sequence number `from` on (inclusive), oldest first: how a watcher of
     /// the decisions catches up.
     pub fn from_seq(&self, from: u64, limit: usize) -> Result<Vec<(u64, serde_json::Value)>, AuditError> {
-        let tx = self.db.begin_read().map_err(|e| self.store_err(e))?;
-        let table = match tx.open_table(DECISIONS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.store_err(e)),
-        };
-        let mut out = Vec::new();
-        for entry in table.range(from..).map_err(|e| self.store_err(e))?.take(limit) {
-            let (k, v) = entry.map_err(|e| self.store_err(e))?;
-            out.push((k.value(), serde_json::from_slice(v.value())?));
-        }
-        Ok(out)
+        self.read(Vec::new(), |table| {
+            self.decode(table.range(from..).map_err(|e| self.store_err(e))?.take(limit))
+        })
     }
 }
 

@@ -147,11 +147,9 @@ impl Healer {
         }
         let audit = Arc::new(AuditLog::open(&config.data_dir)?);
         let alerts = Arc::new(AlertStore::open(audit.database())?);
-        if !alerts.list().is_empty() {
-            tracing::info!(
-                alerts = alerts.list().len(),
-                "incoming alerts still firing from before the restart"
-            );
+        let kept = alerts.facts().len();
+        if kept > 0 {
+            tracing::info!(alerts = kept, "incoming alerts still firing from before the restart");
         }
         let driver: Arc<dyn crate::cgroup::CgroupDriver> =
             Arc::from(driver_for(&Layout::detect()?, &config.driver_config())?);
