@@ -11,7 +11,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Proc, Scratch, Vigil, alertmanager, free_ports, wait_for};
+use support::{CgroupParent, Proc, Scratch, Vigil, alertmanager, free_ports, wait_for};
 
 const TOKEN: &str = "e2e-alerting-token";
 
@@ -20,7 +20,7 @@ fn prometheus_and_alertmanager_alerts_restart_an_instance_and_resolve() {
     let scratch = Scratch::new("alerting");
     let base = free_ports(5);
     let (api, app, am, prom, grpc) = (base, base + 1, base + 2, base + 3, base + 4);
-    let parent = format!("/vigil-test-alerting-{}", std::process::id());
+    let parent = CgroupParent::new("alerting");
     let rules = scratch.write(
         "rules.yaml",
         "rules:\n  - name: restart-on-alert\n    when:\n      - alert: { name: EchoNeedsRestart, labels: { severity: critical } }\n    action: restart\n    cooldown: 10m\n",

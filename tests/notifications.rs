@@ -11,7 +11,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Proc, Scratch, Vigil, alertmanager, free_ports, wait_for};
+use support::{CgroupParent, Proc, Scratch, Vigil, alertmanager, free_ports, wait_for};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -39,7 +39,7 @@ fn notifications_survive_a_down_receiver_and_a_restart_and_reach_alertmanager() 
     let scratch = Scratch::new("notifications");
     let base = free_ports(5);
     let (api, app, hook, am, grpc) = (base, base + 1, base + 2, base + 3, base + 4);
-    let parent = format!("/vigil-test-notifications-{}", std::process::id());
+    let parent = CgroupParent::new("notifications");
     let rules = scratch.write(
         "rules.yaml",
         "rules:\n  - name: tell-hibernated\n    when:\n      - state: [hibernated]\n    action: notify\n    notify: [ops, am]\n    labels: { severity: page }\n",

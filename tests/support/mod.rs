@@ -78,21 +78,29 @@ impl Proc {
 
     /// SIGTERM, then waits for it to exit (SIGKILL after 15 s); returns whether it exited by itself.
     pub fn stop(&mut self) -> bool {
-        let Some(mut child) = self.child.take() else { return true };
+        self.stop_status().is_some()
+    }
+
+    /// [`Proc::stop`], with the exit status when it exited by itself.
+    pub fn stop_status(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
         let pid = rustix::process::Pid::from_raw(child.id() as i32);
         if let Some(pid) = pid {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return true;
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = child.kill();
         let _ = child.wait();
-        false
+        None
     }
 }
 
@@ -116,6 +124,38 @@ pub fn alertmanager(scratch: &Scratch, port: u16, config: &str) -> Proc {
             "--cluster.listen-address=".to_string(),
         ],
     )
+}
+
+/// Where the v2 hierarchy is mounted: beside the v1 controllers on a hybrid host, else at the top.
+pub fn v2_root() -> &'static Path {
+    let hybrid = Path::new("/sys/fs/cgroup/unified");
+    if hybrid.join("cgroup.procs").exists() { hybrid } else { Path::new("/sys/fs/cgroup") }
+}
+
+/// The cgroup parent of a test's instances (`healer.cgroup_parent`, `collector.watch.managed_root`),
+/// named after the test and the process. Vigil removes its instances' cgroups when it stops; the parent
+/// is the test's own and is removed on drop (declare it before the `Vigil`, so that it drops after).
+pub struct CgroupParent(pub String);
+
+impl CgroupParent {
+    pub fn new(tag: &str) -> CgroupParent {
+        CgroupParent(format!("/vigil-test-{tag}-{}", std::process::id()))
+    }
+}
+
+impl std::fmt::Display for CgroupParent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Drop for CgroupParent {
+    fn drop(&mut self) {
+        let v1 = ["memory", "cpu", "cpuset", "freezer"].map(|c| Path::new("/sys/fs/cgroup").join(c));
+        for root in v1.iter().map(PathBuf::as_path).chain([v2_root()]) {
+            let _ = std::fs::remove_dir(root.join(self.0.trim_start_matches('/')));
+        }
+    }
 }
 
 /// A scratch directory removed on drop.
