@@ -57,6 +57,7 @@
 //!   load time.
 
 mod file;
+pub mod machine;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
