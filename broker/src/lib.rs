@@ -271,12 +271,22 @@ async fn watch_splits(path: PathBuf, hub: Arc<Hub>, mut stop: watch::Receiver<bo
             continue;
         }
         last = now;
-        match BrokerFile::load(&path) {
+        let applied = match BrokerFile::load(&path) {
             Ok(file) => match hub.set_splits(file.broker.splits) {
-                Ok(()) => tracing::info!(file = %path.display(), "traffic splits reloaded"),
-                Err(e) => tracing::warn!(error = %e, "new traffic splits rejected; the old ones stay"),
+                Ok(()) => {
+                    tracing::info!(file = %path.display(), "traffic splits reloaded");
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "new traffic splits rejected; the old ones stay");
+                    false
+                }
             },
-            Err(e) => tracing::warn!(error = %e, "config changed but has mistakes; the splits in force stay"),
-        }
+            Err(e) => {
+                tracing::warn!(error = %e, "config changed but has mistakes; the splits in force stay");
+                false
+            }
+        };
+        hub.metrics.config_reload(if applied { "applied" } else { "rejected" });
     }
 }

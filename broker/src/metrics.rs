@@ -1,7 +1,7 @@
 //! The broker's Prometheus metrics (DESIGN.md §4): `vigil_broker_requests_total{service,version,outcome}`,
 //! `vigil_broker_request_duration_seconds{service}`, `vigil_broker_inflight{service}`,
 //! `vigil_broker_queued{service}`, plus the wake-on-demand waits, connections, instances and breaker
-//! states. Appended to the collector's `/metrics`.
+//! states and `vigil_broker_config_reloads_total{outcome}`. Appended to the collector's `/metrics`.
 //!
 //! The hub records into [`BrokerMetrics`] as requests move; the instance and breaker states are read at
 //! scrape time from a [`BalancerSnapshot`] the registry is given a way to take. So this module builds on
@@ -42,6 +42,7 @@ pub struct BrokerMetrics {
     queued: Family<Labels, Gauge>,
     queue_waits: Family<Labels, Histogram, fn() -> Histogram>,
     pub connections: Family<Labels, Gauge<i64, AtomicI64>>,
+    reloads: Family<Labels, Counter>,
 }
 
 impl Default for BrokerMetrics {
@@ -53,6 +54,7 @@ impl Default for BrokerMetrics {
             queued: Family::default(),
             queue_waits: Family::new_with_constructor(wait_histogram as fn() -> Histogram),
             connections: Family::default(),
+            reloads: Family::default(),
         }
     }
 }
@@ -86,6 +88,11 @@ impl BrokerMetrics {
 
     pub fn queue_wait(&self, svc: &str, waited: Duration) {
         self.queue_waits.get_or_create(&service(svc)).observe(waited.as_secs_f64());
+    }
+
+    /// The config file changed and its splits were `applied` or `rejected` (mistakes; the old ones stay).
+    pub fn config_reload(&self, outcome: &'static str) {
+        self.reloads.get_or_create(&vec![("outcome", outcome.to_string())]).inc();
     }
 
     pub fn connection(&self, role: &'static str, delta: i64) {
@@ -168,6 +175,11 @@ pub fn registry(
         m.queue_waits,
     );
     r.register("vigil_broker_connections", "Open RSocket connections by role", m.connections);
+    r.register(
+        "vigil_broker_config_reloads",
+        "Changes of the config file seen, by whether their splits were applied or rejected",
+        m.reloads,
+    );
     r.register_collector(Box::new(BalancerState(Box::new(balancer))));
     r
 }

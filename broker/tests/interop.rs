@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Peer, client, metric, start_broker};
+use support::{Peer, client, client_within, metric, start_broker, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_response_stream_channel_and_fire_and_forget_with_routing() {
@@ -164,13 +164,17 @@ async fn splits_change_at_run_time_without_dropping_requests() {
     let _b = Peer::service(addr, "echo", "v2", "echo-v2", &[]).await;
 
     let n = 10_000;
-    let load =
-        tokio::spawn(async move { client(addr, &["echo"], &["rr", "x", "--count", &n.to_string()]).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A busy machine runs the 10,000 requests slowly: the load has minutes, the changes wait for conditions.
+    let load = tokio::spawn(async move {
+        client_within(addr, &["echo"], &["rr", "x", "--count", &n.to_string()], 300).await
+    });
+    wait_for(|| metric(&broker).contains("vigil_broker_requests_total{service=\"echo\",version=\"v1\""))
+        .await;
     // A mistake first: it is refused and the split in force stays.
     std::fs::write(&file, "broker:\n  splits: [{ name: default, service: echo, weights: { v1: 0 } }]\n")
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_for(|| metric(&broker).contains("vigil_broker_config_reloads_total{outcome=\"rejected\"} 1")).await;
+    assert!(!load.is_finished(), "the load ended before the change: make it longer");
     std::fs::write(&file, config(0, 100)).unwrap();
     let started = std::time::Instant::now();
     let out = load.await.unwrap();

@@ -72,10 +72,25 @@ impl Peer {
     }
 }
 
-/// Runs `client.py` to completion and returns its JSON lines.
+/// Runs `client.py` to completion (20 s at most) and returns its JSON lines.
 pub async fn client(broker: SocketAddr, routes: &[&str], command: &[&str]) -> Vec<Value> {
+    client_within(broker, routes, command, 20).await
+}
+
+/// [`client`] with `timeout_s` seconds for the whole command, for long loads on a busy machine.
+pub async fn client_within(
+    broker: SocketAddr,
+    routes: &[&str],
+    command: &[&str],
+    timeout_s: u32,
+) -> Vec<Value> {
     let mut cmd = Command::new("python3");
-    cmd.arg(interop_dir().join("client.py")).args(["--broker", &broker.to_string(), "--timeout", "20"]);
+    cmd.arg(interop_dir().join("client.py")).args([
+        "--broker",
+        &broker.to_string(),
+        "--timeout",
+        &timeout_s.to_string(),
+    ]);
     for r in routes {
         cmd.args(["--route", r]);
     }
