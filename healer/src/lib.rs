@@ -15,6 +15,7 @@ pub mod engine;
 pub mod grpc;
 pub mod instance;
 pub mod lifecycle;
+mod located;
 pub mod metrics;
 pub mod notify;
 pub mod rules;
@@ -24,6 +25,7 @@ pub mod standby;
 pub mod supervisor;
 pub mod tcp;
 pub mod traffic;
+pub mod workflow;
 
 /// The cgroup drivers, from `vigil-cgroup`, under the path the healer's modules have always used.
 pub use vigil_cgroup::driver as cgroup;

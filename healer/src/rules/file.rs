@@ -9,7 +9,6 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 use vigil_core::snapshot::InstanceKind;
-use vigil_core::values::parse_duration;
 use vigil_core::yaml::from_yaml;
 use vigil_core::{ConfigIssue, render_issues};
 
@@ -17,6 +16,7 @@ use super::{
     Action, AlertCondition, Bounds, Condition, ExpectedAction, Glob, InstanceState, Metric, ReceiverRef,
     Rule, RuleNotify, RuleSet, Selector, TestCase, TestStep, TestValues,
 };
+use crate::located::{Issues, by_position, label_name_ok, names, unknown_receivers};
 
 /// The most ticks one test case may run (a typo like `every: 1ms` with `until: 1h` would run for long).
 const MAX_TEST_TICKS: u128 = 100_000;
@@ -76,9 +76,10 @@ struct RawCondition {
     alert: Option<Spanned<RawAlertCondition>>,
 }
 
+/// An `alert:` condition as written; workflow triggers take the same shape.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawAlertCondition {
+pub(crate) struct RawAlertCondition {
     name: Option<Spanned<String>>,
     #[serde(default)]
     labels: HashMap<Spanned<String>, Spanned<String>>,
@@ -123,46 +124,6 @@ struct RawExpect {
     action: Spanned<String>,
 }
 
-/// Collects issues with their positions.
-#[derive(Default)]
-struct Issues(Vec<ConfigIssue>);
-
-impl Issues {
-    fn at<T>(&mut self, s: &Spanned<T>, path: impl Into<String>, message: impl Into<String>) {
-        // The file is filled in when the issues are handed over.
-        self.0.push(ConfigIssue {
-            file: String::new(),
-            line: s.referenced.line(),
-            column: s.referenced.column(),
-            path: path.into(),
-            message: message.into(),
-        });
-    }
-
-    fn duration(&mut self, s: &Spanned<String>, path: &str) -> Option<Duration> {
-        parse_duration(&s.value).map_err(|m| self.at(s, path, m.to_string())).ok()
-    }
-
-    fn finite(&mut self, s: &Option<Spanned<f64>>, path: &str) -> Option<f64> {
-        let s = s.as_ref()?;
-        if s.value.is_finite() {
-            Some(s.value)
-        } else {
-            self.at(s, path, format!("{} is not a finite number", s.value));
-            None
-        }
-    }
-
-    fn glob(&mut self, s: &Option<Spanned<String>>, path: &str) -> Option<Glob> {
-        let s = s.as_ref()?;
-        Glob::new(&s.value).map_err(|m| self.at(s, path, m)).ok()
-    }
-}
-
-fn names<T: Copy>(all: &[T], name: impl Fn(T) -> &'static str) -> String {
-    all.iter().map(|&x| name(x)).collect::<Vec<_>>().join(", ")
-}
-
 fn kind_from_name(name: &str) -> Option<InstanceKind> {
     KINDS.into_iter().find(|k| k.as_str() == name)
 }
@@ -178,23 +139,7 @@ const KINDS: [InstanceKind; 5] = [
 /// Checks that every receiver `set`'s rules name is one of `known` (the config's `notify.receivers`);
 /// the mistakes are located where the rules name them.
 pub fn check_receivers(set: &RuleSet, known: &[String]) -> Result<(), RulesError> {
-    let configured = if known.is_empty() {
-        "none is configured".to_string()
-    } else {
-        format!("configured: {}", known.join(", "))
-    };
-    let issues: Vec<ConfigIssue> = set
-        .receivers
-        .iter()
-        .filter(|r| !known.contains(&r.name))
-        .map(|r| ConfigIssue {
-            file: set.file.clone(),
-            line: r.line,
-            column: r.column,
-            path: r.path.clone(),
-            message: format!("no receiver `{}` in the config's notify.receivers ({configured})", r.name),
-        })
-        .collect();
+    let issues = unknown_receivers(&set.file, &set.receivers, known);
     if issues.is_empty() { Ok(()) } else { Err(RulesError::Invalid { file: set.file.clone(), issues }) }
 }
 
@@ -220,14 +165,10 @@ pub fn check_str(text: &str, file: &str) -> Result<RuleSet, RulesError> {
     let mut issues = Issues::default();
     let (rules, receivers) = validate_rules(&raw.rules, &mut issues);
     let tests = validate_tests(&raw.tests, &rules, &mut issues);
-    let mut issues = issues.0;
+    let issues = issues.finish(file);
     if issues.is_empty() {
         Ok(RuleSet { file: file.to_string(), rules, tests, receivers })
     } else {
-        issues.sort_by_key(|i| (i.line, i.column));
-        for issue in &mut issues {
-            issue.file = file.to_string();
-        }
         Err(invalid(issues))
     }
 }
@@ -381,21 +322,12 @@ fn validate_rules(raw: &[RawRule], issues: &mut Issues) -> (Vec<Rule>, Vec<Recei
     (rules, receivers)
 }
 
-/// A map's entries in the order the file writes them.
-fn by_position<V>(map: &HashMap<Spanned<String>, V>) -> Vec<(&Spanned<String>, &V)> {
-    let mut entries: Vec<_> = map.iter().collect();
-    entries.sort_by_key(|(k, _)| (k.referenced.line(), k.referenced.column()));
-    entries
-}
-
-/// Prometheus' label names: `[a-zA-Z_][a-zA-Z0-9_]*`.
-fn label_name_ok(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-fn alert_condition(a: &Spanned<RawAlertCondition>, p: &str, issues: &mut Issues) -> Option<AlertCondition> {
+/// The alert condition written at `{p}.alert`, or `None` with its mistakes in `issues`.
+pub(crate) fn alert_condition(
+    a: &Spanned<RawAlertCondition>,
+    p: &str,
+    issues: &mut Issues,
+) -> Option<AlertCondition> {
     let raw = &a.value;
     let name = match &raw.name {
         Some(n) => Some(Glob::new(&n.value).map_err(|m| issues.at(n, format!("{p}.alert.name"), m)).ok()?),
@@ -502,7 +434,7 @@ fn validate_tests(raw: &[RawTest], rules: &[Rule], issues: &mut Issues) -> Vec<T
     let mut tests = Vec::new();
     for (i, t) in raw.iter().enumerate() {
         let p = format!("tests[{i}]");
-        let before = issues.0.len();
+        let before = issues.len();
         let every = match &t.every {
             Some(s) => issues.duration(s, &format!("{p}.every")),
             None => Some(Duration::from_secs(1)),
@@ -595,7 +527,7 @@ fn validate_tests(raw: &[RawTest], rules: &[Rule], issues: &mut Issues) -> Vec<T
             let at = t.until.as_ref().or(t.every.as_ref()).unwrap_or(&t.name);
             issues.at(at, p.clone(), format!("runs more than {MAX_TEST_TICKS} ticks; raise `every`"));
         }
-        if let (true, Some(every), Some(until)) = (issues.0.len() == before, every, until) {
+        if let (true, Some(every), Some(until)) = (issues.len() == before, every, until) {
             tests.push(TestCase { name: t.name.value.clone(), every, until, steps, expect });
         }
     }

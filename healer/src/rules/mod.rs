@@ -82,8 +82,11 @@ mod file;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Where a rule names a receiver (shared with the workflow files, which name receivers too).
+pub use crate::located::ReceiverRef;
 pub use cases::{TestOutcome, run_tests};
 pub use eval::{Ended, Evaluator, InstanceSignals, ProposedAction, Signals};
+pub(crate) use file::{RawAlertCondition, alert_condition};
 pub use file::{RulesError, check_file, check_receivers, check_str};
 /// Globs are shared with the notification matchers of the config, so they live in `vigil-core`.
 pub use vigil_core::glob::Glob;
@@ -282,8 +285,12 @@ pub struct AlertCondition {
 
 impl AlertCondition {
     pub fn matches(&self, fact: &crate::alerts::AlertFact, service: &str, instance_id: &str) -> bool {
-        fact.scope.covers(service, instance_id)
-            && self.name.as_ref().is_none_or(|g| g.matches(&fact.name))
+        fact.scope.covers(service, instance_id) && self.matches_alert(fact)
+    }
+
+    /// Whether the alert is one of those meant, whatever it is about (a workflow's alert trigger).
+    pub fn matches_alert(&self, fact: &crate::alerts::AlertFact) -> bool {
+        self.name.as_ref().is_none_or(|g| g.matches(&fact.name))
             && self.labels.iter().all(|(k, v)| fact.labels.get(k) == Some(v))
     }
 }
@@ -303,16 +310,6 @@ pub struct RuleNotify {
     pub receivers: Vec<Arc<str>>,
     /// Labels added to its notifications (`severity`, `team`, ... for Alertmanager's routing).
     pub labels: std::collections::BTreeMap<String, String>,
-}
-
-/// Where a rule names a receiver, so that a name the config does not know is reported there.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ReceiverRef {
-    pub rule: Arc<str>,
-    pub name: String,
-    pub line: u64,
-    pub column: u64,
-    pub path: String,
 }
 
 /// Which instances a rule looks at. `None` matches everything.

@@ -5,7 +5,7 @@
 //!
 //! Time is wall-clock milliseconds passed in (a retry's due time must mean the same after a restart).
 //!
-//! A run's states: `running` (steps are running or may start), `waiting` (for a person: an `approve` step,
+//! A run's states: `queued` (for a slot under the concurrency limit), `running` (steps are running or may start), `waiting` (for a person: an `approve` step,
 //! or a step a crash interrupted that may not run twice), then one of `succeeded`, `failed`, `cancelled`.
 //! A step's: `pending` → `running` → `succeeded`, or → `retrying` (its backoff) → `running` again, or →
 //! `failed` (after its last attempt) or `escalated` (failed, and its escalation step took over); an
@@ -21,6 +21,8 @@ use super::{OnFailure, StepKind, Workflow};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunState {
+    /// Waiting for one of the `max_concurrent` slots.
+    Queued,
     Running,
     Waiting,
     Succeeded,
@@ -35,6 +37,7 @@ impl RunState {
 
     pub const fn as_str(self) -> &'static str {
         match self {
+            RunState::Queued => "queued",
             RunState::Running => "running",
             RunState::Waiting => "waiting",
             RunState::Succeeded => "succeeded",
@@ -263,9 +266,10 @@ impl RunRecord {
         if !start.is_empty() {
             return Next::Start(start);
         }
-        let busy = self.steps.iter().any(|s| {
-            matches!(s.state, StepState::Running | StepState::Waiting | StepState::Interrupted)
-        });
+        let busy = self
+            .steps
+            .iter()
+            .any(|s| matches!(s.state, StepState::Running | StepState::Waiting | StepState::Interrupted));
         if busy {
             return wake.map_or(Next::Wait, Next::WakeAt);
         }
@@ -325,7 +329,9 @@ impl RunRecord {
         if approve && !self.dry_run {
             self.state = RunState::Waiting;
             self.message = Some(match &wf.steps[i].kind {
-                StepKind::Approve { message: Some(m) } => format!("step {:?} waits for approval: {m}", rec.name),
+                StepKind::Approve { message: Some(m) } => {
+                    format!("step {:?} waits for approval: {m}", rec.name)
+                }
                 _ => format!("step {:?} waits for approval", rec.name),
             });
         }

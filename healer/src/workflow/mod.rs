@@ -56,14 +56,24 @@
 //!   `{instance_id}`, any `params:` key, `{run_id}`, `{workflow}`); an unknown placeholder is an error at
 //!   load time.
 
+mod cases;
 mod file;
+mod trigger;
+
 pub mod machine;
+pub mod runner;
+pub mod store;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use file::{WorkflowError, check_file, check_str};
+pub use cases::run_tests;
+pub use file::{
+    MAX_AT_LEAST, MAX_RETRIES, MAX_STEPS, MAX_TEST_INPUTS, MAX_WINDOW, WorkflowError, check_file,
+    check_receivers, check_str,
+};
+pub use trigger::{MAX_KEYS, StartRun, Triggers};
 pub use vigil_core::glob::Glob;
 
 use crate::rules::AlertCondition;
@@ -132,29 +142,56 @@ pub enum WaitCondition {
 pub enum StepKind {
     /// Mark the resource (the run's `device`, or `cpu`) cordoned: nothing new is started or woken on
     /// it, and the broker routes around the instances placed on it.
-    Cordon { resource: Option<Arc<str>> },
-    Uncordon { resource: Option<Arc<str>> },
+    Cordon {
+        resource: Option<Arc<str>>,
+    },
+    Uncordon {
+        resource: Option<Arc<str>>,
+    },
     /// Stop routing new requests to the affected instances, and wait up to `timeout` for the requests in
     /// flight to finish.
-    Drain { timeout: Duration, targets: Targets },
+    Drain {
+        timeout: Duration,
+        targets: Targets,
+    },
     /// Move the affected instances off the resource: a CPU leaves their cpuset; a device's instances
     /// restart on another of their service's data directories. `restart: true` restarts for a CPU too.
-    Evacuate { targets: Targets, restart: bool },
+    Evacuate {
+        targets: Targets,
+        restart: bool,
+    },
     /// Take a CPU offline (`/sys/devices/system/cpu/cpuN/online`); `cpu` defaults to the run's `cpu`.
-    CpuOffline { cpu: Option<Arc<str>> },
-    CpuOnline { cpu: Option<Arc<str>> },
+    CpuOffline {
+        cpu: Option<Arc<str>>,
+    },
+    CpuOnline {
+        cpu: Option<Arc<str>>,
+    },
     Restart(Targets),
     Stop(Targets),
     Hibernate(Targets),
     /// A command (each argument with placeholders), its exit code and output recorded; a non-zero exit or
     /// the timeout is a failure.
-    Run { command: Vec<Arc<str>>, timeout: Duration, idempotent: bool },
+    Run {
+        command: Vec<Arc<str>>,
+        timeout: Duration,
+        idempotent: bool,
+    },
     /// A message to receivers (config `notify.receivers`).
-    Notify { receivers: Vec<Arc<str>>, message: Arc<str>, labels: BTreeMap<String, String> },
+    Notify {
+        receivers: Vec<Arc<str>>,
+        message: Arc<str>,
+        labels: BTreeMap<String, String>,
+    },
     /// Wait for a person: `vigil ctl workflows approve RUN`.
-    Approve { message: Option<Arc<str>> },
+    Approve {
+        message: Option<Arc<str>>,
+    },
     /// Succeeds once `condition` has held for `hold` without a break.
-    WaitFor { condition: WaitCondition, hold: Duration },
+    WaitFor {
+        condition: WaitCondition,
+        hold: Duration,
+    },
 }
 
 impl StepKind {
@@ -281,10 +318,12 @@ pub struct TestHealth {
     pub state: Health,
 }
 
-/// An incoming alert in a test case, firing from `at` on.
+/// An incoming alert in a test case, firing from `at` on (until `until`, when given).
 #[derive(Clone, Debug, PartialEq)]
 pub struct TestAlert {
     pub at: Duration,
+    /// When it resolves; `None`: it fires to the end of the case.
+    pub until: Option<Duration>,
     pub labels: BTreeMap<String, String>,
 }
 
@@ -315,4 +354,79 @@ pub struct WorkflowSet {
     pub tests: Vec<TestCase>,
     /// Receivers named (workflow `notify:` and `notify` steps), where, for checking against the config.
     pub receivers: Vec<crate::rules::ReceiverRef>,
+}
+
+/// The `{name}` placeholders of `text`, in order. A placeholder is a name (`[a-zA-Z_][a-zA-Z0-9_]*`) in
+/// braces; any other brace is text (`{"json": 1}` in a command's argument stays as written).
+pub fn placeholders(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    scan(text, |piece| {
+        if let Piece::Placeholder(name) = piece {
+            out.push(name);
+        }
+    });
+    out
+}
+
+/// `text` with each placeholder replaced by its parameter; a placeholder without one stays as written.
+pub fn substitute(text: &str, params: &BTreeMap<String, String>) -> String {
+    fill(text, |name| params.get(name).map(String::as_str))
+}
+
+/// `text` with each placeholder replaced by what `value` says for it (kept as written for `None`).
+pub(crate) fn fill<'v>(text: &str, value: impl Fn(&str) -> Option<&'v str>) -> String {
+    let mut out = String::with_capacity(text.len());
+    scan(text, |piece| match piece {
+        Piece::Text(t) => out.push_str(t),
+        Piece::Placeholder(name) => match value(name) {
+            Some(v) => out.push_str(v),
+            None => {
+                out.push('{');
+                out.push_str(name);
+                out.push('}');
+            }
+        },
+    });
+    out
+}
+
+enum Piece<'t> {
+    Text(&'t str),
+    Placeholder(&'t str),
+}
+
+fn scan<'t>(text: &'t str, mut piece: impl FnMut(Piece<'t>)) {
+    let is_name = |n: &str| {
+        let mut chars = n.chars();
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        match after.find('}').map(|close| &after[..close]).filter(|n| is_name(n)) {
+            Some(name) => {
+                piece(Piece::Text(&rest[..open]));
+                piece(Piece::Placeholder(name));
+                rest = &after[name.len() + 1..];
+            }
+            None => {
+                piece(Piece::Text(&rest[..=open]));
+                rest = after;
+            }
+        }
+    }
+    piece(Piece::Text(rest));
+}
+
+/// A duration as a file writes it: `1m`, `30s`, `1500ms`, `2h`.
+pub(crate) fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0 => "0s".to_string(),
+        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        ms => format!("{ms}ms"),
+    }
 }
