@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 pub mod dashboard;
+pub mod faultydisk;
+pub mod kmsg;
 pub mod otlp;
 pub mod prometheus;
 pub mod swap;
