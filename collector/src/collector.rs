@@ -21,6 +21,7 @@ use crate::cgroupfs::{self, CgroupError, CgroupStats, Layout};
 use crate::config::CollectorConfig;
 use crate::discovery::{DiscoveredCgroup, Discovery};
 use crate::export;
+use crate::hwtrace::HwTracepoints;
 use crate::privilege;
 use crate::probes::{ProbeError, Probes};
 use crate::snapshot::{Snapshot, SnapshotReceiver};
@@ -48,6 +49,7 @@ pub struct Collector {
     interval: Duration,
     stop: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
+    hardware: Option<Arc<HwTracepoints>>,
 }
 
 /// Removes probe-map entries nobody claims: cgroups that vanished, or that are not watched.
@@ -105,6 +107,14 @@ impl Collector {
             pgmajfault = probes.items.pgmajfault,
             "probes attached"
         );
+        let hardware = probes.hardware();
+        for s in hardware.as_ref().map(|h| h.statuses()).unwrap_or_default() {
+            if s.attached {
+                tracing::info!(tracepoint = s.tracepoint, "hardware error tracepoint attached");
+            } else {
+                tracing::info!(tracepoint = s.tracepoint, reason = %s.detail, "hardware error tracepoint not used");
+            }
+        }
         let (tx, rx) = watch::channel(Arc::new(Snapshot::empty()));
         let (stop_tx, stop_rx) = mpsc::channel();
         let interval = config.interval();
@@ -116,7 +126,21 @@ impl Collector {
             .spawn(move || run(probes, discovery, tx, stop_rx, interval, max_instances, stats_every))
             .map_err(CollectorError::Thread)?;
         let registry = Arc::new(export::registry(rx.clone()));
-        Ok(Collector { snapshots: rx, registry, interval, stop: Some(stop_tx), thread: Some(thread) })
+        Ok(Collector {
+            snapshots: rx,
+            registry,
+            interval,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            hardware,
+        })
+    }
+
+    /// The hardware-error tracepoints (block request errors, EDAC, AER, MCE, memory failures): which are
+    /// attached and their cumulative counts, for whoever polls hardware health. None when they could not
+    /// be set up at all (the reason was logged); the collector runs either way.
+    pub fn hardware_tracepoints(&self) -> Option<Arc<HwTracepoints>> {
+        self.hardware.clone()
     }
 
     /// The snapshot stream (latest value; `changed()` wakes every tick).

@@ -16,6 +16,7 @@ pub mod collector;
 pub mod config;
 pub mod discovery;
 pub mod export;
+pub mod hwtrace;
 pub mod metrics;
 pub mod otlp;
 pub mod privilege;

@@ -3,9 +3,14 @@
 //! The probes count per CPU (the bpf target has no atomic add here, DESIGN.md §3); [`Probes::read`] sums the
 //! CPUs. Entries of cgroups that no longer exist are removed with [`Probes::forget`], so the maps hold only
 //! live cgroups.
+//!
+//! The hardware-error tracepoints live in the same object (one set of maps, one load) but are attached
+//! apart, by [`crate::hwtrace`]: each only where the kernel has it, and a failure there is reported, never
+//! fatal to the probes above.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use aya::maps::{MapData, MapError, PerCpuArray, PerCpuHashMap};
 use aya::programs::{ProgramError, RawTracePoint};
@@ -13,9 +18,11 @@ use aya::{Ebpf, EbpfError, EbpfLoader};
 use vigil_common::{CpuStats, FaultCounts, MemcgCounts, PROBE_COUNT, maps};
 
 use crate::btf::{self, BtfError, VmEventItems};
+use crate::hwtrace::{HwPlan, HwTracepoints};
 
 /// The probe object, built by build.rs (from source, or the committed prebuilt object).
-static PROBES_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vigil-probes"));
+pub(crate) static PROBES_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vigil-probes"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -56,6 +63,7 @@ pub struct Probes {
     cpu: PerCpuHashMap<MapData, u64, CpuStats>,
     errors: PerCpuArray<MapData, u64>,
     pub items: VmEventItems,
+    hardware: Option<Arc<HwTracepoints>>,
 }
 
 fn sum_faults(values: &[FaultCounts]) -> FaultCounts {
@@ -100,7 +108,15 @@ impl Probes {
             as_i32(layout.cgroup_kn_offset),
             as_i32(layout.kn_id_offset),
         );
-        let mut ebpf = EbpfLoader::new()
+        // The hardware tracepoints' record offsets are globals of the same object, so they are looked up
+        // before it loads.
+        let hw_plan = HwPlan::discover();
+        let hw_globals = hw_plan.globals();
+        let mut loader = EbpfLoader::new();
+        for (name, offset) in &hw_globals {
+            loader.override_global(name, offset, true);
+        }
+        let mut ebpf = loader
             .override_global("PSWPIN_ITEM", &items.pswpin, true)
             .override_global("PSWPOUT_ITEM", &items.pswpout, true)
             .override_global("PGMAJFAULT_ITEM", &items.pgmajfault, true)
@@ -141,7 +157,15 @@ impl Probes {
             let map = ebpf.take_map(name).ok_or(ProbeError::NoMap(name))?;
             T::try_from(map).map_err(|source| ProbeError::Map { map: name, source })
         }
+        let hardware = match HwTracepoints::attach(&mut ebpf, &hw_plan) {
+            Ok(h) => Some(Arc::new(h)),
+            Err(e) => {
+                tracing::warn!(error = %e, "hardware error tracepoints unavailable; the other probes run");
+                None
+            }
+        };
         Ok(Probes {
+            hardware,
             faults: take(&mut ebpf, maps::FAULTS)?,
             memcg: take(&mut ebpf, maps::MEMCG)?,
             cpu: take(&mut ebpf, maps::CPU)?,
@@ -149,6 +173,12 @@ impl Probes {
             _ebpf: ebpf,
             items,
         })
+    }
+
+    /// The hardware-error tracepoints (None when the object's counter map could not be opened). They stay
+    /// attached while a handle lives, also after these probes are dropped.
+    pub fn hardware(&self) -> Option<Arc<HwTracepoints>> {
+        self.hardware.clone()
     }
 
     /// Reads every map, summing CPUs. An entry that vanishes mid-iteration is skipped.

@@ -69,12 +69,26 @@ pub enum Probe {
     Faults = 0,
     Memcg = 1,
     SchedSwitch = 2,
+    BlockRqError = 3,
+    McEvent = 4,
+    AerEvent = 5,
+    MceRecord = 6,
+    MemoryFailure = 7,
 }
 
-pub const PROBE_COUNT: u32 = 3;
+pub const PROBE_COUNT: u32 = 8;
 
 impl Probe {
-    pub const ALL: [Probe; PROBE_COUNT as usize] = [Probe::Faults, Probe::Memcg, Probe::SchedSwitch];
+    pub const ALL: [Probe; PROBE_COUNT as usize] = [
+        Probe::Faults,
+        Probe::Memcg,
+        Probe::SchedSwitch,
+        Probe::BlockRqError,
+        Probe::McEvent,
+        Probe::AerEvent,
+        Probe::MceRecord,
+        Probe::MemoryFailure,
+    ];
 
     /// The `probe` label of `vigil_probe_errors_total`.
     pub const fn name(self) -> &'static str {
@@ -82,9 +96,82 @@ impl Probe {
             Probe::Faults => "page_faults",
             Probe::Memcg => "memcg_events",
             Probe::SchedSwitch => "sched_switch",
+            Probe::BlockRqError => "block_rq_error",
+            Probe::McEvent => "mc_event",
+            Probe::AerEvent => "aer_event",
+            Probe::MceRecord => "mce_record",
+            Probe::MemoryFailure => "memory_failure_event",
         }
     }
 }
+
+/// Which hardware-error tracepoint counted an entry of `HW_ERRORS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HwSource {
+    /// `block:block_rq_error`: a block request completed with an error.
+    BlockRqError = 0,
+    /// `ras:mc_event`: a memory controller (EDAC) reported a memory error.
+    McEvent = 1,
+    /// `ras:aer_event`: a PCIe device reported an AER error.
+    AerEvent = 2,
+    /// `mce:mce_record`: an x86 machine check.
+    MceRecord = 3,
+    /// `ras:memory_failure_event`: the kernel handled a poisoned page.
+    MemoryFailure = 4,
+}
+
+impl HwSource {
+    pub const fn from_u32(v: u32) -> Option<HwSource> {
+        match v {
+            0 => Some(HwSource::BlockRqError),
+            1 => Some(HwSource::McEvent),
+            2 => Some(HwSource::AerEvent),
+            3 => Some(HwSource::MceRecord),
+            4 => Some(HwSource::MemoryFailure),
+            _ => None,
+        }
+    }
+}
+
+/// Bytes of a device name kept in [`HwErrorKey::name`] (PCI names such as `0000:00:1c.0` are 12).
+pub const HW_NAME_LEN: usize = 32;
+
+/// One counter of `HW_ERRORS` (the value is a per-CPU `u64` count). One key type for all hardware
+/// tracepoints keeps the loader to one map; what each field holds depends on `source`:
+///
+/// | source         | `unit`                              | `code`                    | `flags`           | `name`   |
+/// |----------------|-------------------------------------|---------------------------|-------------------|----------|
+/// | BlockRqError   | `dev` as the record has it (maj<<20 \| min) | `error` (a negative errno) | 0              | zeros    |
+/// | McEvent        | `mc_index`                          | `error_type` (0 CE, 1 UE, 2 fatal, 3 info) | 0 | zeros    |
+/// | AerEvent       | 0                                   | `severity` (0 nonfatal, 1 fatal, 2 correctable) | 0 | `dev_name` |
+/// | MceRecord      | `cpu`                               | `bank`                    | 1 if MCi_STATUS.UC | zeros   |
+/// | MemoryFailure  | `type` (enum mf_action_page_type)   | `result` (enum mf_result) | 0                 | zeros    |
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HwErrorKey {
+    pub source: u32,
+    pub unit: u32,
+    pub code: i32,
+    pub flags: u32,
+    pub name: [u8; HW_NAME_LEN],
+}
+
+impl HwErrorKey {
+    pub const fn new(source: HwSource, unit: u32, code: i32) -> HwErrorKey {
+        HwErrorKey { source: source as u32, unit, code, flags: 0, name: [0; HW_NAME_LEN] }
+    }
+
+    /// `name` up to its first NUL.
+    pub fn name_bytes(&self) -> &[u8] {
+        let end = self.name.iter().position(|b| *b == 0).unwrap_or(HW_NAME_LEN);
+        &self.name[..end]
+    }
+}
+
+/// Capacity of `HW_ERRORS`: distinct (device, error) pairs, far more than a host has; an insert past it is
+/// counted as a probe error.
+pub const MAX_HW_ERROR_KEYS: u32 = 4096;
 
 /// Map names, shared so a rename cannot split the two sides.
 pub mod maps {
@@ -92,6 +179,7 @@ pub mod maps {
     pub const MEMCG: &str = "MEMCG";
     pub const CPU: &str = "CPU";
     pub const ERRORS: &str = "ERRORS";
+    pub const HW_ERRORS: &str = "HW_ERRORS";
 }
 
 /// Capacity of the per-cgroup maps; an insert past it is counted as a probe error.
@@ -136,6 +224,7 @@ mod pod {
     unsafe impl aya::Pod for super::MemcgCounts {}
     unsafe impl aya::Pod for super::CpuStats {}
     unsafe impl aya::Pod for super::CpuSwitchState {}
+    unsafe impl aya::Pod for super::HwErrorKey {}
 }
 
 #[cfg(test)]

@@ -4,19 +4,26 @@
 //!
 //! Offsets of kernel struct fields and the kernel's `vm_event_item` numbers are globals that the loader sets
 //! from the kernel's BTF, so nothing kernel-version specific is compiled in (aya has no CO-RE for Rust).
+//!
+//! The hardware-error programs (block request errors, EDAC memory errors, PCIe AER, machine checks, memory
+//! failures) are classic tracepoints: errors are rare, so the cost of the formatted trace record does not
+//! matter, and the record's layout is published in tracefs. The loader reads each field's offset from the
+//! event's `format` file into the `*_OFF` globals below and attaches only the events this kernel has.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::bpf_get_current_cgroup_id,
     helpers::bpf_probe_read_kernel,
-    macros::{map, raw_tracepoint},
+    helpers::bpf_probe_read_kernel_str_bytes,
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{PerCpuArray, PerCpuHashMap},
-    programs::RawTracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use vigil_common::{
-    CpuStats, CpuSwitchState, FaultCounts, MAX_CGROUPS, MemcgCounts, PROBE_COUNT, Probe, RUNQ_BUCKETS,
-    log2_bucket,
+    CpuStats, CpuSwitchState, FaultCounts, HwErrorKey, HwSource, MAX_CGROUPS, MAX_HW_ERROR_KEYS, MemcgCounts,
+    PROBE_COUNT, Probe, RUNQ_BUCKETS, log2_bucket,
 };
 
 /// `vm_event_item` numbers of PSWPIN, PSWPOUT, PGMAJFAULT and PGFAULT, read from BTF by the loader; -1 matches
@@ -53,6 +60,36 @@ static TASK_EXEC_RUNTIME_OFF: i32 = -1;
 #[unsafe(no_mangle)]
 static TASK_RUN_DELAY_OFF: i32 = -1;
 
+/// Offsets of the trace-record fields the hardware programs read, from each event's tracefs `format` file;
+/// -1 until the loader sets them (a program whose offsets are unset counts an error and records nothing).
+/// `block:block_rq_error`: `dev` (dev_t, 4 bytes) and `error` (int).
+#[unsafe(no_mangle)]
+static BLK_DEV_OFF: i32 = -1;
+#[unsafe(no_mangle)]
+static BLK_ERROR_OFF: i32 = -1;
+/// `ras:mc_event`: `error_type` (unsigned int) and `mc_index` (u8).
+#[unsafe(no_mangle)]
+static MC_ERROR_TYPE_OFF: i32 = -1;
+#[unsafe(no_mangle)]
+static MC_INDEX_OFF: i32 = -1;
+/// `ras:aer_event`: `dev_name` (`__data_loc char[]`) and `severity` (u8).
+#[unsafe(no_mangle)]
+static AER_DEV_NAME_OFF: i32 = -1;
+#[unsafe(no_mangle)]
+static AER_SEVERITY_OFF: i32 = -1;
+/// `mce:mce_record`: `cpu` (u32), `bank` (u8) and `status` (u64, MCi_STATUS).
+#[unsafe(no_mangle)]
+static MCE_CPU_OFF: i32 = -1;
+#[unsafe(no_mangle)]
+static MCE_BANK_OFF: i32 = -1;
+#[unsafe(no_mangle)]
+static MCE_STATUS_OFF: i32 = -1;
+/// `ras:memory_failure_event`: `type` and `result` (both int).
+#[unsafe(no_mangle)]
+static MF_TYPE_OFF: i32 = -1;
+#[unsafe(no_mangle)]
+static MF_RESULT_OFF: i32 = -1;
+
 #[map(name = "FAULTS")]
 static FAULTS: PerCpuHashMap<u64, FaultCounts> = PerCpuHashMap::with_max_entries(MAX_CGROUPS, 0);
 
@@ -64,6 +101,9 @@ static CPU: PerCpuHashMap<u64, CpuStats> = PerCpuHashMap::with_max_entries(MAX_C
 
 #[map(name = "ERRORS")]
 static ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(PROBE_COUNT, 0);
+
+#[map(name = "HW_ERRORS")]
+static HW_ERRORS: PerCpuHashMap<HwErrorKey, u64> = PerCpuHashMap::with_max_entries(MAX_HW_ERROR_KEYS, 0);
 
 #[map(name = "SWITCH_STATE")]
 static SWITCH_STATE: PerCpuArray<CpuSwitchState> = PerCpuArray::with_max_entries(1, 0);
@@ -84,15 +124,15 @@ fn count_error(probe: Probe) {
 
 /// The per-CPU value of `key` in `map`, created zeroed on first use.
 #[inline(always)]
-fn entry<V: Default>(map: &PerCpuHashMap<u64, V>, key: u64, probe: Probe) -> Option<*mut V> {
-    if let Some(v) = map.get_ptr_mut(key) {
+fn entry<K, V: Default>(map: &PerCpuHashMap<K, V>, key: K, probe: Probe) -> Option<*mut V> {
+    if let Some(v) = map.get_ptr_mut(&key) {
         return Some(v);
     }
-    if map.insert(key, V::default(), 0).is_err() {
+    if map.insert(&key, &V::default(), 0).is_err() {
         count_error(probe);
         return None;
     }
-    let v = map.get_ptr_mut(key);
+    let v = map.get_ptr_mut(&key);
     if v.is_none() {
         count_error(probe);
     }
@@ -227,6 +267,119 @@ fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), i64> {
         state.pid = next_pid;
         state.valid = 1;
     }
+    Ok(())
+}
+
+/// A field of the trace record at an offset the loader read from the event's `format` file.
+#[inline(always)]
+fn record_field<T>(ctx: &TracePointContext, off: i32) -> Result<T, i64> {
+    if off < 0 {
+        return Err(-1);
+    }
+    // SAFETY: a probe read inside the trace record; a bad offset fails the read, it does not fault.
+    unsafe { ctx.read_at::<T>(off as usize).map_err(i64::from) }
+}
+
+/// Adds one to the hardware-error counter `key` (this CPU's slot).
+#[inline(always)]
+fn count_hw(key: HwErrorKey, probe: Probe) {
+    if let Some(v) = entry(&HW_ERRORS, key, probe) {
+        // SAFETY: per-CPU value. A tracepoint program cannot be re-entered on its CPU (the kernel skips a
+        // BPF program that would nest inside another on the same CPU), so a plain add is not torn.
+        unsafe { *v += 1 };
+    }
+}
+
+/// `block:block_rq_error`: a request that completed with an error; counted per (device, errno).
+#[tracepoint(category = "block", name = "block_rq_error")]
+pub fn block_rq_error(ctx: TracePointContext) -> u32 {
+    if try_block_rq_error(&ctx).is_err() {
+        count_error(Probe::BlockRqError);
+    }
+    0
+}
+
+fn try_block_rq_error(ctx: &TracePointContext) -> Result<(), i64> {
+    let dev: u32 = record_field(ctx, global(&BLK_DEV_OFF))?;
+    let error: i32 = record_field(ctx, global(&BLK_ERROR_OFF))?;
+    count_hw(HwErrorKey::new(HwSource::BlockRqError, dev, error), Probe::BlockRqError);
+    Ok(())
+}
+
+/// `ras:mc_event`: an EDAC memory-controller error; counted per (controller, error type).
+#[tracepoint(category = "ras", name = "mc_event")]
+pub fn mc_event(ctx: TracePointContext) -> u32 {
+    if try_mc_event(&ctx).is_err() {
+        count_error(Probe::McEvent);
+    }
+    0
+}
+
+fn try_mc_event(ctx: &TracePointContext) -> Result<(), i64> {
+    let error_type: u32 = record_field(ctx, global(&MC_ERROR_TYPE_OFF))?;
+    let mc_index: u8 = record_field(ctx, global(&MC_INDEX_OFF))?;
+    count_hw(HwErrorKey::new(HwSource::McEvent, u32::from(mc_index), error_type as i32), Probe::McEvent);
+    Ok(())
+}
+
+/// `ras:aer_event`: a PCIe AER error; counted per (device name, severity).
+#[tracepoint(category = "ras", name = "aer_event")]
+pub fn aer_event(ctx: TracePointContext) -> u32 {
+    if try_aer_event(&ctx).is_err() {
+        count_error(Probe::AerEvent);
+    }
+    0
+}
+
+fn try_aer_event(ctx: &TracePointContext) -> Result<(), i64> {
+    let severity: u8 = record_field(ctx, global(&AER_SEVERITY_OFF))?;
+    // A `__data_loc` field holds the string's place in the record: offset in the low 16 bits.
+    let loc: u32 = record_field(ctx, global(&AER_DEV_NAME_OFF))?;
+    let mut key = HwErrorKey::new(HwSource::AerEvent, 0, i32::from(severity));
+    let name = (ctx.as_ptr() as *const u8).wrapping_add((loc & 0xffff) as usize);
+    // SAFETY: a probe read of a NUL-terminated string inside the record, bounded by the key's buffer; a
+    // name that does not fit is truncated (the last byte stays NUL).
+    unsafe { bpf_probe_read_kernel_str_bytes(name, &mut key.name[..vigil_common::HW_NAME_LEN - 1]) }
+        .map_err(i64::from)?;
+    count_hw(key, Probe::AerEvent);
+    Ok(())
+}
+
+/// `mce:mce_record`: an x86 machine check; counted per (CPU, bank, uncorrected).
+#[tracepoint(category = "mce", name = "mce_record")]
+pub fn mce_record(ctx: TracePointContext) -> u32 {
+    if try_mce_record(&ctx).is_err() {
+        count_error(Probe::MceRecord);
+    }
+    0
+}
+
+/// MCi_STATUS.UC: the error was not corrected.
+const MCI_STATUS_UC: u64 = 1 << 61;
+
+fn try_mce_record(ctx: &TracePointContext) -> Result<(), i64> {
+    let cpu: u32 = record_field(ctx, global(&MCE_CPU_OFF))?;
+    let bank: u8 = record_field(ctx, global(&MCE_BANK_OFF))?;
+    let status: u64 = record_field(ctx, global(&MCE_STATUS_OFF))?;
+    let mut key = HwErrorKey::new(HwSource::MceRecord, cpu, i32::from(bank));
+    key.flags = u32::from(status & MCI_STATUS_UC != 0);
+    count_hw(key, Probe::MceRecord);
+    Ok(())
+}
+
+/// `ras:memory_failure_event`: the kernel handled a hardware-poisoned page; counted per (page type, result).
+#[tracepoint(category = "ras", name = "memory_failure_event")]
+pub fn memory_failure_event(ctx: TracePointContext) -> u32 {
+    if try_memory_failure_event(&ctx).is_err() {
+        count_error(Probe::MemoryFailure);
+    }
+    0
+}
+
+fn try_memory_failure_event(ctx: &TracePointContext) -> Result<(), i64> {
+    let page_type: i32 = record_field(ctx, global(&MF_TYPE_OFF))?;
+    let result: i32 = record_field(ctx, global(&MF_RESULT_OFF))?;
+    count_hw(HwErrorKey::new(HwSource::MemoryFailure, page_type as u32, result), Probe::MemoryFailure);
     Ok(())
 }
 
