@@ -11,7 +11,9 @@
 //! sysfs poll another.
 
 pub mod event;
+pub mod health;
 pub mod kmsg;
 pub mod patterns;
+pub mod sysfs;
 
 pub use event::{HardwareEvent, Kind, KindError, KmsgOrigin, Severity, Source};
