@@ -177,6 +177,8 @@ pub struct Batch {
     pub malformed: Vec<RecordError>,
     /// Records read but skipped as processed before a restart.
     pub skipped: u64,
+    /// The last sequence number seen so far (this batch's or an earlier one's): the cursor to keep.
+    pub last_seq: Option<u64>,
     pub end: BatchEnd,
 }
 
@@ -210,6 +212,7 @@ impl Reader {
             lost: 0,
             malformed: Vec::new(),
             skipped: 0,
+            last_seq: self.last_seq,
             end: BatchEnd::WouldBlock,
         };
         while batch.records.len() < self.max_batch {
@@ -227,6 +230,7 @@ impl Reader {
                         }
                         // A sequence number going back means the log was cleared or restarted: follow it.
                         self.last_seq = Some(record.seq);
+                        batch.last_seq = self.last_seq;
                         if self.skip_through.is_some_and(|s| record.seq <= s) {
                             batch.skipped += 1;
                         } else {

@@ -13,7 +13,14 @@
 pub mod event;
 pub mod health;
 pub mod kmsg;
+pub mod metrics;
+pub mod monitor;
 pub mod patterns;
+pub mod state;
 pub mod sysfs;
+pub mod tracepoint;
 
 pub use event::{HardwareEvent, Kind, KindError, KmsgOrigin, Severity, Source};
+pub use health::{DeviceHealth, HealthTracker, State};
+pub use monitor::{Hardware, HardwareError, HardwareHandle, HardwareReport};
+pub use tracepoint::{TracepointCount, TracepointSource};
