@@ -12,6 +12,7 @@ pub mod alerts;
 pub mod broker;
 pub mod collector;
 pub mod grpc;
+pub mod hardware;
 pub mod healer;
 pub mod notify;
 
@@ -29,6 +30,7 @@ pub use self::broker::{
 };
 pub use self::collector::{CollectorConfig, HttpConfig, WatchConfig};
 pub use self::grpc::GrpcConfig;
+pub use self::hardware::HardwareConfig;
 pub use self::healer::HealerSettings;
 pub use self::notify::{
     ActionName, AlertmanagerConfig, Matcher, NotifyConfig, OutcomeName, ReceiverConfig, ReceiverKind,
@@ -76,6 +78,14 @@ notify:                       # where decisions and alerts are sent: durable out
   retry: { initial: 500ms, max: 1m }      # exponential backoff with jitter
   give_up_after: 24h                      # older undelivered notifications are dropped, counted
   timeout: 10s                            # per attempt
+hardware:                     # hardware health: the kernel log and sysfs counters, GET /api/v1/hardware
+  enabled: true
+  kmsg: /dev/kmsg             # structured kernel log; \"\" turns it off (sysfs is still read)
+  sysfs_root: /sys            # EDAC, PCIe AER, carrier changes, thermal throttling, block stat, NVMe state
+  poll_interval: 10s          # sysfs counters are read this often
+  quiet: 5m                   # a device is healthy again after this long without a warning or worse
+  patterns: []                # extra kernel-log pattern files; they extend or override the embedded ones by name
+  max_devices: 4096           # devices tracked at most; events about more are counted as dropped
 ";
 
 /// The whole configuration file. Every key is optional; [`VigilConfig::default`] is [`DEFAULT_YAML`].
@@ -97,6 +107,8 @@ pub struct VigilConfig {
     pub notify: NotifyConfig,
     /// How incoming alerts are taken (`POST /api/v1/alerts`).
     pub alerts: AlertsConfig,
+    /// Hardware health: the kernel log and sysfs counters.
+    pub hardware: HardwareConfig,
 }
 
 /// What the command being started runs, which decides what a service entry must say. The whole file is
@@ -130,6 +142,7 @@ impl Default for VigilConfig {
             broker: BrokerConfig::default(),
             notify: NotifyConfig::default(),
             alerts: AlertsConfig::default(),
+            hardware: HardwareConfig::default(),
         }
     }
 }
@@ -187,6 +200,9 @@ impl VigilConfig {
         let written = |path: &str| out.doc.has(&format!("notify.{path}"));
         for (path, message) in notify::notify_mistakes(&self.notify, &written) {
             out.at(&format!("notify.{path}"), message);
+        }
+        for (path, message) in hardware::hardware_mistakes(&self.hardware, &hardware::open_for_reading) {
+            out.at(&format!("hardware.{path}"), message);
         }
         self.cross_section_mistakes(&mut out, runs);
         out.issues

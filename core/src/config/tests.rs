@@ -110,7 +110,7 @@ fn unknown_keys_are_located_everywhere() {
             "v.yaml:2:3: collector.intervl: unknown field `intervl`, expected one of `interval`, `max_instances`, \
              `cgroupfs_interval`, `watch`",
             "v.yaml:3:1: servics: unknown field `servics`, expected one of `data_dir`, `http`, `grpc`, \
-             `collector`, `dry_run`, `rules`, `services`, `healer`, `broker`, `notify`, `alerts`",
+             `collector`, `dry_run`, `rules`, `services`, `healer`, `broker`, `notify`, `alerts`, `hardware`",
             "v.yaml:4:11: broker.lisen: unknown field `lisen`, expected one of `enabled`, `listen`, `token`, \
              `http`, `queue`, `splits`, `health`, `managed_capacity`, `upstreams`, `max_frame_bytes`, \
              `max_reassembly_per_stream`, `max_reassembly_per_connection`, `max_pending_write_bytes`, \
@@ -465,4 +465,50 @@ fn incoming_alerts_may_require_a_signature() {
             "v.yaml:3:3: alerts.signed: unknown field `signed`, expected `secret`",
         ]
     );
+}
+
+#[test]
+fn hardware_is_read() {
+    let dir = std::env::temp_dir().join(format!("vigil-config-hw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let extra = dir.join("mine.yaml");
+    std::fs::write(&extra, "patterns: []\n").unwrap();
+    let text = format!(
+        "hardware:\n  enabled: true\n  sysfs_root: /tmp/sys\n  kmsg: \"\"\n  poll_interval: 30s\n  quiet: 10m\n  \
+         patterns: [{}]\n  max_devices: 10\n",
+        extra.display()
+    );
+    let c = VigilConfig::parse(&text, "v.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let h = &c.hardware;
+    assert_eq!(h.sysfs_root, PathBuf::from("/tmp/sys"));
+    assert_eq!(h.kmsg_path(), None, "an empty kmsg path turns the kernel log off");
+    assert_eq!(h.poll_interval(), Duration::from_secs(30));
+    assert_eq!(h.quiet(), Duration::from_secs(600));
+    assert_eq!(h.patterns, vec![extra]);
+    assert_eq!(h.max_devices, 10);
+    assert_eq!(VigilConfig::default().hardware.kmsg_path(), Some(Path::new("/dev/kmsg")));
+    let off = VigilConfig::parse("hardware: { enabled: false }\n", "v.yaml").unwrap();
+    assert_eq!(off.hardware.kmsg_path(), None);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn hardware_mistakes_are_located() {
+    let text = "hardware:\n  poll_interval: 500ms\n  quiet: 2s\n  max_devices: 0\n  \
+                patterns: [/nonexistent/vigil/patterns.yaml, /]\n";
+    assert_eq!(
+        issues(text),
+        vec![
+            "v.yaml:2:18: hardware.poll_interval: 500ms is outside 1s..1h",
+            "v.yaml:4:16: hardware.max_devices: 0 is not in 1..=1000000",
+            "v.yaml:5:14: hardware.patterns[0]: cannot read pattern file /nonexistent/vigil/patterns.yaml: No such \
+             file or directory (os error 2)",
+            "v.yaml:5:48: hardware.patterns[1]: cannot read pattern file /: it is a directory; name the files",
+        ]
+    );
+    assert_eq!(
+        issues("hardware:\n  poll_interval: 1m\n  quiet: 30s\n"),
+        vec!["v.yaml:3:10: hardware.quiet: 30s is shorter than hardware.poll_interval (60s)"]
+    );
+    assert_eq!(issues("hardware: { quiet: 8d }\n").len(), 1, "days are no unit: refused as a value");
 }
