@@ -157,14 +157,28 @@ pub fn from_yaml<T: DeserializeOwned>(text: &str, file: &str) -> Result<T, Confi
         })
     })
     .map_err(|e| {
-        // `Spanned<T>` fields add a `value` step of their own to the path (also inside lists).
-        let path = if path == "." {
-            String::new()
-        } else {
-            path.split('.').filter(|step| *step != "value").collect::<Vec<_>>().join(".")
-        };
+        let path = if path == "." { String::new() } else { without_spans(&path) };
         saphyr_issue(file, &path, &e)
     })
+}
+
+/// `path` without the steps `Spanned<T>` adds of its own: a `value` step after each spanned value, which
+/// for a spanned list carries the index (`steps.value[0].value.name` is `steps[0].name`).
+fn without_spans(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for step in path.split('.') {
+        match step.strip_prefix("value") {
+            Some("") => {}
+            Some(index) if index.starts_with('[') => out.push_str(index),
+            _ => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(step);
+            }
+        }
+    }
+    out
 }
 
 fn saphyr_issue(file: &str, path: &str, e: &serde_saphyr::Error) -> ConfigIssue {
@@ -401,6 +415,30 @@ services:
         let e = Document::parse("a: [1, 2\nb: 3\n", "v.yaml").unwrap_err();
         assert_eq!(e.file, "v.yaml");
         assert!(e.line >= 1, "{e:?}");
+    }
+
+    #[test]
+    fn a_first_mistake_has_the_key_path_as_written() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Step {
+            #[allow(dead_code)]
+            name: String,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct File {
+            #[allow(dead_code)]
+            steps: serde_saphyr::Spanned<Vec<serde_saphyr::Spanned<Step>>>,
+            #[allow(dead_code)]
+            names: Vec<serde_saphyr::Spanned<String>>,
+        }
+        let e = from_yaml::<File>("names: [a]\nsteps:\n  - { name: a }\n  - { nam: b }\n", "w.yaml").unwrap_err();
+        assert_eq!((e.line, e.column, e.path.as_str()), (4, 7, "steps[1].nam"));
+        let e = from_yaml::<File>("steps: []\nnames: [a, [b]]\n", "w.yaml").unwrap_err();
+        assert_eq!(e.path, "names[1]");
+        assert_eq!(without_spans("a.value[0].value.b.value"), "a[0].b");
+        assert_eq!(without_spans("values.value_x"), "values.value_x");
     }
 
     #[test]
