@@ -360,7 +360,14 @@ pub fn check_str(text: &str, file: &str) -> Result<WorkflowSet, WorkflowError> {
             set.workflows.push(w);
         }
     }
-    set.tests = tests(&raw.tests, &set.workflows, &mut issues);
+    // Against every name written: a case about a workflow with a mistake is not about an unknown one.
+    let mut written: Vec<&str> = Vec::new();
+    for name in raw.workflows.iter().map(|w| w.name.value.as_str()) {
+        if !name.trim().is_empty() && !written.contains(&name) {
+            written.push(name);
+        }
+    }
+    set.tests = tests(&raw.tests, &written, &mut issues);
     let issues = issues.finish(file);
     if issues.is_empty() { Ok(set) } else { Err(invalid(issues)) }
 }
@@ -1182,8 +1189,8 @@ fn step(
     })
 }
 
-fn tests(raw: &[RawTest], workflows: &[Workflow], issues: &mut Issues) -> Vec<TestCase> {
-    let names: HashSet<&str> = workflows.iter().map(|w| &*w.name).collect();
+fn tests(raw: &[RawTest], workflows: &[&str], issues: &mut Issues) -> Vec<TestCase> {
+    let names: HashSet<&str> = workflows.iter().copied().collect();
     let mut out = Vec::new();
     for (i, t) in raw.iter().enumerate() {
         let p = format!("tests[{i}]");
@@ -1280,14 +1287,15 @@ fn tests(raw: &[RawTest], workflows: &[Workflow], issues: &mut Issues) -> Vec<Te
             let xp = format!("{p}.expect[{k}]");
             let at = issues.duration(&x.at, &format!("{xp}.at"));
             if !names.contains(x.workflow.value.as_str()) {
-                let listed = workflows.iter().map(|w| &*w.name).collect::<Vec<_>>().join(", ");
+                let listed = if workflows.is_empty() {
+                    "it has none".to_string()
+                } else {
+                    format!("its workflows: {}", workflows.join(", "))
+                };
                 issues.at(
                     &x.workflow,
                     format!("{xp}.workflow"),
-                    format!(
-                        "no workflow is named `{}` in this file; its workflows: {listed}",
-                        x.workflow.value
-                    ),
+                    format!("no workflow is named `{}` in this file; {listed}", x.workflow.value),
                 );
             }
             if let Some(at) = at {

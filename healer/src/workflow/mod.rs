@@ -64,6 +64,9 @@ pub mod machine;
 pub mod runner;
 pub mod store;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
