@@ -1,15 +1,16 @@
 //! The healer's settings, built from the one parsed [`VigilConfig`]: `data_dir`, `dry_run`, `rules`,
-//! `services` and `healer`. The file is read, and every mistake in every section reported, by
+//! `workflows`, `services` and `healer`. The file is read, and every mistake in every section reported, by
 //! `vigil_core::config`; this module only turns the checked sections into what the healer runs with.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use vigil_core::config::{HealerSettings, VigilConfig, default_rules};
+pub use vigil_core::config::{HealerSettings, VigilConfig, default_rules, default_workflows};
 use vigil_core::{ConfigError, ServiceSpec};
 
 use crate::cgroup::DriverConfig;
 use crate::standby::StandbyPolicy;
+use crate::workflow::{WorkflowFilesError, WorkflowSet, load_files};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealerConfigError {
@@ -21,6 +22,14 @@ pub enum HealerConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot read workflows directory {path}: {source}")]
+    WorkflowsDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Workflows(#[from] WorkflowFilesError),
 }
 
 /// What the healer runs with.
@@ -31,6 +40,8 @@ pub struct HealerConfig {
     pub dry_run: bool,
     /// Rule files or directories of `*.yaml` rule files.
     pub rules: Vec<PathBuf>,
+    /// Workflow files or directories of `*.yaml` workflow files.
+    pub workflows: Vec<PathBuf>,
     pub services: Vec<ServiceSpec>,
     pub healer: HealerSettings,
     /// How often the autoscaler decides: `collector.interval`, the tick its windows are checked against.
@@ -58,6 +69,7 @@ impl HealerConfig {
             data_dir: config.data_dir.clone(),
             dry_run: config.dry_run,
             rules: config.rules.clone(),
+            workflows: config.workflows.clone(),
             services: config.services.clone(),
             healer: config.healer.clone(),
             tick: config.collector.interval.0,
@@ -101,23 +113,42 @@ impl HealerConfig {
     /// The rule files named by `rules`: files as given, directories as their `*.yaml` files, sorted. A
     /// missing default directory is not an error (there are simply no rules); a missing named file is.
     pub fn rule_files(&self) -> Result<Vec<PathBuf>, HealerConfigError> {
-        let mut out = Vec::new();
-        for entry in &self.rules {
-            if entry.is_dir() {
-                let dir = std::fs::read_dir(entry)
-                    .map_err(|source| HealerConfigError::RulesDir { path: entry.clone(), source })?;
-                let mut files: Vec<PathBuf> = dir
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-                    .collect();
-                files.sort();
-                out.extend(files);
-            } else if entry.exists() || self.rules != default_rules() {
-                out.push(entry.clone());
-            }
-        }
-        Ok(out)
+        yaml_files(&self.rules, &default_rules())
+            .map_err(|(path, source)| HealerConfigError::RulesDir { path, source })
     }
+
+    /// The workflow files named by `workflows`, found the same way as [`HealerConfig::rule_files`].
+    pub fn workflow_files(&self) -> Result<Vec<PathBuf>, HealerConfigError> {
+        yaml_files(&self.workflows, &default_workflows())
+            .map_err(|(path, source)| HealerConfigError::WorkflowsDir { path, source })
+    }
+
+    /// Every workflow file, checked ([`load_files`]): each alone, names unique across them, and the
+    /// receivers they name against `notify.receivers`.
+    pub fn load_workflows(&self) -> Result<Vec<WorkflowSet>, HealerConfigError> {
+        Ok(load_files(&self.workflow_files()?, &self.receivers)?)
+    }
+}
+
+/// `entries` as files: files as given, directories as their `*.yaml` / `*.yml` files, sorted. When
+/// `entries` is `default`, a missing entry is skipped (nothing configured yet); otherwise it is kept, so
+/// reading it reports it missing. The error is the directory that could not be listed.
+fn yaml_files(entries: &[PathBuf], default: &[PathBuf]) -> Result<Vec<PathBuf>, (PathBuf, std::io::Error)> {
+    let mut out = Vec::new();
+    for entry in entries {
+        if entry.is_dir() {
+            let dir = std::fs::read_dir(entry).map_err(|source| (entry.clone(), source))?;
+            let mut files: Vec<PathBuf> = dir
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                .collect();
+            files.sort();
+            out.extend(files);
+        } else if entry.exists() || entries != default {
+            out.push(entry.clone());
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -162,6 +193,64 @@ mod tests {
             c.driver_config(),
             DriverConfig { v2_parent: "/mine".into(), v1_parent: Some("/mine".into()) }
         );
+    }
+
+    const ONE: &str = "workflows:\n  - name: disk\n    trigger: { manual: true }\n    notify: [ops]\n    steps:\n      - { name: a, approve: {} }\n";
+
+    /// A fresh directory for one test, removed first if a previous run left it.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vigil-config-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn workflow_files_are_found_like_rule_files() {
+        let dir = scratch("workflow-files");
+        std::fs::write(dir.join("b.yaml"), ONE).unwrap();
+        std::fs::write(dir.join("a.yml"), "").unwrap();
+        std::fs::write(dir.join("notes.txt"), "not a workflow file").unwrap();
+        let c = HealerConfig { workflows: vec![dir.clone()], ..HealerConfig::default() };
+        assert_eq!(c.workflow_files().unwrap(), [dir.join("a.yml"), dir.join("b.yaml")]);
+        // The default directory may be missing: no workflows yet. A file named in the config may not.
+        let default = HealerConfig { workflows: default_workflows(), ..HealerConfig::default() };
+        assert_eq!(default.workflows, [PathBuf::from("workflows/")]);
+        let missing = dir.join("gone.yaml");
+        let named = HealerConfig { workflows: vec![missing.clone()], ..HealerConfig::default() };
+        assert_eq!(named.workflow_files().unwrap(), [missing.clone()]);
+        let err = named.load_workflows().unwrap_err().to_string();
+        assert!(err.starts_with(&format!("cannot read workflow file {}: ", missing.display())), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn workflows_load_with_names_unique_across_files_and_known_receivers() {
+        let dir = scratch("workflows-load");
+        std::fs::write(dir.join("a.yaml"), ONE).unwrap();
+        let mut c = HealerConfig { workflows: vec![dir.clone()], ..HealerConfig::default() };
+        c.receivers = vec!["ops".into()];
+        let sets = c.load_workflows().unwrap();
+        assert_eq!(sets.len(), 1);
+        assert_eq!(&*sets[0].workflows[0].name, "disk");
+
+        // The same name in a second file, and a receiver the config does not have.
+        std::fs::write(dir.join("b.yaml"), format!("{ONE}  - name: other\n    trigger: {{ manual: true }}\n    steps:\n      - {{ name: a, notify: {{ message: hi, receivers: [pager] }} }}\n")).unwrap();
+        let (a, b) = (dir.join("a.yaml").display().to_string(), dir.join("b.yaml").display().to_string());
+        assert_eq!(
+            c.load_workflows().unwrap_err().to_string(),
+            format!(
+                "{b}:2:11: workflows[0].name: `disk` is already the name of a workflow in {a}\n\
+                 {b}:10:55: workflows[1].steps[0].notify.receivers[0]: no receiver `pager` in the config's \
+                 notify.receivers (configured: ops)"
+            )
+        );
+        // Every file's mistakes come back, each file's own way.
+        c.receivers.clear();
+        let err = c.load_workflows().unwrap_err().to_string();
+        assert!(err.starts_with(&format!("{a}:4:14: workflows[0].notify[0]: no receiver `ops`")), "{err}");
+        assert_eq!(err.lines().count(), 4, "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

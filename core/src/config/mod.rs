@@ -101,6 +101,8 @@ pub struct VigilConfig {
     pub dry_run: bool,
     /// Rule files or directories of `*.yaml` rule files.
     pub rules: Vec<PathBuf>,
+    /// Workflow files or directories of `*.yaml` workflow files.
+    pub workflows: Vec<PathBuf>,
     pub services: Vec<ServiceSpec>,
     pub healer: HealerSettings,
     pub broker: BrokerConfig,
@@ -128,6 +130,11 @@ pub fn default_rules() -> Vec<PathBuf> {
     vec![PathBuf::from("rules/")]
 }
 
+/// `workflows:` when the file names none.
+pub fn default_workflows() -> Vec<PathBuf> {
+    vec![PathBuf::from("workflows/")]
+}
+
 impl Default for VigilConfig {
     fn default() -> Self {
         Self {
@@ -137,6 +144,7 @@ impl Default for VigilConfig {
             collector: CollectorConfig::default(),
             dry_run: false,
             rules: default_rules(),
+            workflows: default_workflows(),
             services: Vec::new(),
             healer: HealerSettings::default(),
             broker: BrokerConfig::default(),

@@ -29,6 +29,7 @@ collector:
   watch: { include: [/a], exclude: [/a/b], managed_root: /mine, max_tracked: 5 }
 dry_run: true
 rules: [r.yaml]
+workflows: [w.yaml, more/]
 services:
   - name: echo
     command: [python3, app.py]
@@ -75,6 +76,8 @@ broker:
     assert_eq!(c.collector.interval(), Duration::from_secs(2));
     assert_eq!(c.collector.watch.max_tracked, 5);
     assert!(c.dry_run);
+    assert_eq!(c.rules, [PathBuf::from("r.yaml")]);
+    assert_eq!(c.workflows, [PathBuf::from("w.yaml"), PathBuf::from("more/")]);
     let s = &c.services[0];
     assert_eq!(s.ready_timeout.map(|d| d.0), Some(Duration::from_secs(5)));
     assert_eq!(s.start, crate::service::StartPolicy::OnDemand);
@@ -110,7 +113,8 @@ fn unknown_keys_are_located_everywhere() {
             "v.yaml:2:3: collector.intervl: unknown field `intervl`, expected one of `interval`, `max_instances`, \
              `cgroupfs_interval`, `watch`",
             "v.yaml:3:1: servics: unknown field `servics`, expected one of `data_dir`, `http`, `grpc`, \
-             `collector`, `dry_run`, `rules`, `services`, `healer`, `broker`, `notify`, `alerts`, `hardware`",
+             `collector`, `dry_run`, `rules`, `workflows`, `services`, `healer`, `broker`, `notify`, `alerts`, \
+             `hardware`",
             "v.yaml:4:11: broker.lisen: unknown field `lisen`, expected one of `enabled`, `listen`, `token`, \
              `http`, `queue`, `splits`, `health`, `managed_capacity`, `upstreams`, `max_frame_bytes`, \
              `max_reassembly_per_stream`, `max_reassembly_per_connection`, `max_pending_write_bytes`, \

@@ -19,7 +19,7 @@ use vigil_core::{ConfigIssue, render_issues};
 
 use super::{
     Backoff, ExpectedRun, Glob, Health, OnFailure, Step, StepKind, Targets, TestAlert, TestCase, TestEvent,
-    TestHealth, Trigger, WaitCondition, Workflow, WorkflowSet, placeholders,
+    TestHealth, Trigger, WaitCondition, Workflow, WorkflowSet, Written, placeholders,
 };
 use crate::located::{Issues, ReceiverRef, by_position, label_name_ok, names, unknown_receivers};
 use crate::rules::{Bounds, Metric, RawAlertCondition, alert_condition};
@@ -337,6 +337,7 @@ pub fn check_str(text: &str, file: &str) -> Result<WorkflowSet, WorkflowError> {
         workflows: Vec::new(),
         tests: Vec::new(),
         receivers: Vec::new(),
+        named_at: Vec::new(),
     };
     if text.trim().is_empty() {
         return Ok(empty());
@@ -356,8 +357,13 @@ pub fn check_str(text: &str, file: &str) -> Result<WorkflowSet, WorkflowError> {
                 format!("`{}` is already the name of a workflow in this file", w.name.value),
             );
         }
-        if let Some(w) = workflow(w, &p, file, &mut issues, &mut set.receivers) {
-            set.workflows.push(w);
+        if let Some(valid) = workflow(w, &p, file, &mut issues, &mut set.receivers) {
+            set.workflows.push(valid);
+            set.named_at.push(Written {
+                line: w.name.referenced.line(),
+                column: w.name.referenced.column(),
+                path: format!("{p}.name"),
+            });
         }
     }
     // Against every name written: a case about a workflow with a mistake is not about an unknown one.

@@ -3,7 +3,8 @@
 //! API, and carried out step by step with every state persisted, so that a run survives Vigil being killed.
 //!
 //! This module holds the validated shapes ([`Workflow`], [`Step`], [`Trigger`]); `file` reads and checks
-//! workflow files; `cases` runs their own test cases. Everything here is pure data and logic.
+//! one workflow file; `load` checks the configured files together; `cases` runs their own test cases.
+//! Apart from reading the files, everything here is pure data and logic.
 //!
 //! # A workflow file
 //!
@@ -58,6 +59,7 @@
 
 mod cases;
 mod file;
+mod load;
 mod trigger;
 
 pub mod machine;
@@ -76,6 +78,7 @@ pub use file::{
     MAX_AT_LEAST, MAX_RETRIES, MAX_STEPS, MAX_TEST_INPUTS, MAX_WINDOW, WorkflowError, check_file,
     check_receivers, check_str,
 };
+pub use load::{WorkflowFilesError, check_files, load_files};
 pub use trigger::{MAX_KEYS, StartRun, Triggers};
 pub use vigil_core::glob::Glob;
 
@@ -357,6 +360,16 @@ pub struct WorkflowSet {
     pub tests: Vec<TestCase>,
     /// Receivers named (workflow `notify:` and `notify` steps), where, for checking against the config.
     pub receivers: Vec<crate::rules::ReceiverRef>,
+    /// Where each of `workflows` is named (same order), for mistakes only seen across files.
+    pub named_at: Vec<Written>,
+}
+
+/// Where a file writes something: its position and key path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Written {
+    pub line: u64,
+    pub column: u64,
+    pub path: String,
 }
 
 /// The `{name}` placeholders of `text`, in order. A placeholder is a name (`[a-zA-Z_][a-zA-Z0-9_]*`) in
