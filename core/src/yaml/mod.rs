@@ -433,7 +433,8 @@ services:
             #[allow(dead_code)]
             names: Vec<serde_saphyr::Spanned<String>>,
         }
-        let e = from_yaml::<File>("names: [a]\nsteps:\n  - { name: a }\n  - { nam: b }\n", "w.yaml").unwrap_err();
+        let e =
+            from_yaml::<File>("names: [a]\nsteps:\n  - { name: a }\n  - { nam: b }\n", "w.yaml").unwrap_err();
         assert_eq!((e.line, e.column, e.path.as_str()), (4, 7, "steps[1].nam"));
         let e = from_yaml::<File>("steps: []\nnames: [a, [b]]\n", "w.yaml").unwrap_err();
         assert_eq!(e.path, "names[1]");

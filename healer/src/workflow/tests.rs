@@ -83,7 +83,10 @@ fn the_issues_example_loads_as_written() {
     );
     assert_eq!(w.steps[5].kind, StepKind::Uncordon { resource: None });
     for s in &w.steps {
-        assert_eq!((s.retries, s.backoff, &s.on_failure, s.escalation), (0, Backoff::default(), &OnFailure::Abort, false));
+        assert_eq!(
+            (s.retries, s.backoff, &s.on_failure, s.escalation),
+            (0, Backoff::default(), &OnFailure::Abort, false)
+        );
     }
 }
 
@@ -122,18 +125,37 @@ fn every_trigger_form_and_step_kind_loads() {
     assert_eq!(dead.steps[3].backoff, Backoff { initial: secs(2), max: secs(10) });
     assert_eq!(dead.steps[3].on_failure, OnFailure::Continue);
     assert!(!dead.steps[3].idempotent, "restart is not idempotent");
-    assert_eq!(dead.steps[2].kind, StepKind::Hibernate(Targets { service: None, instance_id: Some("{service}-0".into()) }));
+    assert_eq!(
+        dead.steps[2].kind,
+        StepKind::Hibernate(Targets { service: None, instance_id: Some("{service}-0".into()) })
+    );
     assert!(matches!(alert.trigger, Trigger::Alert(_)));
     assert_eq!(alert.steps[0].on_failure, OnFailure::Escalate(1));
     assert!(alert.steps[1].escalation && !alert.steps[0].escalation);
-    assert_eq!(alert.steps[0].kind, StepKind::Evacuate { targets: Targets { service: Some("{service}".into()), instance_id: None }, restart: true });
+    assert_eq!(
+        alert.steps[0].kind,
+        StepKind::Evacuate {
+            targets: Targets { service: Some("{service}".into()), instance_id: None },
+            restart: true
+        }
+    );
     assert_eq!(cpu.trigger, Trigger::Manual);
     assert_eq!(cpu.steps[0].kind, StepKind::CpuOffline { cpu: Some("3".into()) });
     assert_eq!(cpu.steps[1].timeout, Some(secs(5)));
     let kinds: Vec<&str> = set.workflows.iter().flat_map(|w| &w.steps).map(|s| s.kind.as_str()).collect();
     assert_eq!(
         kinds,
-        ["notify", "stop", "hibernate", "restart", "evacuate", "notify", "wait_for", "cpu_offline", "cpu_online"]
+        [
+            "notify",
+            "stop",
+            "hibernate",
+            "restart",
+            "evacuate",
+            "notify",
+            "wait_for",
+            "cpu_offline",
+            "cpu_online"
+        ]
     );
 }
 
@@ -142,7 +164,9 @@ fn an_unknown_after_step_is_located_and_lists_the_steps() {
     let text = manual(&["{ name: a, approve: {} }", "{ name: b, approve: {}, after: [a, c] }"]);
     assert_eq!(
         errors(&text),
-        ["w.yaml:6:44: workflows[0].steps[1].after[1]: no step is named `c` in this workflow; its steps: a, b"]
+        [
+            "w.yaml:6:44: workflows[0].steps[1].after[1]: no step is named `c` in this workflow; its steps: a, b"
+        ]
     );
 }
 
@@ -156,12 +180,16 @@ fn a_cycle_names_its_steps_in_order() {
     ]);
     assert_eq!(
         errors(&text),
-        ["w.yaml:6:40: workflows[0].steps[1].after: `after:` makes a cycle: a -> c -> b -> a (each is after the next)"]
+        [
+            "w.yaml:6:40: workflows[0].steps[1].after: `after:` makes a cycle: a -> c -> b -> a (each is after the next)"
+        ]
     );
     let alone = manual(&["{ name: me, approve: {}, after: [me] }"]);
     assert_eq!(
         errors(&alone),
-        ["w.yaml:5:41: workflows[0].steps[0].after: `after:` makes a cycle: me -> me (each is after the next)"]
+        [
+            "w.yaml:5:41: workflows[0].steps[0].after: `after:` makes a cycle: me -> me (each is after the next)"
+        ]
     );
 }
 
@@ -179,15 +207,20 @@ fn an_unknown_placeholder_lists_the_known_ones() {
     let text = "workflows:\n  - name: w\n    trigger: { hardware: { kind: io_error } }\n    params: { team: db }\n    steps:\n      - { name: fix, run: { command: [fix, \"{devcie}\", \"{team}\"] } }\n";
     assert_eq!(
         errors(text),
-        ["w.yaml:6:44: workflows[0].steps[0].run.command[1]: unknown placeholder `{devcie}`; known: cpu, device, \
-          instance_id, kind, run_id, service, team, workflow"]
+        [
+            "w.yaml:6:44: workflows[0].steps[0].run.command[1]: unknown placeholder `{devcie}`; known: cpu, device, \
+          instance_id, kind, run_id, service, team, workflow"
+        ]
     );
 }
 
 #[test]
 fn a_bad_duration_says_what_it_read() {
     let text = "workflows:\n  - name: w\n    trigger: { manual: true }\n    cooldown: soon\n    steps:\n      - { name: a, approve: {} }\n";
-    assert_eq!(errors(text), ["w.yaml:4:15: workflows[0].cooldown: `soon` is not a duration like 500ms, 1s, 5m, 2h"]);
+    assert_eq!(
+        errors(text),
+        ["w.yaml:4:15: workflows[0].cooldown: `soon` is not a duration like 500ms, 1s, 5m, 2h"]
+    );
 }
 
 #[test]
@@ -208,9 +241,11 @@ fn an_unknown_key_is_named_with_the_ones_expected() {
     let text = manual(&["{ name: a, approve: {}, aftre: [b] }"]);
     assert_eq!(
         errors(&text),
-        ["w.yaml:5:33: workflows[0].steps[0].aftre: unknown field `aftre`, expected one of name, after, timeout, \
+        [
+            "w.yaml:5:33: workflows[0].steps[0].aftre: unknown field `aftre`, expected one of name, after, timeout, \
           retries, backoff, on_failure, idempotent, cordon, uncordon, drain, evacuate, cpu_offline, cpu_online, \
-          restart, stop, hibernate, run, notify, approve, wait_for"]
+          restart, stop, hibernate, run, notify, approve, wait_for"
+        ]
     );
 }
 
@@ -219,18 +254,27 @@ fn retries_are_capped() {
     let text = manual(&[&format!("{{ name: a, approve: {{}}, retries: {} }}", MAX_RETRIES + 1)]);
     assert_eq!(
         errors(&text),
-        [format!("w.yaml:5:42: workflows[0].steps[0].retries: {} is more than the limit of {MAX_RETRIES}", MAX_RETRIES + 1)]
+        [format!(
+            "w.yaml:5:42: workflows[0].steps[0].retries: {} is more than the limit of {MAX_RETRIES}",
+            MAX_RETRIES + 1
+        )]
     );
-    assert!(check_str(&manual(&[&format!("{{ name: a, approve: {{}}, retries: {MAX_RETRIES} }}")]), "w.yaml").is_ok());
+    assert!(
+        check_str(&manual(&[&format!("{{ name: a, approve: {{}}, retries: {MAX_RETRIES} }}")]), "w.yaml")
+            .is_ok()
+    );
 }
 
 #[test]
 fn escalating_from_the_last_step_has_nothing_to_escalate_to() {
-    let text = manual(&["{ name: a, approve: {} }", "{ name: b, approve: {}, after: [a], on_failure: escalate }"]);
+    let text =
+        manual(&["{ name: a, approve: {} }", "{ name: b, approve: {}, after: [a], on_failure: escalate }"]);
     assert_eq!(
         errors(&text),
-        ["w.yaml:6:57: workflows[0].steps[1].on_failure: a bare `escalate` names the next step in the file, and \
-          this is the last step"]
+        [
+            "w.yaml:6:57: workflows[0].steps[1].on_failure: a bare `escalate` names the next step in the file, and \
+          this is the last step"
+        ]
     );
 }
 
@@ -307,7 +351,10 @@ fn a_passing_case_and_a_failing_case_are_told_apart_readably() {
     let set = check_str(&text, "disk.yaml").unwrap_or_else(|e| panic!("{e}"));
     let outcomes = run_tests(&set);
     assert_eq!(outcomes.len(), 2);
-    assert_eq!((outcomes[0].file.as_str(), outcomes[0].name.as_str()), ("disk.yaml", "three errors within a minute start a run"));
+    assert_eq!(
+        (outcomes[0].file.as_str(), outcomes[0].name.as_str()),
+        ("disk.yaml", "three errors within a minute start a run")
+    );
     assert_eq!(outcomes[0].failure, None, "the fourth error is inside the cooldown");
     assert_eq!(
         outcomes[1].failure.as_deref(),
