@@ -594,6 +594,22 @@ fn workflow(
             None
         }
     };
+    // A `notify` step without receivers tells the workflow's; with neither it would tell no one.
+    if notify.as_ref().is_none_or(Vec::is_empty)
+        && let Some(list) = &w.steps
+    {
+        for (i, s) in list.value.iter().enumerate() {
+            if let Some(n) = &s.value.notify
+                && n.value.receivers.as_ref().is_none_or(|r| r.value.is_empty())
+            {
+                issues.at(
+                    n,
+                    format!("{p}.steps[{i}].notify"),
+                    "tells no one: give it `receivers`, or the workflow `notify:`",
+                );
+            }
+        }
+    }
     let (trigger, cooldown, steps) = (trigger?.0, cooldown?, steps?);
     (issues.len() == before).then(|| Workflow {
         name,

@@ -183,7 +183,8 @@ pub enum StepKind {
         timeout: Duration,
         idempotent: bool,
     },
-    /// A message to receivers (config `notify.receivers`).
+    /// A message to receivers (config `notify.receivers`): its own, or the workflow's `notify:` when it
+    /// names none (a file where neither names one is refused).
     Notify {
         receivers: Vec<Arc<str>>,
         message: Arc<str>,

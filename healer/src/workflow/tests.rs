@@ -96,6 +96,7 @@ fn every_trigger_form_and_step_kind_loads() {
   - name: dead-disk
     trigger: { hardware: { state: failed, device: "sd*" } }
     params: { service: echo, threshold: 3 }
+    notify: [ops]
     steps:
       - { name: tell, notify: { message: "{device} is {state}", labels: { severity: page } } }
       - { name: stop, stop: { service: "{service}" }, after: [tell] }
@@ -105,7 +106,7 @@ fn every_trigger_form_and_step_kind_loads() {
     trigger: { alert: { name: "Disk*", labels: { severity: critical } } }
     steps:
       - { name: move, evacuate: { service: "{service}", restart: true }, on_failure: { escalate: tell } }
-      - { name: tell, notify: { message: "could not move {instance_id}" } }
+      - { name: tell, notify: { message: "could not move {instance_id}", receivers: [pager] } }
       - { name: calm, wait_for: { metric: cpu_cores, below: 0.5, service: "{service}", for: 1m }, after: [move] }
   - name: cpu-by-hand
     trigger: { manual: true }
@@ -142,6 +143,14 @@ fn every_trigger_form_and_step_kind_loads() {
     assert_eq!(cpu.trigger, Trigger::Manual);
     assert_eq!(cpu.steps[0].kind, StepKind::CpuOffline { cpu: Some("3".into()) });
     assert_eq!(cpu.steps[1].timeout, Some(secs(5)));
+    let told: Vec<(&str, &str)> = set.receivers.iter().map(|r| (&*r.rule, r.path.as_str())).collect();
+    assert_eq!(
+        told,
+        [
+            ("dead-disk", "workflows[0].notify[0]"),
+            ("disk-alert", "workflows[1].steps[1].notify.receivers[0]")
+        ]
+    );
     let kinds: Vec<&str> = set.workflows.iter().flat_map(|w| &w.steps).map(|s| s.kind.as_str()).collect();
     assert_eq!(
         kinds,
@@ -379,4 +388,24 @@ fn a_test_case_about_a_workflow_with_a_mistake_reports_only_that_mistake() {
         errors("tests:\n  - name: t\n    expect: [ { at: 0s, workflow: v } ]\n"),
         ["w.yaml:3:35: tests[0].expect[0].workflow: no workflow is named `v` in this file; it has none"]
     );
+}
+
+#[test]
+fn a_notify_step_must_tell_someone() {
+    let text = manual(&[
+        "{ name: a, notify: { message: hi } }",
+        "{ name: b, notify: { message: hi, receivers: [] } }",
+    ]);
+    assert_eq!(
+        errors(&text),
+        [
+            "w.yaml:5:28: workflows[0].steps[0].notify: tells no one: give it `receivers`, or the workflow `notify:`",
+            "w.yaml:6:28: workflows[0].steps[1].notify: tells no one: give it `receivers`, or the workflow `notify:`",
+        ]
+    );
+    // The workflow's receivers are a notify step's when it names none.
+    let told = text.replace("    trigger:", "    notify: [ops]\n    trigger:");
+    let set = check_str(&told, "w.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<&str> = set.receivers.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["ops"]);
 }
