@@ -17,6 +17,7 @@ use vigil_healer::config::HealerConfig;
 use vigil_healer::rules;
 use vigil_healer::run::Healer;
 use vigil_healer::traffic::{ConnectionTraffic, TrafficSource};
+use vigil_healer::workflow;
 
 #[derive(Parser)]
 #[command(
@@ -63,6 +64,11 @@ enum Command {
     Rules {
         #[command(subcommand)]
         command: RulesCommand,
+    },
+    /// Validate workflow files or run their own test cases.
+    Workflows {
+        #[command(subcommand)]
+        command: WorkflowsCommand,
     },
 }
 
@@ -314,6 +320,74 @@ fn rules_command(files: &[PathBuf], run_tests: bool, config: Option<&PathBuf>) -
     Ok(())
 }
 
+#[derive(Subcommand)]
+enum WorkflowsCommand {
+    /// Report every mistake in the files (`file:line:column: key.path: message`), names used twice across
+    /// them included.
+    Check {
+        /// Workflow files or directories; none: the config's `workflows:`.
+        #[arg(value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// The config whose `workflows:` to use, and whose `notify.receivers` the workflows' receivers must be in.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Run each file's own test cases.
+    Test {
+        /// Workflow files or directories; none: the config's `workflows:`.
+        #[arg(value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// The config whose `workflows:` to use, and whose `notify.receivers` the workflows' receivers must be in.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+/// `rules_command` for workflow files: the files given, or the config's; one line per file and case.
+fn workflows_command(files: &[PathBuf], run_tests: bool, config: Option<&PathBuf>) -> anyhow::Result<()> {
+    let loaded = config.map(|path| load_config(Some(path), Runs::WithoutServices)).transpose()?;
+    let receivers: Option<Vec<String>> =
+        loaded.as_ref().map(|c| c.notify.receivers.iter().map(|r| r.name.clone()).collect());
+    // Directories as their `*.yaml` files, as in `workflows:`.
+    let files = if files.is_empty() {
+        let c = match loaded {
+            Some(c) => c,
+            None => load_config(None, Runs::WithoutServices)?,
+        };
+        HealerConfig::from_config(&c).workflow_files()?
+    } else {
+        HealerConfig { workflows: files.to_vec(), ..HealerConfig::default() }.workflow_files()?
+    };
+    if files.is_empty() {
+        eprintln!("no workflow files found");
+    }
+    let mut failed = 0usize;
+    for (file, checked) in files.iter().zip(workflow::check_files(&files, receivers.as_deref())) {
+        match checked {
+            Err(e) => {
+                eprintln!("{e}");
+                failed += 1;
+            }
+            Ok(set) if !run_tests => println!("ok: {} ({} workflows)", file.display(), set.workflows.len()),
+            Ok(set) => {
+                for outcome in workflow::run_tests(&set) {
+                    match &outcome.failure {
+                        None => println!("ok: {}: {}", file.display(), outcome.name),
+                        Some(why) => {
+                            println!("FAILED: {}: {}\n{why}", file.display(), outcome.name);
+                            failed += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} failed");
+    }
+    Ok(())
+}
+
 /// The file, read and checked once (every section, every mistake at once), or the embedded defaults.
 fn load_config(path: Option<&PathBuf>, runs: Runs) -> anyhow::Result<VigilConfig> {
     Ok(VigilConfig::load_or_default(path.map(PathBuf::as_path), runs)?)
@@ -526,6 +600,12 @@ fn main() -> ExitCode {
         }
         Command::Rules { command: RulesCommand::Test { files, config } } => {
             rules_command(&files, true, config.as_ref())
+        }
+        Command::Workflows { command: WorkflowsCommand::Check { files, config } } => {
+            workflows_command(&files, false, config.as_ref())
+        }
+        Command::Workflows { command: WorkflowsCommand::Test { files, config } } => {
+            workflows_command(&files, true, config.as_ref())
         }
         Command::Ctl { api, token, command } => ctl_command(api, token, command),
         Command::DefaultConfig => {
