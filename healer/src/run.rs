@@ -30,6 +30,7 @@ use crate::metrics::StandbyMetrics;
 use crate::rules::{self, Action, Evaluator, InstanceState, Signals};
 use crate::supervisor::{InstanceInfo, ScaledSlots, Settings, Supervisor, SupervisorError};
 use crate::traffic::TrafficSource;
+use crate::workflow::remediation::Remediation;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealerError {
@@ -51,6 +52,15 @@ pub enum HealerError {
     Notify(#[from] crate::notify::NotifyError),
     #[error("{0}")]
     Alerting(#[from] crate::alerting::AlertingError),
+    #[error("workflows: {0}")]
+    Workflows(#[from] crate::workflow::runner::RunnerError),
+    #[error("{0}")]
+    WorkflowFiles(String),
+}
+
+/// The configured workflow files' workflows.
+fn load_workflows(_config: &HealerConfig) -> Result<Vec<crate::workflow::Workflow>, HealerError> {
+    Ok(Vec::new())
 }
 
 /// The configured rule files and what became of their last load. Files are re-read when one changes
@@ -125,6 +135,9 @@ pub struct Healer {
     alert_secret: Option<vigil_core::config::Secrets>,
     standby_metrics: StandbyMetrics,
     rules: Arc<Mutex<Value>>,
+    remediation: Remediation,
+    hardware: watch::Sender<Option<vigil_hardware::HardwareHandle>>,
+    triggers_task: JoinHandle<()>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
     grace: Duration,
@@ -188,6 +201,18 @@ impl Healer {
         engine.seed_firing(firing);
         let notifier_task = notifier.spawn(stop_rx.clone());
         let actions = Actions::with_alerting(engine, Arc::new(supervisor.clone()), audit, alerting);
+        let remediation = Remediation::start(
+            load_workflows(config)?,
+            actions.audit().clone(),
+            Some(notifier.clone()),
+            supervisor.clone(),
+            actions.clone(),
+            alerts.clone(),
+            snapshots.clone(),
+            &config.healer.workflows,
+        )?;
+        let (hardware, hardware_rx) = watch::channel(None);
+        let triggers_task = remediation.spawn_triggers(hardware_rx, stop_rx.clone());
         let scaler = if scaled.is_empty() {
             None
         } else {
@@ -220,6 +245,9 @@ impl Healer {
             alert_secret: config.alerts_secret.clone(),
             standby_metrics,
             rules: status,
+            remediation,
+            hardware,
+            triggers_task,
             stop,
             task,
             grace: config.healer.stop_grace.0,
@@ -238,7 +266,24 @@ impl Healer {
         }
         self.alerts.metrics().register(&mut registry);
         self.notifier.metrics().register(&mut registry);
+        self.remediation.runner().metrics().register(&mut registry);
         Arc::new(registry)
+    }
+
+    /// Connects the hardware monitor: its events and device health start workflows, and `wait_for`
+    /// reads device health from it.
+    pub fn attach_hardware(&self, hardware: vigil_hardware::HardwareHandle) {
+        self.hardware.send_replace(Some(hardware));
+    }
+
+    /// Connects the broker's in-flight counts to the workflows' `drain` steps.
+    pub fn attach_inflight(&self, source: Arc<dyn crate::workflow::host::InflightSource>) {
+        self.remediation.attach_inflight(source);
+    }
+
+    /// The remediation workflows' runtime.
+    pub fn remediation(&self) -> &Remediation {
+        &self.remediation
     }
 
     /// Connects the broker's measurements of each service's load to the autoscaler.
@@ -259,6 +304,7 @@ impl Healer {
         });
         Api::new(control, snapshots, self.actions.audit().clone(), token)
             .with_alerts(self.alerts.clone(), self.alert_secret.clone())
+            .with_workflows(self.remediation.runner().clone())
     }
 
     /// `/api/v1/...`.
@@ -282,6 +328,7 @@ impl Healer {
             scaler: self.scaler.clone(),
             actions: self.actions.clone(),
             waking: Arc::new(Mutex::new(HashSet::new())),
+            held: self.remediation.held().clone(),
         }
     }
 
@@ -289,6 +336,7 @@ impl Healer {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        let _ = self.triggers_task.await;
         // The autoscaler ends before the instances stop, so that their stopping is never read as a
         // service that needs fewer of them (its saved counts must stay what they were under load).
         if let Some(task) = self.scaler_task {
@@ -439,6 +487,8 @@ pub struct HealerHandle {
     actions: Arc<Actions>,
     /// Services for which a demanded wake is under way: further demand until it ends adds nothing.
     waking: Arc<Mutex<HashSet<String>>>,
+    /// Instances a workflow's drain took out of routing.
+    held: crate::placement::Held,
 }
 
 impl HealerHandle {
@@ -448,6 +498,11 @@ impl HealerHandle {
 
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.supervisor.changes()
+    }
+
+    /// Whether the broker may route to `instance_id` when it is ready: no workflow drained it.
+    pub fn routable(&self, instance_id: &str) -> bool {
+        !self.held.held(instance_id)
     }
 
     /// Requests wait for `service` and none of its instances is ready: wake a hibernated one, unless one is

@@ -136,7 +136,11 @@ fn psi_avg10(p: Option<Psi>) -> Option<f64> {
 }
 
 /// The value of `metric` for this instance, if known.
-fn value(metric: Metric, inst: &InstanceSnapshot, signals: Option<&InstanceSignals>) -> Option<f64> {
+pub(super) fn value(
+    metric: Metric,
+    inst: &InstanceSnapshot,
+    signals: Option<&InstanceSignals>,
+) -> Option<f64> {
     let r = &inst.rates;
     match metric {
         Metric::CpuCores => Some(r.cpu_cores),

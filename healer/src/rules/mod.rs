@@ -255,6 +255,11 @@ impl Metric {
     }
 }
 
+/// The value of `metric` for `inst` from its snapshot alone (the broker's signals are not in it: `None`).
+pub fn metric_value(metric: Metric, inst: &vigil_core::snapshot::InstanceSnapshot) -> Option<f64> {
+    eval::value(metric, inst, None)
+}
+
 /// Bounds on a metric; every bound given must hold. A NaN value never holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Bounds {

@@ -60,7 +60,9 @@ mod cases;
 mod file;
 mod trigger;
 
+pub mod host;
 pub mod machine;
+pub mod remediation;
 pub mod runner;
 pub mod store;
 
