@@ -549,13 +549,15 @@ async fn act(
     Query(q): Query<Wait>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     api.authorize(&headers)?;
-    let action = Action::from_name(&action).filter(|a| *a != Action::Notify).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no action `{action}`; instances take hibernate, wake, restart, stop, start"),
-        )
-    })?;
+    let action = Action::from_name(&action)
+        .filter(|a| !matches!(a, Action::Notify | Action::Workflow))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no action `{action}`; instances take hibernate, wake, restart, stop, start"),
+            )
+        })?;
     let (status, body) = api.act(action, &id, q.wait.as_deref()).await?;
     Ok((status, Json(body)))
 }

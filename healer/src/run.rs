@@ -63,6 +63,20 @@ fn load_workflows(_config: &HealerConfig) -> Result<Vec<crate::workflow::Workflo
     Ok(Vec::new())
 }
 
+/// Every workflow a rule's `action: workflow` names is configured.
+fn rules_name_workflows(
+    rules: &[rules::Rule],
+    workflows: &[crate::workflow::Workflow],
+) -> Result<(), HealerError> {
+    let known: BTreeSet<&str> = workflows.iter().map(|w| &*w.name).collect();
+    let missing: Vec<String> = rules
+        .iter()
+        .filter_map(|r| r.workflow.as_ref().filter(|w| !known.contains(&***w)).map(|w| (r, w)))
+        .map(|(r, w)| format!("rule `{}` starts workflow `{w}`, which no workflow file declares", r.name))
+        .collect();
+    if missing.is_empty() { Ok(()) } else { Err(HealerError::WorkflowFiles(missing.join("; "))) }
+}
+
 /// The configured rule files and what became of their last load. Files are re-read when one changes
 /// (checked every few ticks by modification time); a file with mistakes leaves the last good rules in
 /// force, and its errors show in the log and in `GET /api/v1/rules`.
@@ -155,6 +169,8 @@ impl Healer {
         let mut rule_files = RuleFiles { config: config.clone(), stamps: Vec::new(), status: status.clone() };
         // At start-up a bad rule file is an error: there are no last good rules to fall back on.
         let rule_list = rule_files.load().map_err(HealerError::RuleFiles)?;
+        let workflows = load_workflows(config)?;
+        rules_name_workflows(&rule_list, &workflows)?;
         if rule_files.stamps.is_empty() {
             tracing::warn!("no rule files found; the healer decides nothing until rules are configured");
         }
@@ -202,7 +218,7 @@ impl Healer {
         let notifier_task = notifier.spawn(stop_rx.clone());
         let actions = Actions::with_alerting(engine, Arc::new(supervisor.clone()), audit, alerting);
         let remediation = Remediation::start(
-            load_workflows(config)?,
+            workflows,
             actions.audit().clone(),
             Some(notifier.clone()),
             supervisor.clone(),

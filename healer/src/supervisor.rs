@@ -495,6 +495,12 @@ impl crate::engine::Executor for Supervisor {
                         "notify is sent to the rule's receivers, not done to `{id}`"
                     )));
                 }
+                // Started by the workflow runtime (`crate::actions`), never asked of an instance.
+                Action::Workflow => {
+                    return Started::Finished(Err(format!(
+                        "a workflow is started by the workflow runtime, not done to `{id}`"
+                    )));
+                }
             };
             match self.request(id, request).await {
                 Ok(ticket) => {

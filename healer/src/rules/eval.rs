@@ -79,6 +79,8 @@ pub struct ProposedAction {
     pub inputs: Option<Arc<serde_json::Value>>,
     /// Who hears of the decision (the rule's receivers and labels; none for the API's and the broker's).
     pub notify: Arc<RuleNotify>,
+    /// The workflow an `action: workflow` starts.
+    pub workflow: Option<Arc<str>>,
 }
 
 /// A `notify` rule's alert whose conditions stopped holding (or whose instance vanished): it resolves.
@@ -294,6 +296,7 @@ impl Evaluator {
                     held_for: at.saturating_sub(since),
                     inputs: None,
                     notify: rule.notify.clone(),
+                    workflow: rule.workflow.clone(),
                 });
             }
             // An alert whose conditions no longer hold (or whose instance is gone) resolves.

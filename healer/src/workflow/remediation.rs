@@ -2,6 +2,7 @@
 //! drained instances ([`Held`]) rebuilt from the durable runs at start, and the trigger task that turns
 //! hardware events, device health and incoming alerts into runs ([`Triggers`]).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,11 +16,12 @@ use super::host::{HealthSource, HostPaths, HostSteps, InflightSource};
 use super::runner::{Limits, Runner, RunnerError, StartRequest};
 use super::{Health, StartRun, Triggers, Workflow};
 use crate::SnapshotReceiver;
-use crate::actions::Actions;
+use crate::actions::{Actions, WorkflowStarter};
 use crate::alerts::AlertStore;
 use crate::audit::AuditLog;
 use crate::notify::Notifier;
 use crate::placement::{self, Held};
+use crate::rules::ProposedAction;
 use crate::supervisor::Supervisor;
 
 /// How often device health and the incoming alerts are looked at for triggers.
@@ -71,6 +73,7 @@ impl Remediation {
         )?;
         let r = runner.clone();
         held.holding_by(Box::new(move |id| r.holds(id)));
+        actions.attach_workflows(Arc::new(runner.clone()));
         let resumed = runner.resume()?;
         if resumed > 0 {
             tracing::info!(runs = resumed, "workflow runs taken up where they were");
@@ -210,6 +213,28 @@ impl Remediation {
             Ok(Err(e)) => tracing::error!(workflow = %workflow, "workflow run not started: {e}"),
             Err(e) => tracing::error!(workflow = %workflow, "workflow start panicked: {e}"),
         }
+    }
+}
+
+/// `action: workflow` decisions: a run for the rule's instance, its `instance_id` and `service` the
+/// parameters (the rule's own cooldown spaces them).
+impl WorkflowStarter for Runner {
+    fn start(&self, p: &ProposedAction) -> Result<u64, String> {
+        let Some(workflow) = &p.workflow else { return Err("the rule names no workflow".into()) };
+        let params = BTreeMap::from([
+            ("instance_id".to_string(), p.instance_id.to_string()),
+            ("service".to_string(), p.service.to_string()),
+        ]);
+        let req = StartRequest {
+            workflow: workflow.to_string(),
+            params,
+            source: "rule".into(),
+            reason: format!("rule {} on {}", p.rule, p.instance_id),
+            dry_run: false,
+            cooldown_key: None,
+            device: None,
+        };
+        Runner::start(self, req).map(|run| run.id).map_err(|e| e.to_string())
     }
 }
 
