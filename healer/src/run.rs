@@ -532,11 +532,12 @@ impl HealerHandle {
         if let Some(s) = self.scaler.as_ref().filter(|s| s.scales_route(service)) {
             s.poke(service);
         }
+        // Instances a workflow drained or cordoned are not woken or started for traffic.
         let instances: Vec<(String, String, InstanceState)> = self
             .supervisor
             .states()
             .into_iter()
-            .filter(|(_, name, serves, _)| serves == service && !scaled(name))
+            .filter(|(id, name, serves, _)| serves == service && !scaled(name) && self.routable(id))
             .map(|(id, name, _, state)| (id, name, state))
             .collect();
         if instances.is_empty() {

@@ -15,6 +15,9 @@
 //! - `wait_for`: a device's health (from the hardware monitor), or a metric of every target instance from
 //!   the collector's snapshots, holding for the window without a break.
 //!
+//! A cordon on a device also takes the instances placed on it out of routing while it holds (and the broker
+//! does not wake them for demand).
+//!
 //! Targets: the step's `instance_id` or `service` (a glob), else the run's `instance_id`, else the
 //! instances placed on the run's resource (its `device` or `cpu`: see [`crate::placement`]).
 
@@ -440,11 +443,70 @@ impl StepRunner for HostSteps {
         })
     }
 
+    fn plan(&self, ctx: StepCtx, kind: StepKind) -> BoxFuture<'static, Result<Value, String>> {
+        let me = self.clone();
+        Box::pin(async move {
+            let mut plan = json!({ "dry_run": true, "would": kind.as_str(), "params": ctx.params });
+            let targets = match &kind {
+                StepKind::Restart(t) | StepKind::Stop(t) | StepKind::Hibernate(t) => Some(t.clone()),
+                StepKind::Drain { targets, .. } | StepKind::Evacuate { targets, .. } => Some(targets.clone()),
+                StepKind::WaitFor { condition: WaitCondition::Metric { targets, .. }, .. } => {
+                    Some(targets.clone())
+                }
+                _ => None,
+            };
+            if let Some(t) = targets {
+                // Which instances it would act on now; a mistake here is what the real run would meet.
+                let ids: Vec<String> =
+                    me.targets_off_runtime(&ctx, &t).await?.into_iter().map(|i| i.id).collect();
+                plan["instances"] = json!(ids);
+            }
+            match &kind {
+                StepKind::Run { command, .. } => {
+                    plan["command"] = json!(command.iter().map(|a| ctx.fill(a)).collect::<Vec<_>>());
+                }
+                StepKind::CpuOffline { cpu } | StepKind::CpuOnline { cpu } => {
+                    plan["cpu"] =
+                        json!(cpu.as_ref().map(|c| ctx.fill(c)).or_else(|| ctx.params.get("cpu").cloned()));
+                }
+                _ => {}
+            }
+            Ok(plan)
+        })
+    }
+
     fn changed(&self, cordons: &BTreeMap<String, Cordon>) {
         let cpus: BTreeSet<u32> = cordons.keys().filter_map(|r| placement::cpu_number(r)).collect();
         if self.supervisor.avoid_cpus().set(cpus.clone()) {
             let list = format_cpu_list(&cpus.iter().copied().collect::<Vec<_>>());
             tracing::info!(cpus = %list, "cordoned CPUs changed: instances started or woken from now on avoid them");
+        }
+        // The instances placed on a cordoned device leave routing while the cordon holds (the run that
+        // placed it holds them); reading their open files is work for a blocking thread.
+        let devices: Vec<(String, u64)> = cordons
+            .iter()
+            .filter(|(r, _)| placement::cpu_number(r).is_none())
+            .map(|(r, c)| (r.clone(), c.run_id))
+            .collect();
+        if !devices.is_empty()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let me = self.clone();
+            rt.spawn_blocking(move || {
+                for (device, run) in devices {
+                    match me.placed_on(&device, me.supervisor.instances()) {
+                        Ok(placed) => {
+                            for i in placed {
+                                me.held.hold(&i.id, run);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(device = %device, "cordoned, but its instances are unknown: {e}")
+                        }
+                    }
+                }
+                me.supervisor.nudge();
+            });
         }
         // Drained instances of runs that let go become routable again.
         self.supervisor.nudge();

@@ -95,6 +95,12 @@ impl StepCtx {
 pub trait StepRunner: Send + Sync + 'static {
     fn run(&self, ctx: StepCtx, kind: StepKind) -> BoxFuture<'static, Result<Value, String>>;
 
+    /// What the step would do, for a dry run: nothing may change. By default its kind and parameters.
+    fn plan(&self, ctx: StepCtx, kind: StepKind) -> BoxFuture<'static, Result<Value, String>> {
+        let plan = json!({ "dry_run": true, "would": kind.as_str(), "params": ctx.params });
+        Box::pin(async move { Ok(plan) })
+    }
+
     /// The cordons in force (after a change, after a run ended, and once at [`Runner::resume`]): what
     /// instances may use and what may be routed to may have changed. Must not block.
     fn changed(&self, _cordons: &BTreeMap<String, Cordon>) {}
@@ -824,9 +830,7 @@ async fn drive(inner: Arc<Inner>, live: Arc<Live>) {
                         continue;
                     }
                     let fut = if ctx.dry_run {
-                        let plan =
-                            json!({ "dry_run": true, "would": step.kind.as_str(), "params": ctx.params });
-                        Box::pin(async move { Ok(plan) }) as BoxFuture<'static, Result<Value, String>>
+                        inner.steps.plan(ctx, step.kind.clone())
                     } else {
                         inner.steps.run(ctx, step.kind.clone())
                     };
