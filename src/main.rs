@@ -19,6 +19,8 @@ use vigil_healer::run::Healer;
 use vigil_healer::traffic::{ConnectionTraffic, TrafficSource};
 use vigil_healer::workflow;
 
+mod workflows_ctl;
+
 #[derive(Parser)]
 #[command(
     name = "vigil",
@@ -121,10 +123,19 @@ enum CtlCommand {
         #[arg(value_parser = ["on", "off"])]
         mode: String,
     },
+    /// Remediation workflows: their runs, starting one, approving or cancelling one.
+    Workflows {
+        #[command(subcommand)]
+        command: workflows_ctl::WorkflowsCtl,
+    },
 }
 
 fn ctl_command(api: SocketAddr, token: Option<String>, command: CtlCommand) -> anyhow::Result<()> {
     let client = vigil_healer::client::Client::new(api, token);
+    let command = match command {
+        CtlCommand::Workflows { command } => return workflows_ctl::run(&client, command),
+        other => other,
+    };
     let mut body = String::new();
     if let CtlCommand::Scale { count, .. } = &command {
         body = match count.as_str() {
@@ -161,6 +172,8 @@ fn ctl_command(api: SocketAddr, token: Option<String>, command: CtlCommand) -> a
             ("GET", format!("/api/v1/alerts{query}"))
         }
         CtlCommand::DryRun { mode } => ("POST", format!("/api/v1/dry-run?enabled={}", mode == "on")),
+        // Answered above, by workflows_ctl.
+        CtlCommand::Workflows { .. } => return Ok(()),
     };
     let mut answer = client.call_with(method, &path, &body)?;
     // An action still running after the API's wait: follow it until it ends.
@@ -453,6 +466,7 @@ async fn run_collector(config: Config, parts: Parts) -> anyhow::Result<()> {
             if let Some(b) = &mut broker {
                 b.attach(Arc::new(h.handle()));
                 h.attach_load(b.hub().load.clone());
+                h.attach_inflight(b.hub().clone());
             }
             Some(h)
         }

@@ -1,126 +1,231 @@
-//! The shipped workflow files (`workflows/`) are valid with the embedded defaults (no receivers
-//! configured), pass their own test cases, and `vigil workflows check|test` says so; a mistake makes the
-//! command fail with the located line.
+//! Remediation workflows end to end through `vigil up`, on this host's real CPUs and processes:
+//! - a run cordons CPU 1, drains and evacuates the instance on it (the kernel's own affinity of its process
+//!   loses CPU 1), runs a command with the run's parameters, waits for a person (`vigil ctl workflows
+//!   approve`), uncordons; every step is audited; a restart after the uncordon gets every CPU back;
+//! - Vigil killed (SIGKILL) in the middle of a step that is not idempotent: after the restart the run waits
+//!   for a person, saying why, and runs the step again only once approved; an idempotent step is simply run
+//!   again;
+//! - `cpu_offline` takes CPU 1 offline for real and `cpu_online` brings it back (a guard puts it back
+//!   whatever happens);
+//! - a dry run shows the plan and changes nothing.
+//!
+//! Needs root (cgroups, CPU hotplug) and at least two online CPUs.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod support;
 
-use vigil_healer::config::HealerConfig;
-use vigil_healer::workflow::run_tests;
+use std::path::Path;
+use std::time::Duration;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+use serde_json::{Value, json};
+use support::{CgroupParent, Scratch, Vigil, free_ports, wait_for};
+
+/// The kernel's CPU affinity of `pid`, as its cpu list.
+fn cpus_allowed(pid: u64) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process runs");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_string())
+        .expect("Cpus_allowed_list")
 }
 
-/// `vigil ARGS...` run from the repository root, as the README's commands are.
-fn vigil(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run vigil: {e}"))
+fn online_cpus() -> String {
+    std::fs::read_to_string("/sys/devices/system/cpu/online").expect("online cpus").trim().to_string()
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+/// Puts CPU 1 back online when dropped, whatever the test did.
+struct CpuBack;
 
-#[test]
-fn shipped_workflow_files_load_with_the_defaults_and_pass_their_own_tests() {
-    // What `vigil up` loads with its embedded defaults, run from the repository root.
-    let config = HealerConfig { workflows: vec![root().join("workflows")], ..HealerConfig::default() };
-    assert!(config.receivers.is_empty(), "the defaults configure no receiver");
-    let sets = config.load_workflows().unwrap_or_else(|e| panic!("{e}"));
-    let files: Vec<String> =
-        sets.iter().map(|s| Path::new(&s.file).file_name().unwrap().to_string_lossy().into_owned()).collect();
-    assert_eq!(files, ["cpu.yaml", "disk-errors.yaml", "memory-errors.yaml"]);
-    let mut failures = Vec::new();
-    for set in &sets {
-        assert!(!set.workflows.is_empty(), "{} has no workflows", set.file);
-        assert!(!set.tests.is_empty(), "{} has no test cases", set.file);
-        for w in &set.workflows {
-            assert!(
-                set.tests.iter().any(|t| t.expect.iter().any(|x| x.workflow == w.name)),
-                "no test case of {} expects a run of {}",
-                set.file,
-                w.name
-            );
-        }
-        for outcome in run_tests(set) {
-            if let Some(why) = outcome.failure {
-                failures.push(format!("{}: {}:\n{why}", outcome.file, outcome.name));
-            }
-        }
+impl Drop for CpuBack {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/sys/devices/system/cpu/cpu1/online", "1");
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
-#[test]
-fn vigil_workflows_check_and_test_pass_on_the_shipped_directory() {
-    let checked = vigil(&["workflows", "check", "workflows/"]);
-    assert!(checked.status.success(), "{}{}", text(&checked.stdout), text(&checked.stderr));
-    assert_eq!(
-        text(&checked.stdout),
-        "ok: workflows/cpu.yaml (2 workflows)\n\
-         ok: workflows/disk-errors.yaml (1 workflows)\n\
-         ok: workflows/memory-errors.yaml (2 workflows)\n"
-    );
-    // With no files: the config's `workflows:`, here the embedded default `workflows/`.
-    let by_default = vigil(&["workflows", "check"]);
-    assert!(by_default.status.success(), "{}", text(&by_default.stderr));
-    assert_eq!(text(&by_default.stdout), text(&checked.stdout));
-
-    let tested = vigil(&["workflows", "test", "workflows/"]);
-    let out = text(&tested.stdout);
-    assert!(tested.status.success(), "{out}{}", text(&tested.stderr));
-    assert!(out.lines().all(|l| l.starts_with("ok: workflows/")), "{out}");
-    assert!(
-        out.contains(
-            "ok: workflows/disk-errors.yaml: three I/O errors within a minute start one run for that disk\n"
+fn config(
+    scratch: &Scratch,
+    parent: &CgroupParent,
+    api: u16,
+    app: u16,
+    workflows: &Path,
+) -> std::path::PathBuf {
+    scratch.write(
+        "vigil.yaml",
+        &format!(
+            "data_dir: {data}\nhttp: {{ listen: \"127.0.0.1:{api}\" }}\nrules: []\nworkflows: [{wf}]\nhealer: {{ cgroup_parent: {parent}, stop_grace: 2s }}\ncollector: {{ watch: {{ managed_root: {parent} }} }}\nbroker: {{ enabled: false }}\nhardware: {{ enabled: false }}\nservices:\n  - name: echo\n    command: [python3, -m, http.server, --bind, 127.0.0.1, \"{{port}}\"]\n    port: {app}\n    readiness: {{ tcp: true }}\n",
+            data = scratch.path("data").display(),
+            wf = workflows.display(),
         ),
-        "{out}"
-    );
+    )
+}
+
+fn run_of(vigil: &Vigil, id: u64) -> Value {
+    vigil.get(&format!("/api/v1/workflows/runs/{id}")).expect("the run")
+}
+
+fn step<'a>(run: &'a Value, name: &str) -> &'a Value {
+    run["steps"].as_array().and_then(|s| s.iter().find(|s| s["name"] == name)).expect("the step")
+}
+
+/// Waits until run `id` is in `state`; panics with the run when it ended otherwise.
+fn wait_run(vigil: &mut Vigil, id: u64, state: &str) -> Value {
+    wait_for(&format!("run {id} to be {state}"), Duration::from_secs(60), || {
+        vigil.proc.assert_running();
+        let run = run_of(vigil, id);
+        let now = run["state"].as_str().unwrap_or("?").to_string();
+        if now != state && matches!(now.as_str(), "succeeded" | "failed" | "cancelled") {
+            panic!("run {id} ended {now}, not {state}: {run:#}");
+        }
+        (now == state).then_some(run)
+    })
+}
+
+fn start(vigil: &Vigil, workflow: &str, body: Value) -> u64 {
+    let run = vigil
+        .client
+        .call_with("POST", &format!("/api/v1/workflows/{workflow}/run"), &body.to_string())
+        .expect("the run starts");
+    run["id"].as_u64().expect("an id")
+}
+
+fn ctl(api: u16, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["ctl", "--api", &format!("127.0.0.1:{api}")])
+        .args(args)
+        .output()
+        .expect("vigil ctl runs");
+    (
+        out.status.success(),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
 }
 
 #[test]
-fn vigil_workflows_fails_on_a_mistake_or_a_failing_case() {
-    let dir = std::env::temp_dir().join(format!("vigil-workflows-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let bad: PathBuf = dir.join("bad.yaml");
-    std::fs::write(
-        &bad,
-        "workflows:\n  - name: w\n    trigger: { manual: true }\n    steps:\n      - { name: a, approve: {}, after: [b] }\n",
-    )
-    .unwrap();
-    let failing = dir.join("failing.yaml");
-    std::fs::write(
-        &failing,
-        "workflows:\n  - name: w2\n    trigger: { hardware: { kind: io_error } }\n    steps:\n      - { name: a, approve: {} }\n\
-         tests:\n  - name: expects nothing\n    events: [ { at: 0s, device: sda, kind: io_error } ]\n",
-    )
-    .unwrap();
-    let (bad_s, failing_s) = (bad.display().to_string(), failing.display().to_string());
-
-    let checked = vigil(&["workflows", "check", &bad_s, &failing_s]);
-    assert!(!checked.status.success());
-    assert_eq!(text(&checked.stdout), format!("ok: {failing_s} (1 workflows)\n"));
-    assert_eq!(
-        text(&checked.stderr),
-        format!(
-            "{bad_s}:5:41: workflows[0].steps[0].after[0]: no step is named `b` in this workflow; its steps: a\n\
-             vigil: 1 failed\n"
-        )
+fn a_run_moves_an_instance_off_a_cpu_waits_for_a_person_and_gives_the_cpu_back() {
+    assert!(online_cpus() != "0", "this test needs at least two online CPUs, the host has {}", online_cpus());
+    let scratch = Scratch::new("workflows-cpu");
+    let base = free_ports(2);
+    let (api, app) = (base, base + 1);
+    let parent = CgroupParent::new("workflows-cpu");
+    let marker = scratch.path("marker");
+    let wf = scratch.write(
+        "wf.yaml",
+        &format!(
+            "workflows:\n  - name: move-off-cpu\n    trigger: {{ manual: true }}\n    steps:\n      - {{ name: cordon, cordon: {{}} }}\n      - {{ name: drain, drain: {{ timeout: 5s }}, after: [cordon] }}\n      - {{ name: move, evacuate: {{}}, after: [drain] }}\n      - {{ name: fix, run: {{ command: [sh, -c, \"echo fixed cpu {{cpu}} in run {{run_id}} > {marker}\"], timeout: 10s }}, after: [move] }}\n      - {{ name: ok, approve: {{}}, after: [fix] }}\n      - {{ name: back, uncordon: {{}}, after: [ok] }}\n",
+            marker = marker.display()
+        ),
     );
+    let config = config(&scratch, &parent, api, app, &wf);
+    let mut vigil = Vigil::up(&scratch.0, "vigil", &config, ([127, 0, 0, 1], api).into(), None);
+    let pid = vigil.active_pids("echo-0", Duration::from_secs(60))[0];
+    assert_eq!(cpus_allowed(pid), online_cpus(), "an active instance may use every CPU");
 
-    let tested = vigil(&["workflows", "test", &failing_s]);
-    assert!(!tested.status.success());
-    assert_eq!(
-        text(&tested.stdout),
+    let id = start(&vigil, "move-off-cpu", json!({"cpu": "1", "reason": "test"}));
+    let run = wait_run(&mut vigil, id, "waiting");
+    for name in ["cordon", "drain", "move", "fix"] {
+        assert_eq!(step(&run, name)["state"], "succeeded", "{name}: {run:#}");
+    }
+    assert_eq!(step(&run, "ok")["state"], "waiting");
+    assert_eq!(step(&run, "move")["output"]["moved"][0]["instance_id"], "echo-0", "{run:#}");
+    // The kernel's own view: the instance's process may no longer run on CPU 1.
+    assert!(!cpus_allowed(pid).split(',').any(|p| p == "1" || p.ends_with("-1")), "{}", cpus_allowed(pid));
+    assert_eq!(std::fs::read_to_string(&marker).unwrap().trim(), format!("fixed cpu 1 in run {id}"));
+    let listed = vigil.get("/api/v1/workflows").unwrap();
+    assert_eq!(listed["cordons"]["cpu1"]["run_id"], id, "{listed:#}");
+    let (ok, table) = ctl(api, &["workflows", "list"]);
+    assert!(ok && table.contains("move-off-cpu") && table.contains("cpu1"), "{table}");
+
+    let (ok, out) = ctl(api, &["workflows", "approve", &id.to_string()]);
+    assert!(ok, "{out}");
+    let run = wait_run(&mut vigil, id, "succeeded");
+    assert_eq!(step(&run, "back")["state"], "succeeded");
+    assert_eq!(vigil.get("/api/v1/workflows").unwrap()["cordons"], json!({}));
+    // Every step is a decision of rule workflow:NAME, with the run and the step.
+    for kind in ["cordon", "drain", "evacuate", "run", "approve", "uncordon"] {
+        let d = vigil.decision(|d| d["rule"] == "workflow:move-off-cpu" && d["action"] == kind);
+        let d = d.unwrap_or_else(|| panic!("no audited {kind} step"));
+        assert_eq!(d["inputs"]["run_id"], id, "{d}");
+    }
+    // The CPU is not cordoned any more: a restart gets every CPU again.
+    vigil.client.call("POST", "/api/v1/instances/echo-0/restart?wait=60s").expect("restart");
+    let pid = vigil.active_pids("echo-0", Duration::from_secs(60))[0];
+    assert_eq!(cpus_allowed(pid), online_cpus());
+}
+
+#[test]
+fn a_killed_vigil_resumes_its_runs_and_repeats_a_step_only_if_it_may() {
+    let scratch = Scratch::new("workflows-kill");
+    let base = free_ports(2);
+    let (api, app) = (base, base + 1);
+    let parent = CgroupParent::new("workflows-kill");
+    let (once, twice) = (scratch.path("once"), scratch.path("twice"));
+    // Each command counts its starts in a file, and takes long the first time only.
+    let counting = |file: &Path| {
         format!(
-            "FAILED: {failing_s}: expects nothing\nstarted but not expected: at 0s w2 {{device=sda, kind=io_error}} \
-             (io_error on sda)\n"
+            "[sh, -c, \"echo x >> {f}; if [ $(wc -l < {f}) -gt 1 ]; then exit 0; fi; sleep 60\"]",
+            f = file.display()
         )
+    };
+    let wf = scratch.write(
+        "wf.yaml",
+        &format!(
+            "workflows:\n  - name: fragile\n    steps:\n      - {{ name: fix, run: {{ command: {a}, timeout: 2m, idempotent: false }} }}\n  - name: sturdy\n    steps:\n      - {{ name: fix, run: {{ command: {b}, timeout: 2m, idempotent: true }} }}\n",
+            a = counting(&once),
+            b = counting(&twice)
+        ),
     );
-    std::fs::remove_dir_all(&dir).unwrap();
+    let config = config(&scratch, &parent, api, app, &wf);
+    let mut vigil = Vigil::up(&scratch.0, "vigil", &config, ([127, 0, 0, 1], api).into(), None);
+    let fragile = start(&vigil, "fragile", json!({}));
+    let sturdy = start(&vigil, "sturdy", json!({}));
+    wait_for("both commands started", Duration::from_secs(30), || {
+        let n = |f: &Path| std::fs::read_to_string(f).map(|t| t.lines().count()).unwrap_or(0);
+        (n(&once) == 1 && n(&twice) == 1).then_some(())
+    });
+    vigil.proc.kill();
+
+    let mut vigil = Vigil::up(&scratch.0, "vigil-again", &config, ([127, 0, 0, 1], api).into(), None);
+    // The idempotent step ran again by itself and the run ended.
+    let run = wait_run(&mut vigil, sturdy, "succeeded");
+    assert_eq!(std::fs::read_to_string(&twice).unwrap().lines().count(), 2, "{run:#}");
+    // The other waits for a person, saying why, and has not run the command again.
+    let run = wait_run(&mut vigil, fragile, "waiting");
+    let fix = step(&run, "fix");
+    assert_eq!(fix["state"], "interrupted", "{run:#}");
+    let why = run["message"].as_str().unwrap_or_default();
+    assert!(why.contains("\"fix\" ran; it is not idempotent"), "{why}");
+    assert_eq!(std::fs::read_to_string(&once).unwrap().lines().count(), 1);
+    vigil.client.call("POST", &format!("/api/v1/workflows/runs/{fragile}/approve")).expect("approve");
+    wait_run(&mut vigil, fragile, "succeeded");
+    assert_eq!(std::fs::read_to_string(&once).unwrap().lines().count(), 2);
+}
+
+#[test]
+fn cpu_offline_and_online_switch_a_real_cpu_and_a_dry_run_switches_nothing() {
+    assert!(online_cpus() != "0", "this test needs at least two online CPUs, the host has {}", online_cpus());
+    let _back = CpuBack;
+    let scratch = Scratch::new("workflows-hotplug");
+    let base = free_ports(2);
+    let (api, app) = (base, base + 1);
+    let parent = CgroupParent::new("workflows-hotplug");
+    let wf = scratch.write(
+        "wf.yaml",
+        "workflows:\n  - name: cpu-off\n    steps:\n      - { name: off, cpu_offline: {} }\n      - { name: ok, approve: { message: \"CPU {cpu} is offline\" }, after: [off] }\n      - { name: on, cpu_online: {}, after: [ok] }\n",
+    );
+    let config = config(&scratch, &parent, api, app, &wf);
+    let mut vigil = Vigil::up(&scratch.0, "vigil", &config, ([127, 0, 0, 1], api).into(), None);
+    let before = online_cpus();
+
+    let plan = start(&vigil, "cpu-off", json!({"cpu": 1, "dry_run": true}));
+    let run = wait_run(&mut vigil, plan, "succeeded");
+    assert_eq!(step(&run, "off")["output"]["would"], "cpu_offline", "{run:#}");
+    assert_eq!(online_cpus(), before, "a dry run changes nothing");
+
+    let id = start(&vigil, "cpu-off", json!({"cpu": 1}));
+    let run = wait_run(&mut vigil, id, "waiting");
+    assert_eq!(step(&run, "off")["output"]["online"], false, "{run:#}");
+    assert_eq!(std::fs::read_to_string("/sys/devices/system/cpu/cpu1/online").unwrap().trim(), "0");
+    vigil.client.call("POST", &format!("/api/v1/workflows/runs/{id}/approve")).expect("approve");
+    wait_run(&mut vigil, id, "succeeded");
+    assert_eq!(online_cpus(), before);
 }

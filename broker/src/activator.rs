@@ -1,5 +1,6 @@
-//! The healer as the broker's activator: managed instances become HTTP endpoints (ready while active), a
-//! change of any instance's state reaches the broker at once, and demand for a service wakes an instance.
+//! The healer as the broker's activator: managed instances become HTTP endpoints (ready while active and
+//! not drained by a workflow), a change of any instance's state reaches the broker at once, and demand for
+//! a service wakes an instance.
 
 use std::net::SocketAddr;
 
@@ -20,7 +21,8 @@ impl Activator for HealerHandle {
             .map(|i| ManagedEndpoint {
                 version: i.version,
                 address: SocketAddr::from(([127, 0, 0, 1], i.port)),
-                ready: i.state == InstanceState::Active,
+                // A workflow's drain takes an instance out of routing while it stays up.
+                ready: i.state == InstanceState::Active && self.routable(&i.id),
                 state: i.state.as_str(),
                 service: i.serves,
                 instance_id: i.id,

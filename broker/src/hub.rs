@@ -140,6 +140,13 @@ pub struct Hub<U: Upstream> {
     pub metrics: BrokerMetrics,
 }
 
+/// The requests at each instance, for the workflows' `drain` steps.
+impl<U: Upstream> vigil_healer::workflow::host::InflightSource for Hub<U> {
+    fn inflight(&self, instance_id: &str) -> Option<u32> {
+        lock(&self.balancer).inflight(instance_id)
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Plain data behind every lock here; a panic elsewhere leaves it usable.
     m.lock().unwrap_or_else(|e| e.into_inner())

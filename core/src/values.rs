@@ -170,6 +170,27 @@ pub fn parse_cpu_list(list: &str) -> Result<Vec<u32>, ValueError> {
     Ok(cpus)
 }
 
+/// Writes CPU numbers as a kernel cpu list, ranges folded: `[0, 1, 2, 5]` → `"0-2,5"`. Unsorted or repeated
+/// numbers are sorted and counted once.
+pub fn format_cpu_list(cpus: &[u32]) -> String {
+    let mut sorted = cpus.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let first = sorted[i];
+        let mut last = first;
+        while i + 1 < sorted.len() && sorted[i + 1] == last + 1 {
+            i += 1;
+            last = sorted[i];
+        }
+        parts.push(if first == last { first.to_string() } else { format!("{first}-{last}") });
+        i += 1;
+    }
+    parts.join(",")
+}
+
 /// A socket address to listen on or connect to, `ip:port`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Addr(pub SocketAddr);
@@ -443,6 +464,17 @@ mod tests {
             Err("t.yaml:1:4: v: 65 is not a CPU quota in (0, 64] cores".into())
         );
         assert!(CpuQuota::new(f64::NAN).is_err());
+    }
+
+    #[test]
+    fn cpu_lists_are_written_with_ranges_folded() {
+        assert_eq!(format_cpu_list(&[5, 0, 1, 2, 2]), "0-2,5");
+        assert_eq!(format_cpu_list(&[3]), "3");
+        assert_eq!(format_cpu_list(&[]), "");
+        assert_eq!(format_cpu_list(&[0, 2, 4]), "0,2,4");
+        for list in ["0-3,5", "1", "0,2-7,9-10"] {
+            assert_eq!(format_cpu_list(&parse_cpu_list(list).unwrap()), list);
+        }
     }
 
     #[test]

@@ -75,6 +75,14 @@ pub struct Actions {
     recorded: broadcast::Sender<Recorded>,
     /// Where decisions' notifications go (`notify.receivers`); without it decisions are only audited.
     alerting: Option<Arc<Alerting>>,
+    /// What `action: workflow` decisions start runs with, once attached.
+    workflows: std::sync::OnceLock<Arc<dyn WorkflowStarter>>,
+}
+
+/// Starts the workflow an `action: workflow` proposal names, for its instance; answers the run's id or why
+/// not. May block on the state database: called off the async workers.
+pub trait WorkflowStarter: Send + Sync + 'static {
+    fn start(&self, p: &ProposedAction) -> Result<u64, String>;
 }
 
 use vigil_core::time::unix_ms;
@@ -90,6 +98,7 @@ impl Actions {
             ledger: Mutex::new((0, BTreeMap::new())),
             recorded: broadcast::channel(BROADCAST_BUFFER).0,
             alerting: None,
+            workflows: std::sync::OnceLock::new(),
         })
     }
 
@@ -107,6 +116,11 @@ impl Actions {
 
     pub fn alerting(&self) -> Option<&Arc<Alerting>> {
         self.alerting.as_ref()
+    }
+
+    /// Connects `action: workflow` decisions to the workflow runtime (once).
+    pub fn attach_workflows(&self, starter: Arc<dyn WorkflowStarter>) {
+        let _ = self.workflows.set(starter);
     }
 
     /// Every record appended to the audit log from now on, after it is durable. A subscriber that falls
@@ -159,6 +173,7 @@ impl Actions {
             held_for: Duration::ZERO,
             inputs: None,
             notify: Arc::default(),
+            workflow: None,
         }
     }
 
@@ -179,7 +194,7 @@ impl Actions {
 
     /// Decides `p` and, when the gate admits it, hands it to the executor. Returns once the executor has
     /// taken or refused it; the outcome of a taken action is recorded when it ends.
-    pub async fn submit(self: &Arc<Self>, p: ProposedAction) -> Submitted {
+    pub async fn submit(self: &Arc<Self>, mut p: ProposedAction) -> Submitted {
         let (tx, rx) = watch::channel(None);
         let id = {
             let mut ledger = self.ledger();
@@ -208,6 +223,24 @@ impl Actions {
         // A notification is not done to the instance: it is the decision itself, sent with its record.
         if p.action == Action::Notify {
             self.finish(id, &p, now, outcome_of(Ok(()))).await;
+            return submitted;
+        }
+        // Nor is a workflow: the decision starts a run, whose steps are audited as they end.
+        if p.action == Action::Workflow {
+            let result = match self.workflows.get().cloned() {
+                None => Err("no workflow runtime runs here".to_string()),
+                Some(starter) => {
+                    let proposal = p.clone();
+                    tokio::task::spawn_blocking(move || starter.start(&proposal))
+                        .await
+                        .unwrap_or_else(|e| Err(format!("starting the workflow panicked: {e}")))
+                }
+            };
+            let name = p.workflow.as_deref().unwrap_or_default().to_string();
+            let result = result.map(|run_id| {
+                p.inputs = Some(Arc::new(serde_json::json!({ "workflow": name, "run_id": run_id })));
+            });
+            self.finish(id, &p, now, outcome_of(result)).await;
             return submitted;
         }
         match self.executor.start(p.action, &p.service, &p.instance_id).await {

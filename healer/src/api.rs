@@ -35,6 +35,8 @@ use crate::engine::BoxFuture;
 use crate::rules::{Action, InstanceState};
 pub use alerts_http::Filter as AlertFilter;
 
+pub mod workflows_http;
+
 /// A Vigil-managed instance as its owner (the supervisor) sees it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ManagedInstance {
@@ -141,6 +143,8 @@ pub struct Api {
     alerts: Arc<AlertStore>,
     /// `alerts.secret`: when set, incoming alerts must be signed (Standard Webhooks).
     alert_secret: Option<vigil_core::config::Secrets>,
+    /// The remediation workflows' runtime (`/api/v1/workflows`).
+    workflows: Option<crate::workflow::runner::Runner>,
 }
 
 /// The state of an instance Vigil did not start: it is seen, not run, so none of the managed lifecycle
@@ -254,6 +258,7 @@ impl Api {
             layout,
             alerts: Arc::new(AlertStore::in_memory()),
             alert_secret: None,
+            workflows: None,
         })
     }
 
@@ -544,13 +549,15 @@ async fn act(
     Query(q): Query<Wait>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     api.authorize(&headers)?;
-    let action = Action::from_name(&action).filter(|a| *a != Action::Notify).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no action `{action}`; instances take hibernate, wake, restart, stop, start"),
-        )
-    })?;
+    let action = Action::from_name(&action)
+        .filter(|a| !matches!(a, Action::Notify | Action::Workflow))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no action `{action}`; instances take hibernate, wake, restart, stop, start"),
+            )
+        })?;
     let (status, body) = api.act(action, &id, q.wait.as_deref()).await?;
     Ok((status, Json(body)))
 }
@@ -664,6 +671,10 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/rules", get(rules))
         .route("/api/v1/dry-run", post(dry_run))
         .route("/api/v1/alerts", get(list_alerts).post(post_alerts))
+        .route("/api/v1/workflows", get(workflows_http::list))
+        .route("/api/v1/workflows/{name}/run", post(workflows_http::run))
+        .route("/api/v1/workflows/runs/{id}", get(workflows_http::get_run))
+        .route("/api/v1/workflows/runs/{id}/{action}", post(workflows_http::decide))
         .route("/api/v1/{*rest}", get(not_found).post(not_found))
         .with_state(api)
 }

@@ -179,12 +179,14 @@ impl Engine {
         }
         // A notification changes nothing on the instance, so an action under way does not stand in its
         // way. A busy instance is refused before anything is counted.
-        if p.action != Action::Notify && fleet.busy(&p.instance_id) {
+        if !matches!(p.action, Action::Notify | Action::Workflow) && fleet.busy(&p.instance_id) {
             return Err(Outcome::Refused { reason: Refusal::InProgress });
         }
         // A notification is not an action on an instance: it spends none of the budget that keeps
         // Vigil from doing too much to the host at once (receivers and Alertmanager do their own grouping).
-        if p.action == Action::Notify {
+        // Nor is starting a workflow: each of its steps that acts passes this gate itself, and the
+        // workflows have their own storm limits.
+        if matches!(p.action, Action::Notify | Action::Workflow) {
             return Ok(());
         }
         if p.action == Action::Hibernate

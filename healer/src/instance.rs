@@ -131,6 +131,11 @@ impl Board {
         self.changes.subscribe()
     }
 
+    /// Announces a change that is not in the views (what the broker may route to changed).
+    pub fn nudge(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     fn insert(&self, id: &str, view: View) {
         self.lock().insert(id.to_string(), view);
     }
@@ -166,6 +171,8 @@ pub struct Context {
     /// Readiness after a start or a wake must pass within this long.
     pub ready_timeout: Duration,
     pub board: Arc<Board>,
+    /// CPUs cordoned by workflows: instances starting, restored or woken get every other online CPU.
+    pub avoid: crate::placement::AvoidCpus,
 }
 
 /// A request to an instance's task. `ack` is answered at once; `done` once the instance settles after an
@@ -420,9 +427,10 @@ impl InstanceTask {
                 // Created again (idempotent) in case someone removed it, and reset: a crash may have left
                 // it frozen or squeezed.
                 let (driver, service, instance) = (ctx.driver.clone(), spec.name.clone(), id.clone());
+                let avoid = ctx.avoid.clone();
                 let prepared = blocking(move || {
                     let cg = driver.create(&service, &instance).map_err(|e| e.to_string())?;
-                    reset_cgroup(driver.as_ref(), &cg)?;
+                    reset_cgroup(driver.as_ref(), &cg, &avoid.active_limit())?;
                     Ok(cg)
                 })
                 .await;
@@ -471,8 +479,9 @@ impl InstanceTask {
                 Box::pin(async move {
                     let memory = ctx.memory.clone();
                     let driver = ctx.driver.clone();
+                    let avoid = ctx.avoid.clone();
                     let report = match blocking(move || {
-                        standby::wake_with(driver.as_ref(), memory.as_ref(), &cg, &ws)
+                        standby::wake_with(driver.as_ref(), memory.as_ref(), &cg, &ws, &avoid.active_limit())
                             .map_err(|e| e.to_string())
                     })
                     .await
@@ -490,7 +499,9 @@ impl InstanceTask {
                 })
             }
             Op::Restore => Box::pin(async move {
-                match blocking(move || reset_cgroup(ctx.driver.as_ref(), &cg)).await {
+                match blocking(move || reset_cgroup(ctx.driver.as_ref(), &cg, &ctx.avoid.active_limit()))
+                    .await
+                {
                     Ok(()) => Done::Plain(Event::Restored),
                     Err(e) => Done::Plain(Event::RestoreFailed(format!("restoring `{id}`: {e}"))),
                 }
@@ -528,10 +539,11 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(format!("the worker panicked: {e}")))
 }
 
-/// Thaws the instance and lifts its CPU limits: what a restore, and every start, begins with.
-fn reset_cgroup(driver: &dyn CgroupDriver, cg: &InstanceCgroup) -> Result<(), String> {
+/// Thaws the instance and lifts its CPU limits to `active` (no limit, or every CPU but the cordoned ones):
+/// what a restore, and every start, begins with.
+fn reset_cgroup(driver: &dyn CgroupDriver, cg: &InstanceCgroup, active: &CpuLimit) -> Result<(), String> {
     driver.set_frozen(cg, false).map_err(|e| e.to_string())?;
-    driver.set_cpu(cg, &CpuLimit::unlimited()).map_err(|e| e.to_string())
+    driver.set_cpu(cg, active).map_err(|e| e.to_string())
 }
 
 /// Waits (bounded) until no established connection to `port` is left.

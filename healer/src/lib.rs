@@ -18,6 +18,7 @@ pub mod lifecycle;
 mod located;
 pub mod metrics;
 pub mod notify;
+pub mod placement;
 pub mod rules;
 pub mod run;
 pub mod service;

@@ -30,6 +30,7 @@ use crate::metrics::StandbyMetrics;
 use crate::rules::{self, Action, Evaluator, InstanceState, Signals};
 use crate::supervisor::{InstanceInfo, ScaledSlots, Settings, Supervisor, SupervisorError};
 use crate::traffic::TrafficSource;
+use crate::workflow::remediation::Remediation;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealerError {
@@ -51,6 +52,29 @@ pub enum HealerError {
     Notify(#[from] crate::notify::NotifyError),
     #[error("{0}")]
     Alerting(#[from] crate::alerting::AlertingError),
+    #[error("workflows: {0}")]
+    Workflows(#[from] crate::workflow::runner::RunnerError),
+    #[error("{0}")]
+    WorkflowFiles(String),
+}
+
+/// The configured workflow files' workflows.
+fn load_workflows(_config: &HealerConfig) -> Result<Vec<crate::workflow::Workflow>, HealerError> {
+    Ok(Vec::new())
+}
+
+/// Every workflow a rule's `action: workflow` names is configured.
+fn rules_name_workflows(
+    rules: &[rules::Rule],
+    workflows: &[crate::workflow::Workflow],
+) -> Result<(), HealerError> {
+    let known: BTreeSet<&str> = workflows.iter().map(|w| &*w.name).collect();
+    let missing: Vec<String> = rules
+        .iter()
+        .filter_map(|r| r.workflow.as_ref().filter(|w| !known.contains(&***w)).map(|w| (r, w)))
+        .map(|(r, w)| format!("rule `{}` starts workflow `{w}`, which no workflow file declares", r.name))
+        .collect();
+    if missing.is_empty() { Ok(()) } else { Err(HealerError::WorkflowFiles(missing.join("; "))) }
 }
 
 /// The configured rule files and what became of their last load. Files are re-read when one changes
@@ -125,6 +149,9 @@ pub struct Healer {
     alert_secret: Option<vigil_core::config::Secrets>,
     standby_metrics: StandbyMetrics,
     rules: Arc<Mutex<Value>>,
+    remediation: Remediation,
+    hardware: watch::Sender<Option<vigil_hardware::HardwareHandle>>,
+    triggers_task: JoinHandle<()>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
     grace: Duration,
@@ -142,6 +169,8 @@ impl Healer {
         let mut rule_files = RuleFiles { config: config.clone(), stamps: Vec::new(), status: status.clone() };
         // At start-up a bad rule file is an error: there are no last good rules to fall back on.
         let rule_list = rule_files.load().map_err(HealerError::RuleFiles)?;
+        let workflows = load_workflows(config)?;
+        rules_name_workflows(&rule_list, &workflows)?;
         if rule_files.stamps.is_empty() {
             tracing::warn!("no rule files found; the healer decides nothing until rules are configured");
         }
@@ -188,6 +217,18 @@ impl Healer {
         engine.seed_firing(firing);
         let notifier_task = notifier.spawn(stop_rx.clone());
         let actions = Actions::with_alerting(engine, Arc::new(supervisor.clone()), audit, alerting);
+        let remediation = Remediation::start(
+            workflows,
+            actions.audit().clone(),
+            Some(notifier.clone()),
+            supervisor.clone(),
+            actions.clone(),
+            alerts.clone(),
+            snapshots.clone(),
+            &config.healer.workflows,
+        )?;
+        let (hardware, hardware_rx) = watch::channel(None);
+        let triggers_task = remediation.spawn_triggers(hardware_rx, stop_rx.clone());
         let scaler = if scaled.is_empty() {
             None
         } else {
@@ -220,6 +261,9 @@ impl Healer {
             alert_secret: config.alerts_secret.clone(),
             standby_metrics,
             rules: status,
+            remediation,
+            hardware,
+            triggers_task,
             stop,
             task,
             grace: config.healer.stop_grace.0,
@@ -238,7 +282,24 @@ impl Healer {
         }
         self.alerts.metrics().register(&mut registry);
         self.notifier.metrics().register(&mut registry);
+        self.remediation.runner().metrics().register(&mut registry);
         Arc::new(registry)
+    }
+
+    /// Connects the hardware monitor: its events and device health start workflows, and `wait_for`
+    /// reads device health from it.
+    pub fn attach_hardware(&self, hardware: vigil_hardware::HardwareHandle) {
+        self.hardware.send_replace(Some(hardware));
+    }
+
+    /// Connects the broker's in-flight counts to the workflows' `drain` steps.
+    pub fn attach_inflight(&self, source: Arc<dyn crate::workflow::host::InflightSource>) {
+        self.remediation.attach_inflight(source);
+    }
+
+    /// The remediation workflows' runtime.
+    pub fn remediation(&self) -> &Remediation {
+        &self.remediation
     }
 
     /// Connects the broker's measurements of each service's load to the autoscaler.
@@ -259,6 +320,7 @@ impl Healer {
         });
         Api::new(control, snapshots, self.actions.audit().clone(), token)
             .with_alerts(self.alerts.clone(), self.alert_secret.clone())
+            .with_workflows(self.remediation.runner().clone())
     }
 
     /// `/api/v1/...`.
@@ -282,6 +344,7 @@ impl Healer {
             scaler: self.scaler.clone(),
             actions: self.actions.clone(),
             waking: Arc::new(Mutex::new(HashSet::new())),
+            held: self.remediation.held().clone(),
         }
     }
 
@@ -289,6 +352,7 @@ impl Healer {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        let _ = self.triggers_task.await;
         // The autoscaler ends before the instances stop, so that their stopping is never read as a
         // service that needs fewer of them (its saved counts must stay what they were under load).
         if let Some(task) = self.scaler_task {
@@ -439,6 +503,8 @@ pub struct HealerHandle {
     actions: Arc<Actions>,
     /// Services for which a demanded wake is under way: further demand until it ends adds nothing.
     waking: Arc<Mutex<HashSet<String>>>,
+    /// Instances a workflow's drain took out of routing.
+    held: crate::placement::Held,
 }
 
 impl HealerHandle {
@@ -448,6 +514,11 @@ impl HealerHandle {
 
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.supervisor.changes()
+    }
+
+    /// Whether the broker may route to `instance_id` when it is ready: no workflow drained it.
+    pub fn routable(&self, instance_id: &str) -> bool {
+        !self.held.held(instance_id)
     }
 
     /// Requests wait for `service` and none of its instances is ready: wake a hibernated one, unless one is
@@ -461,11 +532,12 @@ impl HealerHandle {
         if let Some(s) = self.scaler.as_ref().filter(|s| s.scales_route(service)) {
             s.poke(service);
         }
+        // Instances a workflow drained or cordoned are not woken or started for traffic.
         let instances: Vec<(String, String, InstanceState)> = self
             .supervisor
             .states()
             .into_iter()
-            .filter(|(_, name, serves, _)| serves == service && !scaled(name))
+            .filter(|(id, name, serves, _)| serves == service && !scaled(name) && self.routable(id))
             .map(|(id, name, _, state)| (id, name, state))
             .collect();
         if instances.is_empty() {

@@ -598,20 +598,22 @@ pub fn wake(
     cg: &InstanceCgroup,
     ws: &WorkingSet,
 ) -> Result<WakeReport, StandbyError> {
-    wake_with(driver, &KernelMemory, cg, ws)
+    wake_with(driver, &KernelMemory, cg, ws, &CpuLimit::unlimited())
 }
 
-/// Thaw (in case a hibernate was interrupted) → lift the CPU limits → prefetch the working set. CPU comes
-/// first so the instance can serve at full speed while its memory streams back in.
+/// Thaw (in case a hibernate was interrupted) → lift the CPU limits to `active` (no limit, or every CPU but
+/// the cordoned ones) → prefetch the working set. CPU comes first so the instance can serve at full speed
+/// while its memory streams back in.
 pub fn wake_with(
     driver: &dyn CgroupDriver,
     memory: &dyn MemoryOps,
     cg: &InstanceCgroup,
     ws: &WorkingSet,
+    active: &CpuLimit,
 ) -> Result<WakeReport, StandbyError> {
     let started = Instant::now();
     driver.set_frozen(cg, false)?;
-    driver.set_cpu(cg, &CpuLimit::unlimited())?;
+    driver.set_cpu(cg, active)?;
     let prefetch = if ws.is_empty() { None } else { Some(memory.prefetch(ws)?) };
     Ok(WakeReport { prefetch, seconds: started.elapsed().as_secs_f64() })
 }
@@ -842,7 +844,8 @@ VmFlags: rd wr mr mw me gd ac
         assert_eq!(report.working_set.range_bytes(), 0x2000);
 
         let fake_wake = Recorder::default();
-        let woke = wake_with(&fake_wake, &fake_wake, &cg(), &report.working_set).unwrap();
+        let woke =
+            wake_with(&fake_wake, &fake_wake, &cg(), &report.working_set, &CpuLimit::unlimited()).unwrap();
         assert_eq!(fake_wake.calls(), ["thaw", "set_cpu None None", "prefetch"]);
         assert_eq!(woke.prefetch.map(|p| p.advised_bytes), Some(0x2000));
     }
@@ -859,7 +862,8 @@ VmFlags: rd wr mr mw me gd ac
 
         // Waking it only restores CPU: there is nothing to prefetch.
         let fake_wake = Recorder::default();
-        let woke = wake_with(&fake_wake, &fake_wake, &cg(), &report.working_set).unwrap();
+        let woke =
+            wake_with(&fake_wake, &fake_wake, &cg(), &report.working_set, &CpuLimit::unlimited()).unwrap();
         assert_eq!(fake_wake.calls(), ["thaw", "set_cpu None None"]);
         assert!(woke.prefetch.is_none());
     }

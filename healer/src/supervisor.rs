@@ -111,6 +111,8 @@ pub struct Settings {
     pub ready_timeout: Duration,
     /// Services the autoscaler sizes, by name: their instances replace the fixed `instances` count.
     pub scaled: BTreeMap<String, ScaledSlots>,
+    /// CPUs cordoned by workflows (shared with the workflow runtime).
+    pub avoid_cpus: crate::placement::AvoidCpus,
 }
 
 /// The instances of a service the autoscaler sizes.
@@ -131,6 +133,7 @@ impl Default for Settings {
             stop_grace: Duration::from_secs(10),
             ready_timeout: DEFAULT_READY_TIMEOUT,
             scaled: BTreeMap::new(),
+            avoid_cpus: crate::placement::AvoidCpus::default(),
         }
     }
 }
@@ -212,6 +215,7 @@ impl Supervisor {
             stop_grace: settings.stop_grace,
             ready_timeout: settings.ready_timeout,
             board: Arc::new(Board::new()),
+            avoid: settings.avoid_cpus,
         });
         let mut created: Vec<(String, Arc<ServiceSpec>, u32, InstanceCgroup)> = Vec::new();
         for spec in specs {
@@ -376,6 +380,21 @@ impl Supervisor {
         self.inner.ctx.board.changes()
     }
 
+    /// Tells [`Supervisor::changes`] readers that what they may route to changed (a drain, a cordon).
+    pub fn nudge(&self) {
+        self.inner.ctx.board.nudge();
+    }
+
+    /// The cgroup driver the instances run under.
+    pub fn driver(&self) -> &Arc<dyn CgroupDriver> {
+        &self.inner.ctx.driver
+    }
+
+    /// The CPUs cordoned by workflows, which starts, restores and wakes leave out.
+    pub fn avoid_cpus(&self) -> &crate::placement::AvoidCpus {
+        &self.inner.ctx.avoid
+    }
+
     pub fn cgroup(&self, id: &str) -> Option<InstanceCgroup> {
         self.inner.slots.get(id).map(|s| s.cg.clone())
     }
@@ -474,6 +493,12 @@ impl crate::engine::Executor for Supervisor {
                 Action::Notify => {
                     return Started::Finished(Err(format!(
                         "notify is sent to the rule's receivers, not done to `{id}`"
+                    )));
+                }
+                // Started by the workflow runtime (`crate::actions`), never asked of an instance.
+                Action::Workflow => {
+                    return Started::Finished(Err(format!(
+                        "a workflow is started by the workflow runtime, not done to `{id}`"
                     )));
                 }
             };

@@ -81,6 +81,14 @@ impl Proc {
         self.stop_status().is_some()
     }
 
+    /// SIGKILL: the process gets no chance to clean up (a crash, a power cut for its state).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// [`Proc::stop`], with the exit status when it exited by itself.
     pub fn stop_status(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;

@@ -31,7 +31,7 @@ pub use self::broker::{
 pub use self::collector::{CollectorConfig, HttpConfig, WatchConfig};
 pub use self::grpc::GrpcConfig;
 pub use self::hardware::HardwareConfig;
-pub use self::healer::HealerSettings;
+pub use self::healer::{Breaker, HealerSettings, WorkflowLimits};
 pub use self::notify::{
     ActionName, AlertmanagerConfig, Matcher, NotifyConfig, OutcomeName, ReceiverConfig, ReceiverKind,
     RetryConfig, Secrets, WebhookConfig, WebhookSecret,
@@ -308,6 +308,15 @@ impl VigilConfig {
         }
         if !h.cgroup_parent.starts_with('/') {
             out.at("healer.cgroup_parent", format!("{:?} must start with '/'", h.cgroup_parent));
+        }
+        if h.workflows.max_concurrent == 0 {
+            out.at("healer.workflows.max_concurrent", "must be at least 1");
+        }
+        if h.workflows.breaker.window.0.is_zero() {
+            out.at("healer.workflows.breaker.window", "must be longer than 0s");
+        }
+        if h.workflows.breaker.max_fraction.get() == 0.0 {
+            out.at("healer.workflows.breaker.max_fraction", "0 would refuse every run: it must be above 0");
         }
     }
 

@@ -265,16 +265,18 @@ pub enum ActionName {
     Notify,
     Stop,
     Start,
+    Workflow,
 }
 
 impl ActionName {
-    pub const ALL: [ActionName; 6] = [
+    pub const ALL: [ActionName; 7] = [
         ActionName::Hibernate,
         ActionName::Wake,
         ActionName::Restart,
         ActionName::Notify,
         ActionName::Stop,
         ActionName::Start,
+        ActionName::Workflow,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -285,6 +287,7 @@ impl ActionName {
             ActionName::Notify => "notify",
             ActionName::Stop => "stop",
             ActionName::Start => "start",
+            ActionName::Workflow => "workflow",
         }
     }
 }

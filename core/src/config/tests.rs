@@ -398,7 +398,7 @@ notify:
             "v.yaml:7:43: notify.receivers[1].webhook.secret: a webhook secret is `whsec_` followed by base64 \
              (Standard Webhooks); this one does not start with `whsec_`",
             "v.yaml:8:25: notify.receivers[1].match.action[0]: `reboot` is not an action: one of hibernate, \
-             wake, restart, notify, stop, start",
+             wake, restart, notify, stop, start, workflow",
             "v.yaml:8:44: notify.receivers[1].match.outcome[0]: `ok` is not an outcome: one of succeeded, \
              failed, refused, dry_run",
             "v.yaml:8:56: notify.receivers[1].match.rule[0]: unclosed `[` in glob `tell-[`",

@@ -79,6 +79,8 @@ pub struct ProposedAction {
     pub inputs: Option<Arc<serde_json::Value>>,
     /// Who hears of the decision (the rule's receivers and labels; none for the API's and the broker's).
     pub notify: Arc<RuleNotify>,
+    /// The workflow an `action: workflow` starts.
+    pub workflow: Option<Arc<str>>,
 }
 
 /// A `notify` rule's alert whose conditions stopped holding (or whose instance vanished): it resolves.
@@ -136,7 +138,11 @@ fn psi_avg10(p: Option<Psi>) -> Option<f64> {
 }
 
 /// The value of `metric` for this instance, if known.
-fn value(metric: Metric, inst: &InstanceSnapshot, signals: Option<&InstanceSignals>) -> Option<f64> {
+pub(super) fn value(
+    metric: Metric,
+    inst: &InstanceSnapshot,
+    signals: Option<&InstanceSignals>,
+) -> Option<f64> {
     let r = &inst.rates;
     match metric {
         Metric::CpuCores => Some(r.cpu_cores),
@@ -290,6 +296,7 @@ impl Evaluator {
                     held_for: at.saturating_sub(since),
                     inputs: None,
                     notify: rule.notify.clone(),
+                    workflow: rule.workflow.clone(),
                 });
             }
             // An alert whose conditions no longer hold (or whose instance is gone) resolves.

@@ -54,6 +54,7 @@ struct RawRule {
     notify: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     labels: HashMap<Spanned<String>, Spanned<String>>,
+    workflow: Option<Spanned<String>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -294,6 +295,29 @@ fn validate_rules(raw: &[RawRule], issues: &mut Issues) -> (Vec<Rule>, Vec<Recei
             }
             None => {}
         }
+        let workflow = match (&r.workflow, action) {
+            (Some(w), Some(Action::Workflow)) if w.value.trim().is_empty() => {
+                ok = false;
+                issues.at(w, format!("{p}.workflow"), "a workflow needs a name");
+                None
+            }
+            (Some(w), Some(Action::Workflow)) => Some(Arc::from(w.value.as_str())),
+            (None, Some(Action::Workflow)) => {
+                ok = false;
+                issues.at(
+                    &r.action,
+                    format!("{p}.workflow"),
+                    "`action: workflow` needs `workflow: NAME` (a workflow of the config's workflow files)",
+                );
+                None
+            }
+            (Some(w), _) => {
+                ok = false;
+                issues.at(w, format!("{p}.workflow"), "`workflow:` goes with `action: workflow` only");
+                None
+            }
+            (None, _) => None,
+        };
         for (k, v) in by_position(&r.labels) {
             if !label_name_ok(&k.value) {
                 ok = false;
@@ -316,6 +340,7 @@ fn validate_rules(raw: &[RawRule], issues: &mut Issues) -> (Vec<Rule>, Vec<Recei
                 cooldown,
                 max_fraction,
                 notify: Arc::new(notify),
+                workflow,
             });
         }
     }

@@ -1,6 +1,7 @@
 //! The rule language: declarative conditions over each instance's metrics and state, held for a window,
-//! selecting instances by service, id and kind, and proposing an action (hibernate, wake, restart, notify, stop, start)
-//! under per-rule limits (cooldown, max fraction of a service). Rule files carry their own test cases.
+//! selecting instances by service, id and kind, and proposing an action (hibernate, wake, restart, notify, stop,
+//! start, or starting a remediation workflow) under per-rule limits (cooldown, max fraction of a service).
+//! Rule files carry their own test cases.
 //!
 //! Everything here is pure logic over data: the files are read once ([`check_file`]), and the
 //! [`Evaluator`] is fed snapshots together with the time since start (injected, never read from a clock),
@@ -104,11 +105,20 @@ pub enum Action {
     Stop,
     /// Start a stopped instance of a `start: on_demand` or `scale:` service.
     Start,
+    /// Start the remediation workflow the rule names (`workflow: NAME`) for the instance.
+    Workflow,
 }
 
 impl Action {
-    pub const ALL: [Action; 6] =
-        [Action::Hibernate, Action::Wake, Action::Restart, Action::Notify, Action::Stop, Action::Start];
+    pub const ALL: [Action; 7] = [
+        Action::Hibernate,
+        Action::Wake,
+        Action::Restart,
+        Action::Notify,
+        Action::Stop,
+        Action::Start,
+        Action::Workflow,
+    ];
 
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -118,6 +128,7 @@ impl Action {
             Action::Notify => "notify",
             Action::Stop => "stop",
             Action::Start => "start",
+            Action::Workflow => "workflow",
         }
     }
 
@@ -255,6 +266,11 @@ impl Metric {
     }
 }
 
+/// The value of `metric` for `inst` from its snapshot alone (the broker's signals are not in it: `None`).
+pub fn metric_value(metric: Metric, inst: &vigil_core::snapshot::InstanceSnapshot) -> Option<f64> {
+    eval::value(metric, inst, None)
+}
+
 /// Bounds on a metric; every bound given must hold. A NaN value never holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Bounds {
@@ -342,6 +358,8 @@ pub struct Rule {
     pub max_fraction: Option<f64>,
     /// Its receivers and notification labels (`notify:`, `labels:`).
     pub notify: Arc<RuleNotify>,
+    /// The workflow `action: workflow` starts (`workflow:`).
+    pub workflow: Option<Arc<str>>,
 }
 
 /// One instance's values in a test step.

@@ -46,6 +46,7 @@ fn idle_rule(hold_for: u64, cooldown: u64, max_fraction: Option<f64>) -> Rule {
         cooldown: secs(cooldown),
         max_fraction,
         notify: Arc::default(),
+        workflow: None,
     }
 }
 
@@ -161,6 +162,7 @@ fn signals_and_state_drive_wake_and_missing_values_never_hold() {
         cooldown: secs(5),
         max_fraction: None,
         notify: Arc::default(),
+        workflow: None,
     };
     let mut e = Evaluator::new(vec![wake]);
     let s = snap(vec![inst("echo", "echo-0", 0.0), inst("other", "other-0", 0.0)]);
@@ -215,7 +217,7 @@ tests:
              bad.yaml:5:17: rules[0].when[0].metric: unknown metric `cpu_core`; expected one of {m}\n\
              bad.yaml:7:9: rules[0].when[1]: give at least one of above, below, at_least, at_most\n\
              bad.yaml:8:10: rules[0].for: `5 minutes` has no unit: write it as 500ms, 1s, 5m or 2h\n\
-             bad.yaml:9:13: rules[0].action: unknown action `sleep`; expected one of hibernate, wake, restart, notify, stop, start\n\
+             bad.yaml:9:13: rules[0].action: unknown action `sleep`; expected one of hibernate, wake, restart, notify, stop, start, workflow\n\
              bad.yaml:10:19: rules[0].max_fraction: 1.5 is outside (0, 1]\n\
              bad.yaml:11:11: rules[1].name: `idle` is already the name of a rule\n\
              bad.yaml:12:11: rules[1].when: a rule needs at least one condition\n\
@@ -487,4 +489,20 @@ fn receivers_the_config_does_not_know_are_located() {
     );
     let err = check_receivers(&set, &[]).unwrap_err().to_string();
     assert!(err.ends_with("(none is configured)"), "{err}");
+}
+
+#[test]
+fn a_workflow_rule_names_its_workflow_and_mistakes_are_located() {
+    let ok = "rules:\n  - name: disk\n    when:\n      - state: [active]\n    action: workflow\n    workflow: disk-errors\n";
+    let rule = check_str(ok, "w.yaml").unwrap().rules.remove(0);
+    assert_eq!(rule.action, Action::Workflow);
+    assert_eq!(rule.workflow.as_deref(), Some("disk-errors"));
+    let text = "rules:\n  - name: a\n    when:\n      - state: [active]\n    action: workflow\n  - name: b\n    when:\n      - state: [active]\n    action: restart\n    workflow: disk-errors\n  - name: c\n    when:\n      - state: [active]\n    action: workflow\n    workflow: \" \"\n";
+    let err = check_str(text, "w.yaml").unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "w.yaml:5:13: rules[0].workflow: `action: workflow` needs `workflow: NAME` (a workflow of the config's workflow files)\n\
+         w.yaml:10:15: rules[1].workflow: `workflow:` goes with `action: workflow` only\n\
+         w.yaml:15:15: rules[2].workflow: a workflow needs a name"
+    );
 }

@@ -62,7 +62,9 @@ mod file;
 mod load;
 mod trigger;
 
+pub mod host;
 pub mod machine;
+pub mod remediation;
 pub mod runner;
 pub mod store;
 

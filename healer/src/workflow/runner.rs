@@ -94,6 +94,16 @@ impl StepCtx {
 /// with the step's output (recorded) or why it failed. Must not block the async workers.
 pub trait StepRunner: Send + Sync + 'static {
     fn run(&self, ctx: StepCtx, kind: StepKind) -> BoxFuture<'static, Result<Value, String>>;
+
+    /// What the step would do, for a dry run: nothing may change. By default its kind and parameters.
+    fn plan(&self, ctx: StepCtx, kind: StepKind) -> BoxFuture<'static, Result<Value, String>> {
+        let plan = json!({ "dry_run": true, "would": kind.as_str(), "params": ctx.params });
+        Box::pin(async move { Ok(plan) })
+    }
+
+    /// The cordons in force (after a change, after a run ended, and once at [`Runner::resume`]): what
+    /// instances may use and what may be routed to may have changed. Must not block.
+    fn changed(&self, _cordons: &BTreeMap<String, Cordon>) {}
 }
 
 /// The storm limits.
@@ -330,8 +340,19 @@ impl Runner {
         self.inner.cordons.read().is_ok_and(|c| c.contains_key(resource))
     }
 
+    /// Whether run `id` still holds what it took (the instances it drained): it has not ended, or a
+    /// cordon it placed is in force.
+    pub fn holds(&self, id: u64) -> bool {
+        let live = self.inner.live.lock().ok().and_then(|l| l.get(&id).cloned());
+        if live.is_some_and(|l| l.record.lock().is_ok_and(|r| !r.state.ended())) {
+            return true;
+        }
+        self.inner.cordons.read().is_ok_and(|c| c.values().any(|c| c.run_id == id))
+    }
+
     /// Takes up every run that had not ended when Vigil stopped. Needs the tokio runtime.
     pub fn resume(&self) -> Result<usize, RunnerError> {
+        self.inner.steps.changed(&self.cordons());
         let runs = self.inner.store.unfinished()?;
         let n = runs.len();
         for mut run in runs {
@@ -809,9 +830,7 @@ async fn drive(inner: Arc<Inner>, live: Arc<Live>) {
                         continue;
                     }
                     let fut = if ctx.dry_run {
-                        let plan =
-                            json!({ "dry_run": true, "would": step.kind.as_str(), "params": ctx.params });
-                        Box::pin(async move { Ok(plan) }) as BoxFuture<'static, Result<Value, String>>
+                        inner.steps.plan(ctx, step.kind.clone())
                     } else {
                         inner.steps.run(ctx, step.kind.clone())
                     };
@@ -911,6 +930,9 @@ fn record_end(inner: &Inner, live: &Live, wf: &Workflow, i: usize, result: Resul
                     Some(c) => cordons.insert(r, c),
                     None => cordons.remove(&r),
                 };
+                let now = cordons.clone();
+                drop(cordons);
+                inner.steps.changed(&now);
             }
             inner
                 .metrics
@@ -949,6 +971,8 @@ fn finish_run(inner: &Inner, wf: Option<&Workflow>, run: &RunRecord) {
     if let Some(wf) = wf {
         inner.announce(wf, run, state);
     }
+    let cordons = inner.cordons.read().map(|c| c.clone()).unwrap_or_default();
+    inner.steps.changed(&cordons);
 }
 
 #[cfg(test)]

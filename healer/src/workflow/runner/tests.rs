@@ -22,6 +22,8 @@ enum Answer {
 struct FakeSteps {
     answers: Mutex<BTreeMap<String, Vec<Answer>>>,
     calls: Mutex<Vec<String>>,
+    /// The cordoned resources each `changed` call saw.
+    seen_cordons: Mutex<Vec<Vec<String>>>,
 }
 
 impl FakeSteps {
@@ -49,6 +51,10 @@ impl StepRunner for FakeSteps {
                 Answer::Hang => std::future::pending().await,
             }
         })
+    }
+
+    fn changed(&self, cordons: &BTreeMap<String, Cordon>) {
+        self.seen_cordons.lock().unwrap().push(cordons.keys().cloned().collect());
     }
 }
 
@@ -373,4 +379,30 @@ fn placeholders_take_the_run_parameters() {
     );
     assert_eq!(ctx.resource(None).as_deref(), Some("loop3"));
     assert_eq!(ctx.resource(Some("cpu{device}")).as_deref(), Some("cpuloop3"));
+}
+
+#[tokio::test]
+async fn a_run_holds_what_it_took_until_it_ends_and_its_cordon_is_lifted() {
+    let fx = Fixture::new("holds");
+    let (runner, _) = fx.runner(vec![repair()], Limits::default());
+    runner.resume().unwrap();
+    let run = runner.start(request("repair", "loop3")).unwrap();
+    until(&runner, run.id, "the approval", |r| r.state == RunState::Waiting).await;
+    assert!(runner.holds(run.id), "unfinished");
+    runner.cancel(run.id).unwrap();
+    until(&runner, run.id, "the cancel", |r| r.state.ended()).await;
+    assert!(runner.holds(run.id), "ended, but its cordon is still in force");
+    assert!(!runner.holds(run.id + 1), "no such run holds nothing");
+    // The host saw the cordons at the start (none), when loop3 was cordoned, and when the run ended.
+    let seen = fx.steps.seen_cordons.lock().unwrap().clone();
+    assert_eq!(seen.first(), Some(&Vec::<String>::new()), "{seen:?}");
+    assert!(seen.contains(&vec!["loop3".to_string()]), "{seen:?}");
+
+    let second = runner.start(request("repair", "loop4")).unwrap();
+    until(&runner, second.id, "the approval", |r| r.state == RunState::Waiting).await;
+    runner.approve(second.id).unwrap();
+    until(&runner, second.id, "the end", |r| r.state.ended()).await;
+    assert!(!runner.holds(second.id), "ended and uncordoned: it holds nothing");
+    let last = fx.steps.seen_cordons.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(last, vec!["loop3".to_string()], "loop4's cordon is lifted, loop3's stays");
 }
