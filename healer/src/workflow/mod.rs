@@ -149,7 +149,7 @@ pub enum WaitCondition {
 #[derive(Clone, Debug, PartialEq)]
 pub enum StepKind {
     /// Mark the resource (the run's `device`, or `cpu`) cordoned: nothing new is started or woken on
-    /// it, and the broker routes around the instances placed on it.
+    /// it, and the broker routes around the instances placed on it (a device's).
     Cordon {
         resource: Option<Arc<str>>,
     },
@@ -162,8 +162,8 @@ pub enum StepKind {
         timeout: Duration,
         targets: Targets,
     },
-    /// Move the affected instances off the resource: a CPU leaves their cpuset; a device's instances
-    /// restart on another of their service's data directories. `restart: true` restarts for a CPU too.
+    /// Move the affected instances off the run's CPU: it leaves their cpuset (`restart: true` then
+    /// restarts them). Vigil places instances on CPUs only: for a device the step fails.
     Evacuate {
         targets: Targets,
         restart: bool,
