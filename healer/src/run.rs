@@ -59,8 +59,14 @@ pub enum HealerError {
 }
 
 /// The configured workflow files' workflows.
-fn load_workflows(_config: &HealerConfig) -> Result<Vec<crate::workflow::Workflow>, HealerError> {
-    Ok(Vec::new())
+fn load_workflows(config: &HealerConfig) -> Result<Vec<crate::workflow::Workflow>, HealerError> {
+    let sets = config.load_workflows()?;
+    let workflows: Vec<crate::workflow::Workflow> = sets.into_iter().flat_map(|s| s.workflows).collect();
+    if !workflows.is_empty() {
+        let names: Vec<&str> = workflows.iter().map(|w| &*w.name).collect();
+        tracing::info!(workflows = %names.join(", "), "remediation workflows loaded");
+    }
+    Ok(workflows)
 }
 
 /// Every workflow a rule's `action: workflow` names is configured.
