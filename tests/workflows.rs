@@ -49,10 +49,21 @@ fn config(
     app: u16,
     workflows: &Path,
 ) -> std::path::PathBuf {
+    config_with_rules(scratch, parent, api, app, workflows, "[]")
+}
+
+fn config_with_rules(
+    scratch: &Scratch,
+    parent: &CgroupParent,
+    api: u16,
+    app: u16,
+    workflows: &Path,
+    rules: &str,
+) -> std::path::PathBuf {
     scratch.write(
         "vigil.yaml",
         &format!(
-            "data_dir: {data}\nhttp: {{ listen: \"127.0.0.1:{api}\" }}\nrules: []\nworkflows: [{wf}]\nhealer: {{ cgroup_parent: {parent}, stop_grace: 2s }}\ncollector: {{ watch: {{ managed_root: {parent} }} }}\nbroker: {{ enabled: false }}\nhardware: {{ enabled: false }}\nservices:\n  - name: echo\n    command: [python3, -m, http.server, --bind, 127.0.0.1, \"{{port}}\"]\n    port: {app}\n    readiness: {{ tcp: true }}\n",
+            "data_dir: {data}\nhttp: {{ listen: \"127.0.0.1:{api}\" }}\nrules: {rules}\nworkflows: [{wf}]\nhealer: {{ cgroup_parent: {parent}, stop_grace: 2s }}\ncollector: {{ watch: {{ managed_root: {parent} }} }}\nbroker: {{ enabled: false }}\nhardware: {{ enabled: false }}\nservices:\n  - name: echo\n    command: [python3, -m, http.server, --bind, 127.0.0.1, \"{{port}}\"]\n    port: {app}\n    readiness: {{ tcp: true }}\n",
             data = scratch.path("data").display(),
             wf = workflows.display(),
         ),
@@ -169,7 +180,7 @@ fn a_killed_vigil_resumes_its_runs_and_repeats_a_step_only_if_it_may() {
     let wf = scratch.write(
         "wf.yaml",
         &format!(
-            "workflows:\n  - name: fragile\n    steps:\n      - {{ name: fix, run: {{ command: {a}, timeout: 2m, idempotent: false }} }}\n  - name: sturdy\n    steps:\n      - {{ name: fix, run: {{ command: {b}, timeout: 2m, idempotent: true }} }}\n",
+            "workflows:\n  - name: fragile\n    trigger: {{ manual: true }}\n    steps:\n      - {{ name: fix, run: {{ command: {a}, timeout: 2m, idempotent: false }} }}\n  - name: sturdy\n    trigger: {{ manual: true }}\n    steps:\n      - {{ name: fix, run: {{ command: {b}, timeout: 2m, idempotent: true }} }}\n",
             a = counting(&once),
             b = counting(&twice)
         ),
@@ -210,7 +221,7 @@ fn cpu_offline_and_online_switch_a_real_cpu_and_a_dry_run_switches_nothing() {
     let parent = CgroupParent::new("workflows-hotplug");
     let wf = scratch.write(
         "wf.yaml",
-        "workflows:\n  - name: cpu-off\n    steps:\n      - { name: off, cpu_offline: {} }\n      - { name: ok, approve: { message: \"CPU {cpu} is offline\" }, after: [off] }\n      - { name: on, cpu_online: {}, after: [ok] }\n",
+        "workflows:\n  - name: cpu-off\n    trigger: { manual: true }\n    steps:\n      - { name: off, cpu_offline: {} }\n      - { name: ok, approve: { message: \"CPU {cpu} is offline\" }, after: [off] }\n      - { name: on, cpu_online: {}, after: [ok] }\n",
     );
     let config = config(&scratch, &parent, api, app, &wf);
     let mut vigil = Vigil::up(&scratch.0, "vigil", &config, ([127, 0, 0, 1], api).into(), None);
@@ -228,4 +239,43 @@ fn cpu_offline_and_online_switch_a_real_cpu_and_a_dry_run_switches_nothing() {
     vigil.client.call("POST", &format!("/api/v1/workflows/runs/{id}/approve")).expect("approve");
     wait_run(&mut vigil, id, "succeeded");
     assert_eq!(online_cpus(), before);
+}
+
+#[test]
+fn a_rule_starts_a_workflow_for_its_instance() {
+    let scratch = Scratch::new("workflows-rule");
+    let base = free_ports(2);
+    let (api, app) = (base, base + 1);
+    let parent = CgroupParent::new("workflows-rule");
+    let marker = scratch.path("marker");
+    let wf = scratch.write(
+        "wf.yaml",
+        &format!(
+            "workflows:\n  - name: note\n    trigger: {{ manual: true }}\n    steps:\n      - {{ name: write, run: {{ command: [sh, -c, \"echo {{service}} {{instance_id}} >> {m}\"], timeout: 10s }} }}\n",
+            m = marker.display()
+        ),
+    );
+    let rules = scratch.write(
+        "rules.yaml",
+        "rules:\n  - name: note-active\n    when:\n      - state: [active]\n    action: workflow\n    workflow: note\n    cooldown: 1h\n",
+    );
+    let config = config_with_rules(&scratch, &parent, api, app, &wf, &format!("[{}]", rules.display()));
+    let mut vigil = Vigil::up(&scratch.0, "vigil", &config, ([127, 0, 0, 1], api).into(), None);
+    vigil.active_pids("echo-0", Duration::from_secs(60));
+    let decision = wait_for("the rule's decision", Duration::from_secs(30), || {
+        vigil.proc.assert_running();
+        vigil.decision(|d| d["rule"] == "note-active" && d["action"] == "workflow")
+    });
+    assert_eq!(decision["outcome"], "succeeded", "{decision}");
+    let id = decision["inputs"]["run_id"].as_u64().expect("the run's id in the decision");
+    let run = wait_run(&mut vigil, id, "succeeded");
+    assert_eq!(
+        (run["source"].as_str(), run["params"]["instance_id"].as_str()),
+        (Some("rule"), Some("echo-0"))
+    );
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap(),
+        "echo echo-0\n",
+        "one run: the rule's cooldown holds"
+    );
 }
