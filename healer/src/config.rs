@@ -218,7 +218,7 @@ mod tests {
         assert_eq!(default.workflows, [PathBuf::from("workflows/")]);
         let missing = dir.join("gone.yaml");
         let named = HealerConfig { workflows: vec![missing.clone()], ..HealerConfig::default() };
-        assert_eq!(named.workflow_files().unwrap(), [missing.clone()]);
+        assert_eq!(named.workflow_files().unwrap(), std::slice::from_ref(&missing));
         let err = named.load_workflows().unwrap_err().to_string();
         assert!(err.starts_with(&format!("cannot read workflow file {}: ", missing.display())), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
