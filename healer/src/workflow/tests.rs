@@ -409,3 +409,14 @@ fn a_notify_step_must_tell_someone() {
     let names: Vec<&str> = set.receivers.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["ops"]);
 }
+
+#[test]
+fn expectations_are_matched_to_runs_whichever_order_they_are_written_in() {
+    // Two runs at the same time; the expectation that names no device must not take the one that the
+    // expectation naming it needs.
+    let text = "workflows:\n  - name: w\n    trigger: { hardware: { kind: io_error } }\n    steps:\n      - { name: a, approve: {} }\n\
+                tests:\n  - name: both disks\n    events:\n      - { at: 0s, device: sdb, kind: io_error }\n      - { at: 0s, device: sdc, kind: io_error }\n    expect:\n      - { at: 0s, workflow: w }\n      - { at: 0s, workflow: w, params: { device: sdb } }\n";
+    let set = check_str(text, "w.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let outcomes = run_tests(&set);
+    assert_eq!(outcomes[0].failure, None);
+}
