@@ -420,3 +420,25 @@ fn expectations_are_matched_to_runs_whichever_order_they_are_written_in() {
     let outcomes = run_tests(&set);
     assert_eq!(outcomes[0].failure, None);
 }
+
+#[test]
+fn escalation_mistakes_are_located() {
+    let text = manual(&[
+        "{ name: a, approve: {}, on_failure: { escalate: nope } }",
+        "{ name: b, approve: {}, on_failure: { escalate: c } }",
+        "{ name: c, approve: {}, after: [a], on_failure: { escalate: b } }",
+        "{ name: d, approve: {}, on_failure: { escalate: d } }",
+    ]);
+    assert_eq!(
+        errors(&text),
+        [
+            "w.yaml:5:45: workflows[0].steps[0].on_failure.escalate: no step is named `nope` in this workflow; \
+             its steps: a, b, c, d",
+            "w.yaml:6:45: workflows[0].steps[1].on_failure: escalations make a cycle: b -> c -> b (each \
+             escalates to the next)",
+            "w.yaml:7:40: workflows[0].steps[2].after: `c` is an escalation step (`b` escalates to it): it runs \
+             only in place of a failed step, so it takes no `after:`",
+            "w.yaml:8:45: workflows[0].steps[3].on_failure: a step cannot escalate to itself",
+        ]
+    );
+}
