@@ -442,3 +442,38 @@ fn escalation_mistakes_are_located() {
         ]
     );
 }
+
+proptest::proptest! {
+    /// Whatever an edit does to a valid file, reading it answers (a set or located mistakes), never panics,
+    /// and every mistake points into the text.
+    #[test]
+    fn any_edit_of_a_valid_file_is_answered_with_located_mistakes(
+        edits in proptest::collection::vec((0usize..2000, proptest::sample::select(vec![
+            "", " ", "\n", ":", "-", "{", "}", "[", "]", ",", "after: [x]", "{device}", "{nope}", "0s", "name: a",
+            "retries: 101", "escalate", "cordon: {}", "\"", "#",
+        ])), 1..6),
+        cut in proptest::option::of(0usize..2000),
+    ) {
+        let mut text = DISK_ERRORS.to_string();
+        for (at, piece) in edits {
+            let at = at % (text.len() + 1);
+            if text.is_char_boundary(at) {
+                text.insert_str(at, piece);
+            }
+        }
+        if let Some(cut) = cut.map(|c| c % (text.len() + 1)).filter(|c| text.is_char_boundary(*c)) {
+            text.truncate(cut);
+        }
+        let lines = text.lines().count() as u64 + 1;
+        match check_str(&text, "w.yaml") {
+            Ok(set) => proptest::prop_assert_eq!(set.workflows.len(), set.named_at.len()),
+            Err(WorkflowError::Invalid { issues, .. }) => {
+                proptest::prop_assert!(!issues.is_empty());
+                for i in &issues {
+                    proptest::prop_assert!(i.line <= lines, "{i} beyond the text's {lines} lines");
+                }
+            }
+            Err(e) => proptest::prop_assert!(false, "{e}"),
+        }
+    }
+}
