@@ -89,17 +89,28 @@ fn run_case(set: &WorkflowSet, case: &TestCase) -> Option<String> {
     let got = started(set, case);
     let mut want = case.expect.clone();
     want.sort();
+    // Which started runs each expectation accepts; an expectation naming fewer parameters accepts more
+    // runs, so expectations are paired with runs as a maximum matching, not first come first served.
+    let accepts: Vec<Vec<usize>> = want
+        .iter()
+        .map(|w| {
+            got.iter()
+                .enumerate()
+                .filter(|(_, (at, run))| {
+                    *at == w.at
+                        && run.workflow == w.workflow
+                        && w.params.iter().all(|(p, v)| run.params.get(p) == Some(v))
+                })
+                .map(|(k, _)| k)
+                .collect()
+        })
+        .collect();
+    let run_of = matching(&accepts, got.len());
     let mut used = vec![false; got.len()];
     let mut missing = Vec::new();
-    for w in &want {
-        let found = got.iter().enumerate().position(|(k, (at, run))| {
-            !used[k]
-                && *at == w.at
-                && run.workflow == w.workflow
-                && w.params.iter().all(|(p, v)| run.params.get(p) == Some(v))
-        });
-        match found {
-            Some(k) => used[k] = true,
+    for (w, run) in want.iter().zip(&run_of) {
+        match run {
+            Some(k) => used[*k] = true,
             None => missing.push(show_expected(w)),
         }
     }
@@ -113,4 +124,34 @@ fn run_case(set: &WorkflowSet, case: &TestCase) -> Option<String> {
         out.push(format!("started but not expected: {}", unexpected.join("; ")));
     }
     (!out.is_empty()).then(|| out.join("\n"))
+}
+
+/// A maximum matching of expectations to runs (Kuhn's augmenting paths): for each expectation, the run
+/// it is paired with. `accepts[i]` lists the runs expectation `i` may take, in order, so an unambiguous
+/// case pairs each expectation with the first run it accepts.
+fn matching(accepts: &[Vec<usize>], runs: usize) -> Vec<Option<usize>> {
+    fn augment(i: usize, accepts: &[Vec<usize>], seen: &mut [bool], owner: &mut [Option<usize>]) -> bool {
+        for &k in &accepts[i] {
+            if seen[k] {
+                continue;
+            }
+            seen[k] = true;
+            if owner[k].is_none_or(|j| augment(j, accepts, seen, owner)) {
+                owner[k] = Some(i);
+                return true;
+            }
+        }
+        false
+    }
+    let mut owner: Vec<Option<usize>> = vec![None; runs];
+    for i in 0..accepts.len() {
+        augment(i, accepts, &mut vec![false; runs], &mut owner);
+    }
+    let mut run_of = vec![None; accepts.len()];
+    for (k, i) in owner.iter().enumerate() {
+        if let Some(i) = i {
+            run_of[*i] = Some(k);
+        }
+    }
+    run_of
 }

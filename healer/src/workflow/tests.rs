@@ -409,3 +409,71 @@ fn a_notify_step_must_tell_someone() {
     let names: Vec<&str> = set.receivers.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["ops"]);
 }
+
+#[test]
+fn expectations_are_matched_to_runs_whichever_order_they_are_written_in() {
+    // Two runs at the same time; the expectation that names no device must not take the one that the
+    // expectation naming it needs.
+    let text = "workflows:\n  - name: w\n    trigger: { hardware: { kind: io_error } }\n    steps:\n      - { name: a, approve: {} }\n\
+                tests:\n  - name: both disks\n    events:\n      - { at: 0s, device: sdb, kind: io_error }\n      - { at: 0s, device: sdc, kind: io_error }\n    expect:\n      - { at: 0s, workflow: w }\n      - { at: 0s, workflow: w, params: { device: sdb } }\n";
+    let set = check_str(text, "w.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let outcomes = run_tests(&set);
+    assert_eq!(outcomes[0].failure, None);
+}
+
+#[test]
+fn escalation_mistakes_are_located() {
+    let text = manual(&[
+        "{ name: a, approve: {}, on_failure: { escalate: nope } }",
+        "{ name: b, approve: {}, on_failure: { escalate: c } }",
+        "{ name: c, approve: {}, after: [a], on_failure: { escalate: b } }",
+        "{ name: d, approve: {}, on_failure: { escalate: d } }",
+    ]);
+    assert_eq!(
+        errors(&text),
+        [
+            "w.yaml:5:45: workflows[0].steps[0].on_failure.escalate: no step is named `nope` in this workflow; \
+             its steps: a, b, c, d",
+            "w.yaml:6:45: workflows[0].steps[1].on_failure: escalations make a cycle: b -> c -> b (each \
+             escalates to the next)",
+            "w.yaml:7:40: workflows[0].steps[2].after: `c` is an escalation step (`b` escalates to it): it runs \
+             only in place of a failed step, so it takes no `after:`",
+            "w.yaml:8:45: workflows[0].steps[3].on_failure: a step cannot escalate to itself",
+        ]
+    );
+}
+
+proptest::proptest! {
+    /// Whatever an edit does to a valid file, reading it answers (a set or located mistakes), never panics,
+    /// and every mistake points into the text.
+    #[test]
+    fn any_edit_of_a_valid_file_is_answered_with_located_mistakes(
+        edits in proptest::collection::vec((0usize..2000, proptest::sample::select(vec![
+            "", " ", "\n", ":", "-", "{", "}", "[", "]", ",", "after: [x]", "{device}", "{nope}", "0s", "name: a",
+            "retries: 101", "escalate", "cordon: {}", "\"", "#",
+        ])), 1..6),
+        cut in proptest::option::of(0usize..2000),
+    ) {
+        let mut text = DISK_ERRORS.to_string();
+        for (at, piece) in edits {
+            let at = at % (text.len() + 1);
+            if text.is_char_boundary(at) {
+                text.insert_str(at, piece);
+            }
+        }
+        if let Some(cut) = cut.map(|c| c % (text.len() + 1)).filter(|c| text.is_char_boundary(*c)) {
+            text.truncate(cut);
+        }
+        let lines = text.lines().count() as u64 + 1;
+        match check_str(&text, "w.yaml") {
+            Ok(set) => proptest::prop_assert_eq!(set.workflows.len(), set.named_at.len()),
+            Err(WorkflowError::Invalid { issues, .. }) => {
+                proptest::prop_assert!(!issues.is_empty());
+                for i in &issues {
+                    proptest::prop_assert!(i.line <= lines, "{i} beyond the text's {lines} lines");
+                }
+            }
+            Err(e) => proptest::prop_assert!(false, "{e}"),
+        }
+    }
+}
