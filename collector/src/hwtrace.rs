@@ -910,7 +910,7 @@ print fmt: \"pfn %#lx: recovery action for %s: %s\", REC->pfn, REC->type, REC->r
         for (name, offset) in &globals {
             loader.override_global(name, offset, true);
         }
-        let mut ebpf = loader.load(crate::probes::PROBES_OBJECT).expect("probe object loads (root)");
+        let mut ebpf = loader.load(crate::PROBES_OBJECT).expect("probe object loads (root)");
         for spec in &SPECS {
             let prog: &mut TracePoint = ebpf.program_mut(spec.program).unwrap().try_into().unwrap();
             prog.load().unwrap_or_else(|e| panic!("verifier refused `{}`: {e:?}", spec.program));

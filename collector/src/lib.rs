@@ -24,6 +24,11 @@ pub mod probe_sources;
 pub mod probes;
 pub mod snapshot;
 
+/// The probe object, built by build.rs (from source, or the committed prebuilt object). At the crate's root
+/// so that the main probes and the hardware tracepoints load the same object without importing each other.
+pub(crate) static PROBES_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vigil-probes"));
+
 pub use vigil_auth as auth;
 pub use vigil_cgroup::fs as cgroupfs;
 

@@ -20,10 +20,6 @@ use vigil_common::{CpuStats, FaultCounts, MemcgCounts, PROBE_COUNT, maps};
 use crate::btf::{self, BtfError, VmEventItems};
 use crate::hwtrace::{HwPlan, HwTracepoints};
 
-/// The probe object, built by build.rs (from source, or the committed prebuilt object).
-pub(crate) static PROBES_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vigil-probes"));
-
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     #[error("reading the kernel's BTF: {0}")]
@@ -128,7 +124,7 @@ impl Probes {
             .override_global("CSS_CGROUP_OFF", &cg_off, true)
             .override_global("CGROUP_KN_OFF", &kn_off, true)
             .override_global("KN_ID_OFF", &id_off, true)
-            .load(PROBES_OBJECT)
+            .load(crate::PROBES_OBJECT)
             .map_err(ProbeError::Load)?;
 
         // Raw tracepoints: the program gets the tracepoint's arguments, no trace record is formatted.
