@@ -19,6 +19,7 @@ use vigil_healer::run::Healer;
 use vigil_healer::traffic::{ConnectionTraffic, TrafficSource};
 use vigil_healer::workflow;
 
+mod hardware;
 mod workflows_ctl;
 
 #[derive(Parser)]
@@ -123,6 +124,15 @@ enum CtlCommand {
         #[arg(value_parser = ["on", "off"])]
         mode: String,
     },
+    /// Hardware health: each device that had errors, its state and why, and the sources in use.
+    Hardware {
+        /// Only this device.
+        #[arg(long)]
+        device: Option<String>,
+        /// The whole JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remediation workflows: their runs, starting one, approving or cancelling one.
     Workflows {
         #[command(subcommand)]
@@ -174,6 +184,10 @@ fn ctl_command(api: SocketAddr, token: Option<String>, command: CtlCommand) -> a
         CtlCommand::DryRun { mode } => ("POST", format!("/api/v1/dry-run?enabled={}", mode == "on")),
         // Answered above, by workflows_ctl.
         CtlCommand::Workflows { .. } => return Ok(()),
+        CtlCommand::Hardware { device, .. } => match device {
+            Some(d) => ("GET", format!("/api/v1/hardware?device={}", percent_encode(d))),
+            None => ("GET", "/api/v1/hardware".to_string()),
+        },
     };
     let mut answer = client.call_with(method, &path, &body)?;
     // An action still running after the API's wait: follow it until it ends.
@@ -236,6 +250,8 @@ fn ctl_command(api: SocketAddr, token: Option<String>, command: CtlCommand) -> a
                 a["annotations"]["summary"].as_str().unwrap_or(""),
             );
         }
+    } else if let CtlCommand::Hardware { json: false, .. } = command {
+        hardware::print(&answer);
     } else if let CtlCommand::Instances = command {
         println!("{:<28} {:<16} {:<12} {:>8} {:>14}", "ID", "SERVICE", "STATE", "CPU", "MEMORY");
         for i in answer["instances"].as_array().into_iter().flatten() {
@@ -429,6 +445,8 @@ struct Parts {
     broker: Option<(BrokerFile, Option<PathBuf>)>,
     /// Where the gRPC API listens, when it is served (it serves the healer's operations).
     grpc: Option<SocketAddr>,
+    /// The hardware monitor's section and the data directory its state lives in.
+    hardware: Option<(vigil_core::config::HardwareConfig, PathBuf)>,
 }
 
 /// Resolves once `stopping` turns true.
@@ -472,12 +490,23 @@ async fn run_collector(config: Config, parts: Parts) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let hardware = match &parts.hardware {
+        Some((hc, data_dir)) => hardware::start(hc, data_dir, &collector)?,
+        None => None,
+    };
+    if let (Some(h), Some(hw)) = (&healer, &hardware) {
+        h.attach_hardware(hw.handle());
+    }
     let mut registries = Vec::new();
     registries.extend(healer.as_ref().map(Healer::metrics_registry));
+    registries.extend(hardware.as_ref().map(|h| h.metrics_registry()));
     registries.extend(broker.as_ref().map(Broker::metrics_registry));
     // One token rule for the whole listener: metrics, probes and API alike; and for the gRPC API.
     let token = config.http.token.clone().filter(|t| !t.is_empty());
     let mut router = collector.router_with(registries, token.as_deref());
+    if let Some(hw) = &hardware {
+        router = router.merge(hardware::router(hw.handle(), token.as_deref()));
+    }
     // One set of API operations behind both transports.
     let api = healer.as_ref().map(|h| h.api(collector.snapshots(), token));
     if let Some(api) = &api {
@@ -527,6 +556,9 @@ async fn run_collector(config: Config, parts: Parts) -> anyhow::Result<()> {
     // Managed instances are stopped and their cgroups removed even when serving failed.
     if let Some(h) = healer {
         h.shutdown().await;
+    }
+    if let Some(hw) = hardware {
+        let _ = tokio::task::spawn_blocking(move || hw.shutdown()).await;
     }
     served?;
     if let Some(o) = otlp
@@ -631,12 +663,19 @@ fn main() -> ExitCode {
             let healer = Some(HealerConfig::from_config(&c));
             let broker = Some((BrokerFile::from_config(&c), config.clone()));
             let grpc = c.grpc.enabled.then_some(c.grpc.listen);
-            runtime()?.block_on(run_collector(Config::from_config(&c), Parts { healer, broker, grpc }))
+            let hardware = Some((c.hardware.clone(), c.data_dir.clone()));
+            runtime()?
+                .block_on(run_collector(Config::from_config(&c), Parts { healer, broker, grpc, hardware }))
         }),
         Command::Collector { config } => load_config(config.as_ref(), Runs::WithoutServices).and_then(|c| {
             runtime()?.block_on(run_collector(
                 Config::from_config(&c),
-                Parts { healer: None, broker: None, grpc: None },
+                Parts {
+                    healer: None,
+                    broker: None,
+                    grpc: None,
+                    hardware: Some((c.hardware.clone(), c.data_dir.clone())),
+                },
             ))
         }),
         Command::Broker { config } => load_config(config.as_ref(), Runs::WithoutServices).and_then(|c| {

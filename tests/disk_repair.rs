@@ -63,7 +63,7 @@ fn config(
     scratch.write(
         "vigil.yaml",
         &format!(
-            "data_dir: {data}\nhttp: {{ listen: \"127.0.0.1:{api}\" }}\nrules: []\nworkflows: [{wf}]\nhealer: {{ cgroup_parent: {parent}, stop_grace: 2s, workflows: {{ breaker: {{ window: 5m, max_fraction: 0.01, min_devices: 2 }} }} }}\ncollector: {{ watch: {{ managed_root: {parent} }} }}\nbroker: {{ enabled: false }}\nhardware: {{ enabled: true, quiet: 3s }}\nservices:\n  - name: store\n    command: {store}\n    port: {a}\n    readiness: {{ tcp: true }}\n  - name: other\n    command: {other}\n    port: {b}\n    readiness: {{ tcp: true }}\n",
+            "data_dir: {data}\nhttp: {{ listen: \"127.0.0.1:{api}\" }}\nrules: []\nworkflows: [{wf}]\nhealer: {{ cgroup_parent: {parent}, stop_grace: 2s, workflows: {{ breaker: {{ window: 5m, max_fraction: 0.01, min_devices: 2 }} }} }}\ncollector: {{ watch: {{ managed_root: {parent} }} }}\nbroker: {{ enabled: false }}\nhardware: {{ enabled: true, quiet: 3s, poll_interval: 1s }}\nservices:\n  - name: store\n    command: {store}\n    port: {a}\n    readiness: {{ tcp: true }}\n  - name: other\n    command: {other}\n    port: {b}\n    readiness: {{ tcp: true }}\n",
             data = scratch.path("data").display(),
             wf = wf.display(),
             store = serve(apps.0, Some(device)),
@@ -119,6 +119,17 @@ fn kernel_io_errors_start_a_repair_that_drains_the_disks_instance_and_uncordons_
     assert_eq!(std::fs::read_to_string(&marker).unwrap().trim(), device);
     let listed = vigil.get("/api/v1/workflows").unwrap();
     assert_eq!(listed["cordons"][&device]["run_id"], id, "{listed:#}");
+    // The hardware view agrees: the disk is not healthy, for its I/O errors.
+    let hw = vigil.get(&format!("/api/v1/hardware?device={device}")).unwrap();
+    let d = &hw["devices"][0];
+    assert_ne!(d["state"], "healthy", "{hw:#}");
+    assert!(d["errors"]["io_error"].as_u64().unwrap_or(0) >= 2, "{hw:#}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["ctl", "--api", &format!("127.0.0.1:{api}"), "hardware"])
+        .output()
+        .expect("vigil ctl hardware");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && table.contains(&device) && table.contains("kmsg"), "{table}");
 
     disk.heal();
     let run = wait_for("the run to end", Duration::from_secs(60), || {
@@ -141,8 +152,14 @@ fn faults_on_too_much_of_the_host_open_the_breaker() {
     let (api, apps) = (base, (base + 1, base + 2));
     let parent = CgroupParent::new("disk-storm");
     let (a, b) = (disk("storm-a"), disk("storm-b"));
-    let workflows = "workflows:\n  - name: disk-repair\n    trigger: { hardware: { kind: io_error, device: \"loop*\" } }\n    steps:\n      - { name: ok, approve: {} }\n";
-    let config = config(&scratch, &parent, api, apps, &format!("/dev/{}", a.name()), workflows);
+    // One workflow per disk (the kernel log may hold old errors of other loop devices); the breaker counts
+    // devices across workflows.
+    let workflows = format!(
+        "workflows:\n  - name: disk-repair\n    trigger: {{ hardware: {{ kind: io_error, device: \"{a}\" }} }}\n    steps:\n      - {{ name: ok, approve: {{}} }}\n  - name: disk-repair-b\n    trigger: {{ hardware: {{ kind: io_error, device: \"{b}\" }} }}\n    steps:\n      - {{ name: ok, approve: {{}} }}\n",
+        a = a.name(),
+        b = b.name()
+    );
+    let config = config(&scratch, &parent, api, apps, &format!("/dev/{}", a.name()), &workflows);
     let mut vigil = Vigil::up(&scratch.0, "vigil", &config, ([127, 0, 0, 1], api).into(), None);
     vigil.active_pids("store-0", Duration::from_secs(60));
 
@@ -155,14 +172,14 @@ fn faults_on_too_much_of_the_host_open_the_breaker() {
     // A second one is more than 1 % of the host's devices: refused, audited, counted.
     fail_reads(&b, 1);
     let refusal = wait_for("the breaker's refusal", Duration::from_secs(30), || {
-        vigil.decision(|d| d["rule"] == "workflow:disk-repair" && d["instance_id"] == b.name())
+        vigil.decision(|d| d["rule"] == "workflow:disk-repair-b" && d["instance_id"] == b.name())
     });
     let error = refusal["error"].as_str().unwrap_or_default();
     assert!(error.starts_with("circuit breaker open: 2 of "), "{refusal}");
     assert!(runs(&vigil).iter().all(|r| r["params"]["device"] != b.name()), "no run for the second disk");
     assert_eq!(
-        metric(&vigil, "vigil_workflow_runs_refused_total{workflow=\"disk-repair\",reason=\"breaker\"}")
+        metric(&vigil, "vigil_workflow_runs_refused_total{workflow=\"disk-repair-b\",reason=\"breaker\"}")
             .as_deref(),
-        Some("vigil_workflow_runs_refused_total{workflow=\"disk-repair\",reason=\"breaker\"} 1")
+        Some("vigil_workflow_runs_refused_total{workflow=\"disk-repair-b\",reason=\"breaker\"} 1")
     );
 }

@@ -153,7 +153,8 @@ impl Remediation {
                 event = recv(&mut events) => match event {
                     Some(Ok(e)) => {
                         let at = Duration::from_millis(e.at_unix_ms);
-                        let runs = self.lock_triggers().on_event(&e.device, e.kind.as_str(), at);
+                        let now = Duration::from_millis(vigil_core::time::now_unix_ms());
+                        let runs = self.lock_triggers().on_event_seen(&e.device, e.kind.as_str(), at, now);
                         runs.into_iter().map(|r| (r, "hardware", Some(e.device.clone()))).collect()
                     }
                     Some(Err(broadcast::error::RecvError::Lagged(n))) => {

@@ -79,6 +79,13 @@ impl Triggers {
 
     /// A hardware event of `kind` on `device` at `at`.
     pub fn on_event(&mut self, device: &str, kind: &str, at: Duration) -> Vec<StartRun> {
+        self.on_event_seen(device, kind, at, at)
+    }
+
+    /// A hardware event of `kind` on `device` that happened at `at` and is seen at `now` (the kernel log's
+    /// backlog at a first start is seen long after): a workflow counts it only while it is within its
+    /// window of `now`, so old faults never start a run today.
+    pub fn on_event_seen(&mut self, device: &str, kind: &str, at: Duration, now: Duration) -> Vec<StartRun> {
         let mut out = Vec::new();
         for i in 0..self.workflows.len() {
             let Trigger::HardwareEvents { kind: want, device: glob, at_least, within } =
@@ -90,6 +97,9 @@ impl Triggers {
                 continue;
             }
             let (at_least, within) = (*at_least as usize, *within);
+            if now.saturating_sub(at) > within {
+                continue;
+            }
             let slot = (i, Arc::<str>::from(device));
             if !self.bursts.contains_key(&slot) {
                 self.make_room_for_burst(at);
@@ -365,6 +375,17 @@ mod tests {
         );
         // The run restarted the count.
         assert!(t.on_event("loop3", "io_error", secs(61)).is_empty());
+    }
+
+    #[test]
+    fn events_seen_after_their_window_never_start_a_run() {
+        let mut t = Triggers::new(&[workflow("disk", burst(2, 60, None), 0)]);
+        // A backlog of two errors an hour old, read now: nothing.
+        assert!(t.on_event_seen("loop3", "io_error", secs(0), secs(3600)).is_empty());
+        assert!(t.on_event_seen("loop3", "io_error", secs(1), secs(3600)).is_empty());
+        // One fresh error is one: the old ones were not counted.
+        assert!(t.on_event_seen("loop3", "io_error", secs(3600), secs(3600)).is_empty());
+        assert_eq!(t.on_event_seen("loop3", "io_error", secs(3601), secs(3601)).len(), 1);
     }
 
     #[test]
