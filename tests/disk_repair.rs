@@ -4,18 +4,26 @@
 //! trigger names runs: it cordons the disk, drains the instance whose process has the disk open (and not
 //! the other one), runs the repair command with the device, waits until the disk has been healthy for a
 //! while, and uncordons. With faults on more of the host than the circuit breaker allows, the next run is
-//! refused, audited and counted.
+//! refused, audited and counted, and every panel of `dashboards/hardware.json` has data in a real Prometheus.
 //!
 //! Needs root, /dev/fuse and loop devices (`scripts/setup`).
 
+#[path = "../collector/tests/support/dashboard.rs"]
+#[allow(dead_code)]
+mod dashboard;
 #[path = "../collector/tests/support/faultydisk.rs"]
 #[allow(dead_code)]
 mod faultydisk;
+#[path = "../collector/tests/support/prometheus.rs"]
+#[allow(dead_code)]
+mod prometheus;
 mod support;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use dashboard::panel_queries;
 use faultydisk::FaultyDisk;
+use prometheus::{Prometheus, has_samples};
 use serde_json::Value;
 use support::{CgroupParent, Scratch, Vigil, free_ports, wait_for};
 
@@ -163,9 +171,12 @@ fn faults_on_too_much_of_the_host_open_the_breaker() {
     let mut vigil = Vigil::up(&scratch.0, "vigil", &config, ([127, 0, 0, 1], api).into(), None);
     vigil.active_pids("store-0", Duration::from_secs(60));
 
+    let prometheus = Prometheus::start(([127, 0, 0, 1], api).into()).expect("start prometheus");
+    prometheus.wait_until_up(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
+
     // One device with faults is below min_devices: the run starts.
     fail_reads(&a, 1);
-    wait_for("the first run", Duration::from_secs(30), || {
+    let first = wait_for("the first run", Duration::from_secs(30), || {
         vigil.proc.assert_running();
         runs(&vigil).into_iter().find(|r| r["params"]["device"] == a.name())
     });
@@ -182,4 +193,19 @@ fn faults_on_too_much_of_the_host_open_the_breaker() {
             .as_deref(),
         Some("vigil_workflow_runs_refused_total{workflow=\"disk-repair-b\",reason=\"breaker\"} 1")
     );
+    // The first run ends once approved; then every panel of the hardware dashboard has data.
+    let id = first["id"].as_u64().unwrap();
+    vigil.client.call("POST", &format!("/api/v1/workflows/runs/{id}/approve")).expect("approve");
+    wait_for("the first run to end", Duration::from_secs(30), || {
+        let r = vigil.get(&format!("/api/v1/workflows/runs/{id}")).ok()?;
+        (r["state"] == "succeeded").then_some(())
+    });
+    let dashboard = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/hardware.json");
+    let queries = panel_queries(&dashboard);
+    assert!(queries.len() >= 8, "the hardware dashboard has only {} queries", queries.len());
+    for (title, expr) in queries {
+        prometheus
+            .wait_for(&expr, Duration::from_secs(60), has_samples)
+            .unwrap_or_else(|e| panic!("panel `{title}`: {e}"));
+    }
 }

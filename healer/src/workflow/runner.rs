@@ -227,6 +227,18 @@ impl RunMetrics {
         }
     }
 
+    /// A step ended after `took_ms`.
+    fn step_ended(&self, workflow: &str, step: &super::machine::StepRecord, took_ms: u64) {
+        self.steps
+            .get_or_create(&vec![
+                ("workflow", workflow.to_string()),
+                ("step", step.name.clone()),
+                ("kind", step.kind.clone()),
+                ("state", step.state.as_str().to_string()),
+            ])
+            .observe(took_ms as f64 / 1000.0);
+    }
+
     pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
         registry.register(
             "vigil_workflow_runs",
@@ -508,6 +520,13 @@ impl Runner {
             if let Err(e) = self.inner.commit(&rec, Some(&decision), |_| Ok(())) {
                 *rec = before;
                 return Err(e);
+            }
+            // The steps a person ended (approvals) count in the step durations like the others.
+            for (was, step) in before.steps.iter().zip(&rec.steps) {
+                if was.state != step.state && step.state == StepState::Succeeded {
+                    let took = step.ended_ms.unwrap_or(now).saturating_sub(step.started_ms.unwrap_or(now));
+                    self.inner.metrics.step_ended(&rec.workflow, step, took);
+                }
             }
             rec.clone()
         };
@@ -934,16 +953,7 @@ fn record_end(inner: &Inner, live: &Live, wf: &Workflow, i: usize, result: Resul
                 drop(cordons);
                 inner.steps.changed(&now);
             }
-            inner
-                .metrics
-                .steps
-                .get_or_create(&vec![
-                    ("workflow", wf.name.to_string()),
-                    ("step", wf.steps[i].name.to_string()),
-                    ("kind", wf.steps[i].kind.as_str().to_string()),
-                    ("state", rec.steps[i].state.as_str().to_string()),
-                ])
-                .observe(now.saturating_sub(started) as f64 / 1000.0);
+            inner.metrics.step_ended(&wf.name, &rec.steps[i], now.saturating_sub(started));
             tracing::info!(
                 run = rec.id,
                 workflow = %wf.name,
