@@ -886,7 +886,11 @@ fn wait_for(w: &Spanned<RawWaitFor>, kp: &str, known: &Known, issues: &mut Issue
             if r.device.is_some() {
                 issues.at(w, kp, "`device` goes with `device_health`; a metric is about instances: use service or instance_id");
             }
-            let m = Metric::from_name(&metric.value);
+            // The broker's signals (requests_per_s, ...) are not in the collector's snapshots that
+            // `wait_for` reads: only the kernel's metrics are offered.
+            let kernel: Vec<Metric> =
+                Metric::ALL.into_iter().filter(|m| !matches!(m, Metric::Signal(_))).collect();
+            let m = Metric::from_name(&metric.value).filter(|m| kernel.contains(m));
             if m.is_none() {
                 issues.at(
                     metric,
@@ -894,7 +898,7 @@ fn wait_for(w: &Spanned<RawWaitFor>, kp: &str, known: &Known, issues: &mut Issue
                     format!(
                         "unknown metric `{}`; expected one of {}",
                         metric.value,
-                        names(&Metric::ALL, Metric::as_str)
+                        names(&kernel, Metric::as_str)
                     ),
                 );
             }

@@ -477,3 +477,14 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn wait_for_reads_the_kernels_metrics_not_the_brokers_signals() {
+    let text = manual(&["{ name: calm, wait_for: { metric: requests_per_s, below: 1, for: 1m } }"]);
+    let e = errors(&text);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("w.yaml:5:43: workflows[0].steps[0].wait_for.metric: unknown metric `requests_per_s`; expected one of cpu_cores,"), "{e:?}");
+    assert!(e[0].ends_with("io_pressure_avg10"), "{e:?}");
+    let ok = manual(&["{ name: calm, wait_for: { metric: cpu_cores, below: 1, for: 1m } }"]);
+    assert!(check_str(&ok, "w.yaml").is_ok());
+}
