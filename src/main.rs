@@ -305,6 +305,41 @@ enum RulesCommand {
     },
 }
 
+/// What checking one rule or workflow file found, when it had no mistakes.
+enum Checked {
+    /// How many rules or workflows it declares, and which.
+    Count(usize, &'static str),
+    /// Its test cases' outcomes.
+    Tests(Vec<rules::TestOutcome>),
+}
+
+/// Prints one file's mistakes, its count, or a line per test case; answers how many failed.
+fn report_file(file: &std::path::Path, checked: Result<Checked, &dyn std::fmt::Display>) -> usize {
+    match checked {
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+        Ok(Checked::Count(n, what)) => {
+            println!("ok: {} ({n} {what})", file.display());
+            0
+        }
+        Ok(Checked::Tests(outcomes)) => {
+            let mut failed = 0;
+            for outcome in outcomes {
+                match &outcome.failure {
+                    None => println!("ok: {}: {}", file.display(), outcome.name),
+                    Some(why) => {
+                        println!("FAILED: {}: {}\n{why}", file.display(), outcome.name);
+                        failed += 1;
+                    }
+                }
+            }
+            failed
+        }
+    }
+}
+
 /// Checks (and with `run_tests`, tests) each file; prints one line per file and case. Err when any fails.
 fn rules_command(files: &[PathBuf], run_tests: bool, config: Option<&PathBuf>) -> anyhow::Result<()> {
     let receivers: Option<Vec<String>> = match config {
@@ -324,24 +359,11 @@ fn rules_command(files: &[PathBuf], run_tests: bool, config: Option<&PathBuf>) -
             Some(known) => rules::check_receivers(&set, known).map(|()| set),
             None => Ok(set),
         });
-        match checked {
-            Err(e) => {
-                eprintln!("{e}");
-                failed += 1;
-            }
-            Ok(set) if !run_tests => println!("ok: {} ({} rules)", file.display(), set.rules.len()),
-            Ok(set) => {
-                for outcome in rules::run_tests(&set) {
-                    match &outcome.failure {
-                        None => println!("ok: {}: {}", file.display(), outcome.name),
-                        Some(why) => {
-                            println!("FAILED: {}: {}\n{why}", file.display(), outcome.name);
-                            failed += 1;
-                        }
-                    }
-                }
-            }
-        }
+        failed += match checked {
+            Err(e) => report_file(file, Err(&e)),
+            Ok(set) if !run_tests => report_file(file, Ok(Checked::Count(set.rules.len(), "rules"))),
+            Ok(set) => report_file(file, Ok(Checked::Tests(rules::run_tests(&set)))),
+        };
     }
     if failed > 0 {
         anyhow::bail!("{failed} failed");
@@ -392,24 +414,11 @@ fn workflows_command(files: &[PathBuf], run_tests: bool, config: Option<&PathBuf
     }
     let mut failed = 0usize;
     for (file, checked) in files.iter().zip(workflow::check_files(&files, receivers.as_deref())) {
-        match checked {
-            Err(e) => {
-                eprintln!("{e}");
-                failed += 1;
-            }
-            Ok(set) if !run_tests => println!("ok: {} ({} workflows)", file.display(), set.workflows.len()),
-            Ok(set) => {
-                for outcome in workflow::run_tests(&set) {
-                    match &outcome.failure {
-                        None => println!("ok: {}: {}", file.display(), outcome.name),
-                        Some(why) => {
-                            println!("FAILED: {}: {}\n{why}", file.display(), outcome.name);
-                            failed += 1;
-                        }
-                    }
-                }
-            }
-        }
+        failed += match checked {
+            Err(e) => report_file(file, Err(&e)),
+            Ok(set) if !run_tests => report_file(file, Ok(Checked::Count(set.workflows.len(), "workflows"))),
+            Ok(set) => report_file(file, Ok(Checked::Tests(workflow::run_tests(&set)))),
+        };
     }
     if failed > 0 {
         anyhow::bail!("{failed} failed");

@@ -359,6 +359,9 @@ impl Healer {
         let _ = self.stop.send(true);
         let _ = self.task.await;
         let _ = self.triggers_task.await;
+        // Runs are taken up at the next start; their tasks must not outlive the healer (nor keep the state
+        // database open).
+        self.remediation.runner().stop();
         // The autoscaler ends before the instances stop, so that their stopping is never read as a
         // service that needs fewer of them (its saved counts must stay what they were under load).
         if let Some(task) = self.scaler_task {

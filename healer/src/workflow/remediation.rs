@@ -13,7 +13,7 @@ use vigil_core::config::WorkflowLimits;
 use vigil_hardware::HardwareHandle;
 
 use super::host::{HealthSource, HostPaths, HostSteps, InflightSource};
-use super::runner::{Limits, Runner, RunnerError, StartRequest};
+use super::runner::{Limits, Runner, RunnerError, StartRequest, WeakRunner};
 use super::{Health, StartRun, Triggers, Workflow};
 use crate::SnapshotReceiver;
 use crate::actions::{Actions, WorkflowStarter};
@@ -71,9 +71,10 @@ impl Remediation {
             limits,
             Box::new(move || placement::host_devices(&sys)),
         )?;
-        let r = runner.clone();
-        held.holding_by(Box::new(move |id| r.holds(id)));
-        actions.attach_workflows(Arc::new(runner.clone()));
+        // Weak: the runtime holds the host's steps, which hold `held` and the actions.
+        let r = runner.downgrade();
+        held.holding_by(Box::new(move |id| r.upgrade().is_some_and(|r| r.holds(id))));
+        actions.attach_workflows(Arc::new(runner.downgrade()));
         let resumed = runner.resume()?;
         if resumed > 0 {
             tracing::info!(runs = resumed, "workflow runs taken up where they were");
@@ -219,8 +220,9 @@ impl Remediation {
 
 /// `action: workflow` decisions: a run for the rule's instance, its `instance_id` and `service` the
 /// parameters (the rule's own cooldown spaces them).
-impl WorkflowStarter for Runner {
+impl WorkflowStarter for WeakRunner {
     fn start(&self, p: &ProposedAction) -> Result<u64, String> {
+        let Some(runner) = self.upgrade() else { return Err("the workflow runtime has stopped".into()) };
         let Some(workflow) = &p.workflow else { return Err("the rule names no workflow".into()) };
         let params = BTreeMap::from([
             ("instance_id".to_string(), p.instance_id.to_string()),
@@ -235,7 +237,7 @@ impl WorkflowStarter for Runner {
             cooldown_key: None,
             device: None,
         };
-        Runner::start(self, req).map(|run| run.id).map_err(|e| e.to_string())
+        runner.start(req).map(|run| run.id).map_err(|e| e.to_string())
     }
 }
 

@@ -267,6 +267,8 @@ struct Inner {
     limits: Limits,
     slots: Arc<Semaphore>,
     live: Mutex<HashMap<u64, Arc<Live>>>,
+    /// Each live run's task, to stop them all at shutdown.
+    tasks: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
     next_id: Mutex<u64>,
     breaker: Mutex<Breaker>,
     cooldowns: Mutex<BTreeMap<String, u64>>,
@@ -281,6 +283,19 @@ struct Inner {
 #[derive(Clone)]
 pub struct Runner {
     inner: Arc<Inner>,
+}
+
+/// A [`Runner`] that does not keep it alive, for what the runtime itself holds (its steps' host side holds
+/// the actions, which start runs): a strong reference there would be a cycle, and the state database would
+/// never close.
+#[derive(Clone)]
+pub struct WeakRunner(std::sync::Weak<Inner>);
+
+impl WeakRunner {
+    /// The runtime, while it exists.
+    pub fn upgrade(&self) -> Option<Runner> {
+        self.0.upgrade().map(|inner| Runner { inner })
+    }
 }
 
 impl Runner {
@@ -308,6 +323,7 @@ impl Runner {
                 slots: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
                 limits,
                 live: Mutex::new(HashMap::new()),
+                tasks: Mutex::new(HashMap::new()),
                 next_id: Mutex::new(next_id),
                 breaker: Mutex::new(Breaker::default()),
                 cooldowns: Mutex::new(cooldowns),
@@ -321,6 +337,10 @@ impl Runner {
 
     pub fn metrics(&self) -> &RunMetrics {
         &self.inner.metrics
+    }
+
+    pub fn downgrade(&self) -> WeakRunner {
+        WeakRunner(Arc::downgrade(&self.inner))
     }
 
     /// Replaces the workflows in force (a reload). Runs under way keep going if their workflow still fits
@@ -541,12 +561,34 @@ impl Runner {
             l.insert(id, live.clone());
         }
         let inner = self.inner.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             drive(inner.clone(), live).await;
             if let Ok(mut l) = inner.live.lock() {
                 l.remove(&id);
             }
+            if let Ok(mut t) = inner.tasks.lock() {
+                t.remove(&id);
+            }
         });
+        if let Ok(mut t) = self.inner.tasks.lock()
+            && !task.is_finished()
+        {
+            t.insert(id, task.abort_handle());
+        }
+    }
+
+    /// Stops every run's task where it is (Vigil is stopping): the runs stay recorded as they were, and
+    /// the next start takes them up like after a crash (a step cut off that is not idempotent waits for a
+    /// person). Their commands are killed with them.
+    pub fn stop(&self) {
+        let tasks: Vec<_> =
+            self.inner.tasks.lock().map(|mut t| t.drain().map(|(_, h)| h).collect()).unwrap_or_default();
+        for t in tasks {
+            t.abort();
+        }
+        if let Ok(mut l) = self.inner.live.lock() {
+            l.clear();
+        }
     }
 }
 
