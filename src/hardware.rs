@@ -15,7 +15,12 @@ use vigil_collector::hwtrace::HwTracepoints;
 use vigil_core::config::HardwareConfig;
 use vigil_hardware::{Hardware, HardwareHandle, Kind, Severity, TracepointCount, TracepointSource};
 
-/// The collector's tracepoint counts as the monitor reads them.
+/// The collector's tracepoint counts as the monitor reads them. The kernel logs most of the same failures
+/// (a failed block request is both an `I/O error, dev ...` record and a `block:block_rq_error` event), so
+/// each tracepoint's counts are their own kind, named after the event (`block_rq_error`, `mc_event`,
+/// `aer_event`, `mce_record`, `memory_failure_event`), with the collector's severity: the kernel log's
+/// kinds (`io_error`, `memory_ce`, ...) count each failure once, and the tracepoint kinds also show what
+/// the kernel's print rate limit left out of the log.
 struct Tracepoints(Arc<HwTracepoints>);
 
 impl TracepointSource for Tracepoints {
@@ -28,12 +33,13 @@ impl TracepointSource for Tracepoints {
             .read()
             .into_iter()
             .filter_map(|c| {
-                // The collector names kinds and severities with the monitor's words; one that is not is a
-                // bug in the collector, dropped with a trace rather than counted as something else.
-                let kind = Kind::new(&c.kind).ok();
+                // An event name is a kind's word already, and the collector names severities with the
+                // monitor's words; anything else is a bug there, dropped with a trace rather than miscounted.
+                let event = c.tracepoint.rsplit(':').next().unwrap_or(c.tracepoint);
+                let kind = Kind::new(event).ok();
                 let severity = Severity::from_name(&c.severity);
                 if kind.is_none() || severity.is_none() {
-                    tracing::debug!(tracepoint = c.tracepoint, kind = %c.kind, severity = %c.severity, "tracepoint count not understood");
+                    tracing::debug!(tracepoint = c.tracepoint, severity = %c.severity, "tracepoint count not understood");
                 }
                 Some(TracepointCount {
                     tracepoint: c.tracepoint.to_string(),

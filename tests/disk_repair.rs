@@ -128,7 +128,12 @@ fn kernel_io_errors_start_a_repair_that_drains_the_disks_instance_and_uncordons_
     let listed = vigil.get("/api/v1/workflows").unwrap();
     assert_eq!(listed["cordons"][&device]["run_id"], id, "{listed:#}");
     // The hardware view agrees: the disk is not healthy, for its I/O errors.
-    let hw = vigil.get(&format!("/api/v1/hardware?device={device}")).unwrap();
+    // The kernel log's records count as io_error, the block_rq_error tracepoint's events as their own kind
+    // (the same failures, not counted twice).
+    let hw = wait_for("the tracepoint's count", Duration::from_secs(30), || {
+        let hw = vigil.get(&format!("/api/v1/hardware?device={device}")).ok()?;
+        (hw["devices"][0]["errors"]["block_rq_error"].as_u64()? >= 2).then_some(hw)
+    });
     let d = &hw["devices"][0];
     assert_ne!(d["state"], "healthy", "{hw:#}");
     assert!(d["errors"]["io_error"].as_u64().unwrap_or(0) >= 2, "{hw:#}");
