@@ -51,8 +51,9 @@ fn metric(vigil: &Vigil, prefix: &str) -> Option<String> {
     text.as_str()?.lines().find(|l| l.starts_with(prefix)).map(str::to_string)
 }
 
-/// The config: two services (one holds the disk open), hardware watching with a short quiet window,
-/// and the workflows in `workflows`.
+/// The config: two services (one holds the disk open), hardware watching with a short quiet window and
+/// without the kernel log's backlog (earlier tests' errors on a loop device of the same number must not
+/// start runs), and the workflows in `workflows`.
 fn config(
     scratch: &Scratch,
     parent: &CgroupParent,
@@ -71,7 +72,7 @@ fn config(
     scratch.write(
         "vigil.yaml",
         &format!(
-            "data_dir: {data}\nhttp: {{ listen: \"127.0.0.1:{api}\" }}\nrules: []\nworkflows: [{wf}]\nhealer: {{ cgroup_parent: {parent}, stop_grace: 2s, workflows: {{ breaker: {{ window: 5m, max_fraction: 0.01, min_devices: 2 }} }} }}\ncollector: {{ watch: {{ managed_root: {parent} }} }}\nbroker: {{ enabled: false }}\nhardware: {{ enabled: true, quiet: 3s, poll_interval: 1s }}\nservices:\n  - name: store\n    command: {store}\n    port: {a}\n    readiness: {{ tcp: true }}\n  - name: other\n    command: {other}\n    port: {b}\n    readiness: {{ tcp: true }}\n",
+            "data_dir: {data}\nhttp: {{ listen: \"127.0.0.1:{api}\" }}\nrules: []\nworkflows: [{wf}]\nhealer: {{ cgroup_parent: {parent}, stop_grace: 2s, workflows: {{ breaker: {{ window: 5m, max_fraction: 0.01, min_devices: 2 }} }} }}\ncollector: {{ watch: {{ managed_root: {parent} }} }}\nbroker: {{ enabled: false }}\nhardware: {{ enabled: true, quiet: 3s, poll_interval: 1s, kmsg_backlog: false }}\nservices:\n  - name: store\n    command: {store}\n    port: {a}\n    readiness: {{ tcp: true }}\n  - name: other\n    command: {other}\n    port: {b}\n    readiness: {{ tcp: true }}\n",
             data = scratch.path("data").display(),
             wf = wf.display(),
             store = serve(apps.0, Some(device)),
@@ -112,7 +113,8 @@ fn kernel_io_errors_start_a_repair_that_drains_the_disks_instance_and_uncordons_
     });
     let id = run["id"].as_u64().unwrap();
     let started = run["created_ms"].as_u64().unwrap();
-    eprintln!("kernel I/O error → run started: {} ms", started.saturating_sub(faulted));
+    assert!(started >= faulted, "the run started {} ms before the fault", faulted - started);
+    eprintln!("kernel I/O error → run started: {} ms", started - faulted);
     assert_eq!(
         (run["source"].as_str(), run["params"]["device"].as_str()),
         (Some("hardware"), Some(&*device))

@@ -318,6 +318,13 @@ impl Hardware {
                     shared.set_kmsg_status(false, e.to_string());
                 }
                 Ok(mut file) => {
+                    if kept.kmsg_seq.is_none() && !config.kmsg_backlog {
+                        // /dev/kmsg seeks to the record after the last one: only new records follow.
+                        use std::io::Seek;
+                        if let Err(e) = file.seek(std::io::SeekFrom::End(0)) {
+                            tracing::warn!(error = %e, "hardware: cannot skip the kernel log's backlog; reading it");
+                        }
+                    }
                     let (stop_read, stop_write) = std::io::pipe()
                         .map_err(|source| HardwareError::Thread { what: "kernel log", source })?;
                     shared.set_kmsg_status(true, format!("reading {}", path.display()));

@@ -21,6 +21,9 @@ pub struct HardwareConfig {
     pub sysfs_root: PathBuf,
     /// The kernel log device; an empty path turns the kernel log off.
     pub kmsg: PathBuf,
+    /// At a first start in a boot (no cursor kept), read the kernel log's records since boot (`true`), or
+    /// only those logged from now on (`false`).
+    pub kmsg_backlog: bool,
     /// Time between two readings of the sysfs counters.
     pub poll_interval: HumanDuration,
     /// A device is healthy again after this long without a warning or worse.
@@ -37,6 +40,7 @@ impl Default for HardwareConfig {
             enabled: true,
             sysfs_root: PathBuf::from("/sys"),
             kmsg: PathBuf::from("/dev/kmsg"),
+            kmsg_backlog: true,
             poll_interval: HumanDuration::from_secs(10),
             quiet: HumanDuration::from_secs(300),
             patterns: Vec::new(),

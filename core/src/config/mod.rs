@@ -81,6 +81,7 @@ notify:                       # where decisions and alerts are sent: durable out
 hardware:                     # hardware health: the kernel log and sysfs counters, GET /api/v1/hardware
   enabled: true
   kmsg: /dev/kmsg             # structured kernel log; \"\" turns it off (sysfs is still read)
+  kmsg_backlog: true          # at a first start in a boot, read the records since boot; false: only new ones
   sysfs_root: /sys            # EDAC, PCIe AER, carrier changes, thermal throttling, block stat, NVMe state
   poll_interval: 10s          # sysfs counters are read this often
   quiet: 5m                   # a device is healthy again after this long without a warning or worse
