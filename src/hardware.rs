@@ -131,10 +131,7 @@ pub fn print(answer: &Value) {
         for d in &devices {
             let errors: Vec<String> =
                 d["errors"].as_object().into_iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
-            let since = d["since_unix_ms"].as_u64().map_or("-".to_string(), |ms| {
-                let ago = vigil_core::time::now_unix_ms().saturating_sub(ms) / 1000;
-                format!("{} ago", vigil_core::values::HumanDuration(std::time::Duration::from_secs(ago)))
-            });
+            let since = crate::workflows_ctl::when(&d["since_unix_ms"]);
             println!(
                 "{:<16} {:<9} {:<14} {:<28} {}",
                 d["device"].as_str().unwrap_or("?"),

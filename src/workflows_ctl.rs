@@ -134,7 +134,8 @@ fn progress(run: &Value) -> String {
     format!("{}: {}", run["state"].as_str().unwrap_or("?"), steps.join(", "))
 }
 
-fn when(ms: &Value) -> String {
+/// How long ago the Unix time in milliseconds `ms` was, in whole seconds (`-` when there is none).
+pub fn when(ms: &Value) -> String {
     match ms.as_u64() {
         Some(ms) => {
             let ago = vigil_core::time::now_unix_ms().saturating_sub(ms);

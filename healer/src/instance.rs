@@ -533,7 +533,7 @@ fn ready_timeout(spec: &ServiceSpec, ctx: &Context) -> Duration {
 }
 
 /// Runs blocking work on the blocking pool; a panic there becomes an error.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, String> + Send + 'static,
 ) -> Result<T, String> {
     tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(format!("the worker panicked: {e}")))

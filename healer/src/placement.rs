@@ -103,9 +103,13 @@ pub fn instance_cpus(
     cg: &InstanceCgroup,
     cpu_dir: &Path,
 ) -> Result<BTreeSet<u32>, String> {
-    let limit = driver.cpu(cg).map_err(|e| e.to_string())?;
-    match limit.cpus {
-        Some(list) => parse_cpu_list(&list).map(|v| v.into_iter().collect()).map_err(|e| e.to_string()),
+    allowed_cpus(&driver.cpu(cg).map_err(|e| e.to_string())?, cpu_dir)
+}
+
+/// The CPUs a limit allows: its cpuset, or every online CPU.
+pub fn allowed_cpus(limit: &CpuLimit, cpu_dir: &Path) -> Result<BTreeSet<u32>, String> {
+    match &limit.cpus {
+        Some(list) => parse_cpu_list(list).map(|v| v.into_iter().collect()).map_err(|e| e.to_string()),
         None => online_cpus(cpu_dir),
     }
 }

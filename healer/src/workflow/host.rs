@@ -36,6 +36,7 @@ use super::{Glob, Health, StepKind, Targets, WaitCondition};
 use crate::SnapshotReceiver;
 use crate::actions::Actions;
 use crate::engine::{BoxFuture, Outcome};
+use crate::instance::blocking;
 use crate::placement::{self, Held};
 use crate::rules::{Action, InstanceState};
 use crate::supervisor::{InstanceInfo, Supervisor};
@@ -259,7 +260,7 @@ impl HostSteps {
             for i in targets.iter().filter(|i| i.state == InstanceState::Active) {
                 let Some(cg) = supervisor.cgroup(&i.id) else { continue };
                 let now = driver.cpu(&cg).map_err(|e| format!("the CPUs of `{}`: {e}", i.id))?;
-                let cpus = placement::instance_cpus(driver.as_ref(), &cg, &paths.cpu)?;
+                let cpus = placement::allowed_cpus(&now, &paths.cpu)?;
                 if !cpus.contains(&cpu) {
                     continue;
                 }
@@ -526,12 +527,6 @@ fn capped(bytes: &[u8]) -> String {
     let mut s = String::from_utf8_lossy(&bytes[..OUTPUT_CAP]).into_owned();
     s.push_str(&format!("\n[{} more bytes not kept]", bytes.len() - OUTPUT_CAP));
     s
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(format!("the worker panicked: {e}")))
 }
 
 #[cfg(test)]

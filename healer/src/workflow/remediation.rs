@@ -103,14 +103,6 @@ impl Remediation {
         &self.held
     }
 
-    /// Replaces the workflows (a reload of their files): the runtime's and the triggers'.
-    pub fn set_workflows(&self, workflows: Vec<Workflow>) {
-        if let Ok(mut t) = self.triggers.lock() {
-            *t = Triggers::new(&workflows);
-        }
-        self.runner.set_workflows(workflows);
-    }
-
     /// The broker's in-flight counts, for `drain`.
     pub fn attach_inflight(&self, source: Arc<dyn InflightSource>) {
         self.host.attach_inflight(source);

@@ -195,7 +195,7 @@ impl Triggers {
                 params.extend(fact.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
                 if let Some(cpu) = params
                     .get("device")
-                    .and_then(|d| cpu_number(d))
+                    .and_then(|d| crate::placement::cpu_number(d))
                     .filter(|_| !fact.labels.contains_key("cpu"))
                 {
                     params.insert("cpu".into(), cpu.to_string());
@@ -283,15 +283,6 @@ fn evict_oldest<K: Clone + Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>, age
     }
 }
 
-/// `N` for a device named `cpuN`.
-fn cpu_number(device: &str) -> Option<u32> {
-    device
-        .strip_prefix("cpu")
-        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))?
-        .parse()
-        .ok()
-}
-
 fn device_params(
     defaults: &BTreeMap<String, String>,
     device: &str,
@@ -299,7 +290,7 @@ fn device_params(
 ) -> BTreeMap<String, String> {
     let mut params = defaults.clone();
     params.insert("device".into(), device.into());
-    if let Some(cpu) = cpu_number(device) {
+    if let Some(cpu) = crate::placement::cpu_number(device) {
         params.insert("cpu".into(), cpu.to_string());
     }
     params.insert(key.into(), value.into());
