@@ -45,6 +45,14 @@ pub enum WorkflowsCtl {
     Approve { id: u64 },
     /// Cancel a run.
     Cancel { id: u64 },
+    /// Lift the cordon on RESOURCE (a device such as `sdb`, or `cpuN`) that an ended run left in force,
+    /// e.g. after it failed (audited). A run still under way keeps its cordon: cancel it first.
+    Uncordon {
+        resource: String,
+        /// Why, for the audit log.
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 pub fn run(client: &Client, command: WorkflowsCtl) -> anyhow::Result<()> {
@@ -118,6 +126,18 @@ pub fn run(client: &Client, command: WorkflowsCtl) -> anyhow::Result<()> {
             let run = client.call("POST", &format!("/api/v1/workflows/runs/{id}/cancel"))?;
             eprintln!("run {id} cancelled");
             print_run(&run);
+        }
+        WorkflowsCtl::Uncordon { resource, reason } => {
+            let path = format!("/api/v1/workflows/cordons/{}/uncordon", crate::percent_encode(&resource));
+            let body = reason.map(|r| json!({ "reason": r }).to_string()).unwrap_or_default();
+            let answer = client.call_with("POST", &path, &body)?;
+            let c = &answer["cordon"];
+            println!(
+                "{resource} uncordoned (cordoned by run {} {}: {})",
+                c["run_id"],
+                when(&c["since_ms"]),
+                c["reason"].as_str().unwrap_or("")
+            );
         }
     }
     Ok(())

@@ -279,3 +279,39 @@ fn a_rule_starts_a_workflow_for_its_instance() {
         "one run: the rule's cooldown holds"
     );
 }
+
+#[test]
+fn a_person_lifts_the_cordon_a_failed_run_left_and_the_cpu_is_used_again() {
+    let scratch = Scratch::new("workflows-uncordon");
+    let base = free_ports(2);
+    let (api, app) = (base, base + 1);
+    let parent = CgroupParent::new("workflows-uncordon");
+    let wf = scratch.write(
+        "wf.yaml",
+        "workflows:\n  - name: broken\n    trigger: { manual: true }\n    steps:\n      - { name: cordon, cordon: {} }\n      - { name: fix, run: { command: [\"false\"] }, after: [cordon] }\n      - { name: back, uncordon: {}, after: [fix] }\n",
+    );
+    assert!(online_cpus() != "0", "this test needs at least two online CPUs, the host has {}", online_cpus());
+    let config = config(&scratch, &parent, api, app, &wf);
+    let mut vigil = Vigil::up(&scratch.0, "vigil", &config, ([127, 0, 0, 1], api).into(), None);
+    vigil.active_pids("echo-0", Duration::from_secs(60));
+    let id = start(&vigil, "broken", json!({"cpu": 1}));
+    wait_run(&mut vigil, id, "failed");
+    let cordons = vigil.get("/api/v1/workflows").unwrap()["cordons"].clone();
+    assert_eq!(cordons["cpu1"]["run_id"], id, "a failed run keeps its cordon: {cordons}");
+    // A restart now avoids CPU 1.
+    vigil.client.call("POST", "/api/v1/instances/echo-0/restart?wait=60s").expect("restart");
+    let pid = vigil.active_pids("echo-0", Duration::from_secs(60))[0];
+    assert!(!cpus_allowed(pid).split(',').any(|p| p == "1" || p.ends_with("-1")), "{}", cpus_allowed(pid));
+
+    let (ok, out) = ctl(api, &["workflows", "uncordon", "cpu1", "--reason", "replaced the fan"]);
+    assert!(ok, "{out}");
+    assert!(out.starts_with(&format!("cpu1 uncordoned (cordoned by run {id} ")), "{out}");
+    assert_eq!(vigil.get("/api/v1/workflows").unwrap()["cordons"], json!({}));
+    let d = vigil.decision(|d| d["action"] == "uncordon" && d["instance_id"] == "cpu1").expect("audited");
+    assert_eq!((&d["rule"], &d["inputs"]["reason"]), (&json!("workflow:broken"), &json!("replaced the fan")));
+    let (ok, out) = ctl(api, &["workflows", "uncordon", "cpu1"]);
+    assert!(!ok && out.contains("\"cpu1\" is not cordoned"), "{out}");
+    vigil.client.call("POST", "/api/v1/instances/echo-0/restart?wait=60s").expect("restart");
+    let pid = vigil.active_pids("echo-0", Duration::from_secs(60))[0];
+    assert_eq!(cpus_allowed(pid), online_cpus(), "every CPU again");
+}

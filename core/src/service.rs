@@ -66,7 +66,16 @@ pub struct ServiceSpec {
     /// count (see `vigil_healer::autoscale`).
     #[serde(default)]
     pub scale: Option<ScalePolicy>,
+    /// Where the instances keep their data, in order of preference (absolute paths; `{instance_id}` is
+    /// replaced). Each start takes the first one that is not on a disk a workflow cordoned, creating it if
+    /// missing; `{data_dir}` in the command, the env values and the hooks, and `VIGIL_DATA_DIR`, name it.
+    /// A workflow's `evacuate` off a disk restarts the instances there into the next one.
+    #[serde(default)]
+    pub data_dirs: Vec<String>,
 }
+
+/// Replaced by the instance's data directory (one of `data_dirs`) in commands, env values and hooks.
+pub const DATA_DIR_PLACEHOLDER: &str = "{data_dir}";
 
 /// When a managed instance first starts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
@@ -157,6 +166,21 @@ impl ServiceSpec {
             && !route.starts_with('/')
         {
             out.push(("route", format!("{route:?} must start with '/'")));
+        }
+        for d in &self.data_dirs {
+            if !d.starts_with('/') {
+                out.push(("data_dirs", format!("{d:?} must be an absolute path")));
+            }
+        }
+        if self.data_dirs.is_empty() {
+            let hooks = self.pre_hibernate.iter().chain(&self.post_wake).flatten();
+            let mut texts = self.command.iter().chain(self.env.values()).chain(hooks);
+            if texts.any(|t| t.contains(DATA_DIR_PLACEHOLDER)) {
+                out.push((
+                    "data_dirs",
+                    format!("{DATA_DIR_PLACEHOLDER} is used, but data_dirs names no directory"),
+                ));
+            }
         }
         out
     }
@@ -277,6 +301,22 @@ route: /echo
         assert_eq!(
             s.validate().unwrap_err().to_string(),
             "invalid service \"a b\": \"a b\": a name must be non-empty, without '/' or whitespace"
+        );
+    }
+
+    #[test]
+    fn data_dirs_are_absolute_and_the_placeholder_needs_them() {
+        let mut s: ServiceSpec =
+            serde_saphyr::from_str(&spec_yaml("data_dirs: [\"/srv/a/{instance_id}\"]\n")).unwrap();
+        assert_eq!(s.data_dirs, vec!["/srv/a/{instance_id}".to_string()]);
+        s.command.push("--data={data_dir}".into());
+        assert_eq!(s.mistakes(), Vec::new());
+        s.data_dirs.push("srv/b".into());
+        assert_eq!(s.mistakes(), vec![("data_dirs", "\"srv/b\" must be an absolute path".to_string())]);
+        s.data_dirs.clear();
+        assert_eq!(
+            s.mistakes(),
+            vec![("data_dirs", "{data_dir} is used, but data_dirs names no directory".to_string())]
         );
     }
 }

@@ -50,6 +50,8 @@ pub struct ManagedInstance {
     pub restarts: u32,
     /// The last thing that went wrong with it, kept after it recovered.
     pub last_failure: Option<String>,
+    /// Its data directory (one of its service's `data_dirs`), if it has one.
+    pub data_dir: Option<String>,
 }
 
 /// Where the API learns about managed instances and sends manual actions.
@@ -178,7 +180,7 @@ fn instance_json(
         (Some(m), _) => json!({
             "id": m.id, "service": m.service, "state": serde_state(m.state), "managed": true,
             "pids": m.pids, "cgroup": m.cgroup, "port": m.port, "restarts": m.restarts,
-            "last_failure": m.last_failure, "metrics": metrics,
+            "last_failure": m.last_failure, "data_dir": m.data_dir, "metrics": metrics,
         }),
         (None, Some(s)) => {
             // Read now rather than at the last tick: the snapshot does not carry pids, and a cgroup gone
@@ -675,6 +677,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/workflows/{name}/run", post(workflows_http::run))
         .route("/api/v1/workflows/runs/{id}", get(workflows_http::get_run))
         .route("/api/v1/workflows/runs/{id}/{action}", post(workflows_http::decide))
+        .route("/api/v1/workflows/cordons/{resource}/uncordon", post(workflows_http::uncordon))
         .route("/api/v1/{*rest}", get(not_found).post(not_found))
         .with_state(api)
 }
@@ -762,6 +765,7 @@ mod tests {
                 port: 18080,
                 restarts: 0,
                 last_failure: None,
+                data_dir: None,
             }]
         }
         fn act<'a>(

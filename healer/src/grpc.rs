@@ -632,6 +632,7 @@ mod tests {
                 port: 18080,
                 restarts: 0,
                 last_failure: None,
+                data_dir: None,
             }]
         }
         fn act<'a>(

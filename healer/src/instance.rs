@@ -38,6 +38,7 @@ pub const HOOK_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The placeholder in commands, hooks and env values that becomes the instance's port.
 pub const PORT_PLACEHOLDER: &str = "{port}";
+pub use vigil_core::service::DATA_DIR_PLACEHOLDER;
 /// The shell script that holds the child until its cgroups are set: it reads one line from stdin (written
 /// after `add_process`), then execs the service with stdin from /dev/null.
 const HOLD_SCRIPT: &str = "read _ && exec \"$@\" </dev/null";
@@ -86,6 +87,8 @@ pub struct View {
     pub busy: bool,
     pub last_failure: Option<String>,
     pub standby: Option<StandbyRecord>,
+    /// The data directory (one of the service's `data_dirs`) of its last start.
+    pub data_dir: Option<String>,
 }
 
 impl View {
@@ -99,6 +102,7 @@ impl View {
             busy: false,
             last_failure: None,
             standby: None,
+            data_dir: None,
         }
     }
 }
@@ -172,7 +176,7 @@ pub struct Context {
     pub ready_timeout: Duration,
     pub board: Arc<Board>,
     /// CPUs cordoned by workflows: instances starting, restored or woken get every other online CPU.
-    pub avoid: crate::placement::AvoidCpus,
+    pub cordoned: crate::placement::Cordoned,
 }
 
 /// A request to an instance's task. `ack` is answered at once; `done` once the instance settles after an
@@ -195,7 +199,8 @@ pub struct Finished {
 
 /// The outcome of one operation, with what it produced.
 enum Done {
-    Spawned(Child),
+    /// The process, and the data directory it was given.
+    Spawned(Child, Option<String>),
     Hibernated(HibernateReport),
     Woken(WakeReport),
     Plain(Event),
@@ -261,6 +266,7 @@ impl InstanceTask {
         let mut op: Option<OpFuture> = None;
         let mut working_set = WorkingSet::default();
         let mut record: Option<StandbyRecord> = None;
+        let mut data_dir: Option<String> = None;
         let mut waiter: Option<oneshot::Sender<Finished>> = None;
         let mut active_since: Option<Instant> = None;
         let mut grace = self.ctx.stop_grace;
@@ -279,7 +285,7 @@ impl InstanceTask {
                 // An instance stopped until needed is taken out of service, not cut off: let what is in
                 // flight finish first (the broker sends it nothing new once it is `stopping`).
                 let drain = life.goal() == Goal::Parked;
-                op = Some(self.start(next, &mut child, &mut working_set, grace, drain));
+                op = Some(self.start(next, &mut child, &mut working_set, data_dir.clone(), grace, drain));
             }
             let state = life.state();
             if state == InstanceState::Active && active_since.is_none() {
@@ -296,6 +302,7 @@ impl InstanceTask {
                     busy: !life.settled(),
                     last_failure: life.last_failure().map(str::to_string),
                     standby: record.clone(),
+                    data_dir: data_dir.clone(),
                 },
             );
             if life.settled()
@@ -309,7 +316,7 @@ impl InstanceTask {
             tokio::select! {
                 done = maybe(op.as_mut()) => {
                     op = None;
-                    let event = self.absorb(done, &mut child, &mut working_set, &mut record, &mut active_since);
+                    let event = self.absorb(done, &mut child, &mut working_set, &mut record, &mut data_dir, &mut active_since);
                     if let Event::NotReady(reason) | Event::WakeFailed(reason) | Event::HibernateFailed(reason)
                         | Event::HookFailed(reason) | Event::SpawnFailed(reason) | Event::RestoreFailed(reason) = &event
                     {
@@ -365,12 +372,14 @@ impl InstanceTask {
         child: &mut Option<Child>,
         working_set: &mut WorkingSet,
         record: &mut Option<StandbyRecord>,
+        data_dir: &mut Option<String>,
         active_since: &mut Option<Instant>,
     ) -> Event {
         match done {
-            Done::Spawned(c) => {
-                tracing::info!(instance_id = %self.id, pid = c.id(), port = self.port, "instance started");
+            Done::Spawned(c, dir) => {
+                tracing::info!(instance_id = %self.id, pid = c.id(), port = self.port, data_dir = dir.as_deref().unwrap_or(""), "instance started");
                 *child = Some(c);
+                *data_dir = dir;
                 *active_since = None;
                 Event::Spawned
             }
@@ -414,6 +423,7 @@ impl InstanceTask {
         op: Op,
         child: &mut Option<Child>,
         working_set: &mut WorkingSet,
+        data_dir: Option<String>,
         grace: Duration,
         drain_first: bool,
     ) -> OpFuture {
@@ -427,21 +437,25 @@ impl InstanceTask {
                 // Created again (idempotent) in case someone removed it, and reset: a crash may have left
                 // it frozen or squeezed.
                 let (driver, service, instance) = (ctx.driver.clone(), spec.name.clone(), id.clone());
-                let avoid = ctx.avoid.clone();
+                let cordoned = ctx.cordoned.clone();
+                let dirs = spec.data_dirs.clone();
+                let placed = id.clone();
                 let prepared = blocking(move || {
-                    let cg = driver.create(&service, &instance).map_err(|e| e.to_string())?;
-                    reset_cgroup(driver.as_ref(), &cg, &avoid.active_limit())?;
-                    Ok(cg)
+                    let cg = driver
+                        .create(&service, &instance)
+                        .map_err(|e| format!("cannot prepare its cgroups: {e}"))?;
+                    reset_cgroup(driver.as_ref(), &cg, &cordoned.active_limit())
+                        .map_err(|e| format!("cannot prepare its cgroups: {e}"))?;
+                    let dir = crate::placement::choose_data_dir(&dirs, &placed, &cordoned.devices())?;
+                    Ok((cg, dir))
                 })
                 .await;
-                let cg = match prepared {
-                    Ok(cg) => cg,
-                    Err(e) => {
-                        return Done::Plain(Event::SpawnFailed(format!("cannot prepare its cgroups: {e}")));
-                    }
+                let (cg, dir) = match prepared {
+                    Ok(prepared) => prepared,
+                    Err(e) => return Done::Plain(Event::SpawnFailed(e)),
                 };
-                match spawn_in_cgroup(ctx.driver.as_ref(), &id, &spec, port, &cg).await {
-                    Ok(child) => Done::Spawned(child),
+                match spawn_in_cgroup(ctx.driver.as_ref(), &id, &spec, port, dir.as_deref(), &cg).await {
+                    Ok(child) => Done::Spawned(child, dir),
                     Err(reason) => Done::Plain(Event::SpawnFailed(reason)),
                 }
             }),
@@ -461,7 +475,7 @@ impl InstanceTask {
                     Ok(())
                 })
                 .await;
-                if let Err(e) = run_hook(&id, &spec, port, Hook::PreHibernate).await {
+                if let Err(e) = run_hook(&id, &spec, port, data_dir.as_deref(), Hook::PreHibernate).await {
                     return Done::Plain(Event::HookFailed(e));
                 }
                 let result = blocking(move || {
@@ -479,7 +493,7 @@ impl InstanceTask {
                 Box::pin(async move {
                     let memory = ctx.memory.clone();
                     let driver = ctx.driver.clone();
-                    let avoid = ctx.avoid.clone();
+                    let avoid = ctx.cordoned.clone();
                     let report = match blocking(move || {
                         standby::wake_with(driver.as_ref(), memory.as_ref(), &cg, &ws, &avoid.active_limit())
                             .map_err(|e| e.to_string())
@@ -489,7 +503,7 @@ impl InstanceTask {
                         Ok(report) => report,
                         Err(e) => return Done::Plain(Event::WakeFailed(format!("waking `{id}`: {e}"))),
                     };
-                    if let Err(e) = run_hook(&id, &spec, port, Hook::PostWake).await {
+                    if let Err(e) = run_hook(&id, &spec, port, data_dir.as_deref(), Hook::PostWake).await {
                         return Done::Plain(Event::WakeFailed(e));
                     }
                     if let Err(e) = wait_ready(&spec.readiness, port, ready_timeout(&spec, &ctx)).await {
@@ -499,7 +513,7 @@ impl InstanceTask {
                 })
             }
             Op::Restore => Box::pin(async move {
-                match blocking(move || reset_cgroup(ctx.driver.as_ref(), &cg, &ctx.avoid.active_limit()))
+                match blocking(move || reset_cgroup(ctx.driver.as_ref(), &cg, &ctx.cordoned.active_limit()))
                     .await
                 {
                     Ok(()) => Done::Plain(Event::Restored),
@@ -554,9 +568,19 @@ fn drain(port: u16, timeout: Duration) {
     }
 }
 
-/// Replaces every `{port}` in env values.
-fn env_of(spec: &ServiceSpec, port: u16) -> impl Iterator<Item = (&String, String)> {
-    spec.env.iter().map(move |(k, v)| (k, v.replace(PORT_PLACEHOLDER, &port.to_string())))
+/// The service's env with `{port}` and `{data_dir}` replaced in the values, and Vigil's own variables.
+fn env_of<'a>(
+    spec: &'a ServiceSpec,
+    id: &'a str,
+    port: u16,
+    data_dir: Option<&'a str>,
+) -> impl Iterator<Item = (String, String)> + 'a {
+    let own = [
+        Some(("VIGIL_INSTANCE_ID".to_string(), id.to_string())),
+        Some(("VIGIL_PORT".to_string(), port.to_string())),
+        data_dir.map(|d| ("VIGIL_DATA_DIR".to_string(), d.to_string())),
+    ];
+    spec.env.iter().map(move |(k, v)| (k.clone(), fill(v, port, data_dir))).chain(own.into_iter().flatten())
 }
 
 /// Spawns `sh` holding on stdin, moves it into the instance's cgroups, then lets it exec the service.
@@ -565,16 +589,15 @@ async fn spawn_in_cgroup(
     id: &str,
     spec: &ServiceSpec,
     port: u16,
+    data_dir: Option<&str>,
     cg: &InstanceCgroup,
 ) -> Result<Child, String> {
     let mut cmd = ProcessCommand::new("sh");
     cmd.arg("-c")
         .arg(HOLD_SCRIPT)
         .arg("sh")
-        .args(substitute_port(&spec.command, port))
-        .envs(env_of(spec, port))
-        .env("VIGIL_INSTANCE_ID", id)
-        .env("VIGIL_PORT", port.to_string())
+        .args(substitute(&spec.command, port, data_dir))
+        .envs(env_of(spec, id, port, data_dir))
         .stdin(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
@@ -639,24 +662,26 @@ pub fn signal_group(pid: Option<u32>, signal: Signal) {
     }
 }
 
-/// Runs the instance's pre-hibernate or post-wake hook (port substituted, the service's env plus
-/// `VIGIL_INSTANCE_ID` and `VIGIL_PORT`), killed after [`HOOK_TIMEOUT`]. No hook configured is success.
-pub async fn run_hook(id: &str, spec: &ServiceSpec, port: u16, hook: Hook) -> Result<(), String> {
+/// Runs the instance's pre-hibernate or post-wake hook (port and data directory substituted, the
+/// service's env plus `VIGIL_INSTANCE_ID`, `VIGIL_PORT` and `VIGIL_DATA_DIR`), killed after
+/// [`HOOK_TIMEOUT`]. No hook configured is success.
+pub async fn run_hook(
+    id: &str,
+    spec: &ServiceSpec,
+    port: u16,
+    data_dir: Option<&str>,
+    hook: Hook,
+) -> Result<(), String> {
     let command = match hook {
         Hook::PreHibernate => &spec.pre_hibernate,
         Hook::PostWake => &spec.post_wake,
     };
     let Some(command) = command else { return Ok(()) };
-    let command = substitute_port(command, port);
+    let command = substitute(command, port, data_dir);
     let fail = |reason: String| format!("{} hook {command:?} of `{id}` failed: {reason}", hook.name());
     let Some((program, args)) = command.split_first() else { return Err(fail("empty command".into())) };
     let mut cmd = ProcessCommand::new(program);
-    cmd.args(args)
-        .envs(env_of(spec, port))
-        .env("VIGIL_INSTANCE_ID", id)
-        .env("VIGIL_PORT", port.to_string())
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    cmd.args(args).envs(env_of(spec, id, port, data_dir)).stdin(Stdio::null()).kill_on_drop(true);
     let mut child = cmd.spawn().map_err(|e| fail(format!("cannot start: {e}")))?;
     match tokio::time::timeout(HOOK_TIMEOUT, child.wait()).await {
         Ok(Ok(status)) if status.success() => Ok(()),
@@ -713,7 +738,20 @@ async fn probe_unbounded(readiness: &Readiness, port: u16) -> bool {
 
 /// Replaces every `{port}` in `args` with `port`.
 pub fn substitute_port(args: &[String], port: u16) -> Vec<String> {
-    args.iter().map(|a| a.replace(PORT_PLACEHOLDER, &port.to_string())).collect()
+    substitute(args, port, None)
+}
+
+/// Replaces every `{port}` in `args` with `port`, and every `{data_dir}` with `data_dir` when there is one.
+pub fn substitute(args: &[String], port: u16, data_dir: Option<&str>) -> Vec<String> {
+    args.iter().map(|a| fill(a, port, data_dir)).collect()
+}
+
+fn fill(text: &str, port: u16, data_dir: Option<&str>) -> String {
+    let text = text.replace(PORT_PLACEHOLDER, &port.to_string());
+    match data_dir {
+        Some(d) => text.replace(DATA_DIR_PLACEHOLDER, d),
+        None => text,
+    }
 }
 
 /// The status code of an HTTP/1.x status line (`HTTP/1.0 200 OK`).

@@ -1,7 +1,9 @@
 //! Where instances run, as the kernel sees it, and what workflows put off limits.
 //!
-//! - [`AvoidCpus`]: CPUs cordoned by a workflow. Instances started, restored or woken afterwards get every
-//!   online CPU but these (instead of no cpuset restriction), and `evacuate` moves running ones off them.
+//! - [`Cordoned`]: the CPUs and block devices cordoned by workflows. Instances started, restored or woken
+//!   afterwards get every online CPU but the cordoned ones (instead of no cpuset restriction), and
+//!   `evacuate` moves running ones off them; an instance starting takes the first of its service's
+//!   `data_dirs` that is not on a cordoned device ([`choose_data_dir`]).
 //! - [`Held`]: instances a workflow's `drain` took out of routing: the broker treats them as not ready
 //!   while the run that drained them holds them (it is unfinished or its cordon is in force).
 //! - [`on_cpu`] and [`on_device`]: the instances placed on a resource. A CPU: its cgroup's cpuset allows it
@@ -19,17 +21,21 @@ use vigil_core::values::{format_cpu_list, parse_cpu_list};
 /// Where the kernel lists CPUs and their `online` switches.
 pub const CPU_DIR: &str = "/sys/devices/system/cpu";
 
-/// CPUs no new, restored or woken instance may use. Cheap to clone; clones share the set.
+/// Block devices by name (`loop3`), each with the `major:minor` numbers of the disk and its partitions.
+pub type DeviceNumbers = BTreeMap<String, BTreeSet<(u32, u32)>>;
+
+/// The CPUs and devices no new, restored or woken instance may use. Cheap to clone; clones share the sets.
 #[derive(Clone, Debug, Default)]
-pub struct AvoidCpus {
+pub struct Cordoned {
     cpus: Arc<RwLock<BTreeSet<u32>>>,
+    devices: Arc<RwLock<DeviceNumbers>>,
     dir: Arc<OnceLock<PathBuf>>,
 }
 
-impl AvoidCpus {
+impl Cordoned {
     /// Reading the online CPUs under `dir` instead of [`CPU_DIR`] (tests).
-    pub fn with_dir(dir: PathBuf) -> AvoidCpus {
-        let a = AvoidCpus::default();
+    pub fn with_dir(dir: PathBuf) -> Cordoned {
+        let a = Cordoned::default();
         let _ = a.dir.set(dir);
         a
     }
@@ -38,16 +44,47 @@ impl AvoidCpus {
         self.dir.get().map_or(Path::new(CPU_DIR), PathBuf::as_path)
     }
 
-    /// Replaces the set; answers whether it changed.
+    /// Replaces the CPUs; answers whether they changed.
     pub fn set(&self, cpus: BTreeSet<u32>) -> bool {
-        let mut held = self.cpus.write().unwrap_or_else(|e| e.into_inner());
-        let changed = *held != cpus;
-        *held = cpus;
-        changed
+        replace(&self.cpus, cpus)
     }
 
     pub fn get(&self) -> BTreeSet<u32> {
         self.cpus.read().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Replaces the devices; answers whether they changed.
+    pub fn set_devices(&self, devices: DeviceNumbers) -> bool {
+        replace(&self.devices, devices)
+    }
+
+    pub fn devices(&self) -> DeviceNumbers {
+        self.devices.read().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    /// Takes the cordoned `resources` (`cpuN`, or a block device's name) as they are now, with each
+    /// device's numbers read under `sys`; logs what changed.
+    pub fn set_from<'a>(&self, resources: impl IntoIterator<Item = &'a str>, sys: &Path) {
+        let (mut cpus, mut devices) = (BTreeSet::new(), DeviceNumbers::new());
+        for r in resources {
+            match cpu_number(r) {
+                Some(c) => {
+                    cpus.insert(c);
+                }
+                None => {
+                    devices.insert(r.to_string(), block_dev_numbers(sys, r));
+                }
+            }
+        }
+        if self.set(cpus.clone()) {
+            let list = format_cpu_list(&cpus.iter().copied().collect::<Vec<_>>());
+            tracing::info!(cpus = %list, "cordoned CPUs changed: instances started or woken from now on avoid them");
+        }
+        let names: Vec<&str> = devices.keys().map(String::as_str).collect();
+        let names = names.join(",");
+        if self.set_devices(devices) {
+            tracing::info!(devices = %names, "cordoned devices changed: instances started from now on keep their data off them");
+        }
     }
 
     /// The CPU limit of an active instance: none, or (while CPUs are avoided) every online CPU but those.
@@ -74,6 +111,44 @@ impl AvoidCpus {
         }
     }
 }
+
+fn replace<T: PartialEq>(slot: &RwLock<T>, value: T) -> bool {
+    let mut held = slot.write().unwrap_or_else(|e| e.into_inner());
+    let changed = *held != value;
+    *held = value;
+    changed
+}
+
+/// The data directory of instance `instance_id` (`{instance_id}` in an entry is replaced): the first of
+/// `dirs` that exists or can be created and whose filesystem is not on one of the `cordoned` devices.
+/// `None` for a service without data directories; an error naming why each entry was passed over when
+/// none is left.
+pub fn choose_data_dir(
+    dirs: &[String],
+    instance_id: &str,
+    cordoned: &DeviceNumbers,
+) -> Result<Option<String>, String> {
+    if dirs.is_empty() {
+        return Ok(None);
+    }
+    let mut passed = Vec::new();
+    for d in dirs {
+        let dir = d.replace(INSTANCE_PLACEHOLDER, instance_id);
+        let meta = std::fs::create_dir_all(&dir).and_then(|()| std::fs::metadata(&dir));
+        match meta {
+            Ok(m) if !m.is_dir() => passed.push(format!("{dir} (not a directory)")),
+            Ok(m) => match cordoned.iter().find(|(_, n)| n.contains(&split_dev(m.dev()))) {
+                Some((device, _)) => passed.push(format!("{dir} (on cordoned {device})")),
+                None => return Ok(Some(dir)),
+            },
+            Err(e) => passed.push(format!("{dir} ({e})")),
+        }
+    }
+    Err(format!("no data directory is usable: {}", passed.join(", ")))
+}
+
+/// Replaced by the instance's id in `data_dirs` entries.
+pub const INSTANCE_PLACEHOLDER: &str = "{instance_id}";
 
 /// How many devices the host has, the circuit breaker's denominator: block devices (`SYS/block`, whole
 /// disks), online CPUs, network interfaces backed by a device (`SYS/class/net/*/device`) and memory
@@ -164,6 +239,11 @@ fn split_dev(dev: u64) -> (u32, u32) {
     (major as u32, minor as u32)
 }
 
+/// Whether the file or directory at `path` is on one of `devs` (false when it cannot be read).
+pub fn path_on(path: &Path, devs: &BTreeSet<(u32, u32)>) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| devs.contains(&split_dev(m.dev())))
+}
+
 /// Whether any of `pids` has its working directory, an open file, or the device node itself on one of
 /// `devs`, reading `PROC/PID/{cwd,fd/*}`. Processes that exit meanwhile are skipped.
 pub fn uses_devices(proc: &Path, pids: &[u32], devs: &BTreeSet<(u32, u32)>) -> bool {
@@ -205,6 +285,11 @@ impl Held {
         self.by_instance.write().unwrap_or_else(|e| e.into_inner()).insert(instance_id.to_string(), run_id);
     }
 
+    /// Lets `instance_id` go (it was moved off what its run drained it for).
+    pub fn release(&self, instance_id: &str) {
+        self.by_instance.write().unwrap_or_else(|e| e.into_inner()).remove(instance_id);
+    }
+
     /// Whether `instance_id` is out of routing now. Entries of runs that let go are dropped here.
     pub fn held(&self, instance_id: &str) -> bool {
         let run = self.by_instance.read().ok().and_then(|m| m.get(instance_id).copied());
@@ -244,7 +329,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("vigil-placement-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("online"), "0-3\n").unwrap();
-        let a = AvoidCpus::with_dir(dir.clone());
+        let a = Cordoned::with_dir(dir.clone());
         assert_eq!(a.active_limit(), CpuLimit::unlimited());
         assert!(a.set(BTreeSet::from([1])));
         assert!(!a.set(BTreeSet::from([1])));
@@ -252,6 +337,32 @@ mod tests {
         a.set(BTreeSet::from([0, 1, 2, 3]));
         assert_eq!(a.active_limit(), CpuLimit::unlimited());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_data_dir_on_a_cordoned_device_is_passed_over() {
+        let root = std::env::temp_dir().join(format!("vigil-data-dirs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dirs = vec![format!("{}/a/{{instance_id}}", root.display()), format!("{}/b", root.display())];
+        let first = format!("{}/a/db-0", root.display());
+        assert_eq!(choose_data_dir(&dirs, "db-0", &DeviceNumbers::new()), Ok(Some(first.clone())));
+        assert!(Path::new(&first).is_dir(), "created");
+        // The temp directory's filesystem, cordoned: both entries are on it.
+        let dev = split_dev(std::fs::metadata(&root).unwrap().dev());
+        let cordoned = DeviceNumbers::from([("sdz".to_string(), BTreeSet::from([dev]))]);
+        assert_eq!(
+            choose_data_dir(&dirs, "db-0", &cordoned),
+            Err(format!(
+                "no data directory is usable: {first} (on cordoned sdz), {}/b (on cordoned sdz)",
+                root.display()
+            ))
+        );
+        std::fs::write(root.join("file"), "").unwrap();
+        let file = vec![format!("{}/file", root.display()), dirs[1].clone()];
+        assert_eq!(choose_data_dir(&file, "db-0", &DeviceNumbers::new()), Ok(Some(dirs[1].clone())));
+        assert_eq!(choose_data_dir(&[], "db-0", &cordoned), Ok(None));
+        assert!(path_on(&root, &BTreeSet::from([dev])) && !path_on(&root, &BTreeSet::new()));
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -199,11 +199,19 @@ impl Healer {
         }
         reconcile(driver.as_ref(), &config.services, &slots)?;
         let standby_metrics = StandbyMetrics::default();
+        // What workflows cordoned before a restart is off limits from the first start on.
+        let cordoned = crate::placement::Cordoned::default();
+        let cordons = crate::workflow::store::Store::new(audit.database())
+            .cordons()
+            .map_err(crate::workflow::runner::RunnerError::from)?;
+        let sys = crate::workflow::host::HostPaths::default().sys;
+        cordoned.set_from(cordons.keys().map(String::as_str), &sys);
         let settings = Settings {
             policy: config.policy(),
             metrics: standby_metrics.clone(),
             stop_grace: config.healer.stop_grace.0,
             scaled: slots,
+            cordoned,
             ..Settings::default()
         };
         let supervisor = Supervisor::start_with(config.services.clone(), driver, settings)?;
@@ -664,6 +672,7 @@ impl Control for HealerControl {
                 port: i.port,
                 restarts: i.restarts,
                 last_failure: i.last_failure,
+                data_dir: i.data_dir,
             })
             .collect()
     }

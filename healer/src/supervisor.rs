@@ -82,6 +82,8 @@ pub struct InstanceInfo {
     pub last_failure: Option<String>,
     /// What the last hibernation and wake did.
     pub standby: Option<StandbyRecord>,
+    /// The data directory (one of the service's `data_dirs`) of its last start.
+    pub data_dir: Option<String>,
 }
 
 /// One managed instance as its task last published it, with its place in its service: what the
@@ -112,7 +114,7 @@ pub struct Settings {
     /// Services the autoscaler sizes, by name: their instances replace the fixed `instances` count.
     pub scaled: BTreeMap<String, ScaledSlots>,
     /// CPUs cordoned by workflows (shared with the workflow runtime).
-    pub avoid_cpus: crate::placement::AvoidCpus,
+    pub cordoned: crate::placement::Cordoned,
 }
 
 /// The instances of a service the autoscaler sizes.
@@ -133,7 +135,7 @@ impl Default for Settings {
             stop_grace: Duration::from_secs(10),
             ready_timeout: DEFAULT_READY_TIMEOUT,
             scaled: BTreeMap::new(),
-            avoid_cpus: crate::placement::AvoidCpus::default(),
+            cordoned: crate::placement::Cordoned::default(),
         }
     }
 }
@@ -215,7 +217,7 @@ impl Supervisor {
             stop_grace: settings.stop_grace,
             ready_timeout: settings.ready_timeout,
             board: Arc::new(Board::new()),
-            avoid: settings.avoid_cpus,
+            cordoned: settings.cordoned,
         });
         let mut created: Vec<(String, Arc<ServiceSpec>, u32, InstanceCgroup)> = Vec::new();
         for spec in specs {
@@ -349,6 +351,7 @@ impl Supervisor {
             version: slot.spec.version.clone(),
             last_failure: view.last_failure,
             standby: view.standby,
+            data_dir: view.data_dir,
         }
     }
 
@@ -391,8 +394,8 @@ impl Supervisor {
     }
 
     /// The CPUs cordoned by workflows, which starts, restores and wakes leave out.
-    pub fn avoid_cpus(&self) -> &crate::placement::AvoidCpus {
-        &self.inner.ctx.avoid
+    pub fn cordoned(&self) -> &crate::placement::Cordoned {
+        &self.inner.ctx.cordoned
     }
 
     pub fn cgroup(&self, id: &str) -> Option<InstanceCgroup> {
@@ -437,7 +440,8 @@ impl Supervisor {
     pub async fn run_hook(&self, id: &str, hook: Hook) -> Result<(), SupervisorError> {
         let slot =
             self.inner.slots.get(id).ok_or_else(|| SupervisorError::UnknownInstance { id: id.to_owned() })?;
-        crate::instance::run_hook(id, &slot.spec, slot.port, hook)
+        let data_dir = self.inner.ctx.board.view(id).and_then(|v| v.data_dir);
+        crate::instance::run_hook(id, &slot.spec, slot.port, data_dir.as_deref(), hook)
             .await
             .map_err(|reason| SupervisorError::Hook { id: id.to_owned(), hook: hook.name(), reason })
     }

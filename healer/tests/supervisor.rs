@@ -119,6 +119,7 @@ fn spec(name: &str, command: Vec<String>, port: u16, instances: u32, readiness: 
         serves: None,
         ready_timeout: None,
         scale: None,
+        data_dirs: Vec::new(),
     }
 }
 

@@ -1,7 +1,9 @@
 //! The remediation workflows over REST (issue contract): `GET /api/v1/workflows` (the workflows in force,
 //! the cordons and the newest runs with their steps), `POST /api/v1/workflows/{name}/run` (optional body
 //! of parameters: `{"device": "sdb"}`, plus `dry_run` and `reason`) answering `{"id": RUN_ID, ...}`,
-//! `GET /api/v1/workflows/runs/{id}`, and `POST /api/v1/workflows/runs/{id}/approve` and `/cancel`.
+//! `GET /api/v1/workflows/runs/{id}`, and `POST /api/v1/workflows/runs/{id}/approve` and `/cancel`; and
+//! `POST /api/v1/workflows/cordons/{resource}/uncordon` (optional body `{"reason": "..."}`): a person lifts
+//! a cordon whose run has ended (a failed run leaves its cordon in force).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,7 +25,7 @@ const MAX_RUNS: usize = 1000;
 fn error(e: RunnerError) -> ApiError {
     let message = e.to_string();
     match e {
-        RunnerError::UnknownWorkflow(_) | RunnerError::UnknownRun(_) => {
+        RunnerError::UnknownWorkflow(_) | RunnerError::UnknownRun(_) | RunnerError::NotCordoned(_) => {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
         }
         RunnerError::Conflict { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", message),
@@ -148,6 +150,36 @@ impl Api {
                 .map_err(error)?;
         Ok(run_json(&run))
     }
+
+    /// A person lifts the cordon on `resource`; answers the cordon that was in force.
+    pub async fn uncordon(&self, resource: &str, body: &[u8]) -> Result<Value, ApiError> {
+        let runner = runner(self)?;
+        let reason = parse_reason(body)?.unwrap_or_else(|| "lifted through the API".into());
+        let resource = resource.to_string();
+        let r = resource.clone();
+        let cordon = tokio::task::spawn_blocking(move || runner.uncordon(&r, &reason))
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(error)?;
+        Ok(json!({ "uncordoned": resource, "cordon": cordon }))
+    }
+}
+
+/// An optional `{"reason": "..."}` body.
+fn parse_reason(body: &[u8]) -> Result<Option<String>, ApiError> {
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", m);
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let usage = "give no body, or {\"reason\": \"...\"}";
+    match serde_json::from_slice::<Value>(body).map_err(|e| bad(format!("{e}; {usage}")))? {
+        Value::Object(map) if map.keys().all(|k| k == "reason") => match map.get("reason") {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(bad("`reason` must be a string".into())),
+        },
+        _ => Err(bad(usage.to_string())),
+    }
 }
 
 /// A run's parameters, whether it is a dry run, and why it was asked for.
@@ -219,6 +251,16 @@ pub(super) async fn get_run(
 ) -> Result<Json<Value>, ApiError> {
     api.authorize(&headers)?;
     api.workflow_run(run_id(&id)?).await.map(Json)
+}
+
+pub(super) async fn uncordon(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(resource): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    api.authorize(&headers)?;
+    api.uncordon(&resource, &body).await.map(Json)
 }
 
 pub(super) async fn decide(

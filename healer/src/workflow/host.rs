@@ -5,9 +5,10 @@
 //! - `drain`: the target instances leave the broker's routing ([`Held`]) while the run holds them, and the
 //!   step waits for the requests the broker has at them to finish.
 //! - `evacuate`: for a CPU, every running target instance whose cpuset allows it gets one without it (and
-//!   without the cordoned CPUs), the kernel moving its threads; `restart: true` then restarts them. Vigil
-//!   places instances on CPUs only: for a device the step fails saying so (drain them and restart or stop
-//!   them instead).
+//!   without the cordoned CPUs), the kernel moving its threads; `restart: true` then restarts them. For a
+//!   block device (which must be cordoned first), every target instance placed on it is restarted into
+//!   its service's next `data_dirs` entry off the cordoned devices, and the step checks that it left the
+//!   device; an instance whose service has no `data_dirs` cannot move, and the step fails naming it.
 //! - `cpu_offline` / `cpu_online`: `/sys/devices/system/cpu/cpuN/online`; the last online CPU is never
 //!   taken offline.
 //! - `run`: the command with its arguments filled in, with `VIGIL_*` variables for the run; its exit code,
@@ -22,7 +23,7 @@
 //! instances placed on the run's resource (its `device` or `cpu`: see [`crate::placement`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -169,7 +170,13 @@ impl HostSteps {
         if devs.is_empty() {
             return Err(format!("`{resource}` is neither a CPU (cpuN) nor a block device of this host"));
         }
-        Ok(running.filter(|i| placement::uses_devices(&self.paths.proc, &i.pids, &devs)).collect())
+        Ok(running.filter(|i| self.uses(i, &devs)).collect())
+    }
+
+    /// Whether instance `i` is on one of `devs`: its data directory, or its processes' files.
+    fn uses(&self, i: &InstanceInfo, devs: &BTreeSet<(u32, u32)>) -> bool {
+        i.data_dir.as_deref().is_some_and(|d| placement::path_on(Path::new(d), devs))
+            || placement::uses_devices(&self.paths.proc, &i.pids, devs)
     }
 
     async fn targets_off_runtime(&self, ctx: &StepCtx, t: &Targets) -> Result<Vec<InstanceInfo>, String> {
@@ -245,17 +252,84 @@ impl HostSteps {
         let Some(resource) = ctx.resource(None) else {
             return Err("evacuate needs the run's cpu (or device) to move instances off".into());
         };
-        let Some(cpu) = placement::cpu_number(&resource) else {
-            return Err(format!(
-                "`{resource}` is not a CPU: Vigil places instances on CPUs only, so it cannot move them off a \
-                 device; drain them, then restart or stop them"
-            ));
-        };
+        match placement::cpu_number(&resource) {
+            Some(cpu) => self.evacuate_cpu(ctx, t, restart, cpu).await,
+            None => self.evacuate_device(ctx, t, resource).await,
+        }
+    }
+
+    /// Restarts the target instances on `device` into their next data directory, and checks they left it.
+    async fn evacuate_device(&self, ctx: &StepCtx, t: &Targets, device: String) -> Result<Value, String> {
+        let (me, c, tt, dev) = (self.clone(), ctx.clone(), t.clone(), device.clone());
+        let (targets, devs) = blocking(move || {
+            let devs = placement::block_dev_numbers(&me.paths.sys, &dev);
+            if devs.is_empty() {
+                return Err(format!("`{dev}` is neither a CPU (cpuN) nor a block device of this host"));
+            }
+            if !me.supervisor.cordoned().devices().contains_key(&dev) {
+                return Err(format!(
+                    "`{dev}` is not cordoned: cordon it first (a `cordon` step before this one), so that the \
+                     instances restart elsewhere"
+                ));
+            }
+            let targets: Vec<InstanceInfo> = me
+                .targets(&c, &tt)?
+                .into_iter()
+                .filter(|i| i.state != InstanceState::Stopped && me.uses(i, &devs))
+                .collect();
+            for i in &targets {
+                if me.supervisor.spec(&i.id).is_none_or(|s| s.data_dirs.is_empty()) {
+                    return Err(format!(
+                        "`{}` uses {dev}, but its service `{}` has no data_dirs to move to: drain it, then \
+                         stop it",
+                        i.id, i.service
+                    ));
+                }
+            }
+            Ok((targets, devs))
+        })
+        .await?;
+        let mut moved = Vec::new();
+        for i in &targets {
+            let one = Targets { instance_id: Some(Arc::from(i.id.as_str())), service: None };
+            let restart = self.instance_action(ctx, Action::Restart, &one).await?;
+            moved.push((i.id.clone(), i.data_dir.clone(), restart));
+        }
+        let me = self.clone();
+        blocking(move || {
+            let mut out = Vec::new();
+            for (id, from, restart) in moved {
+                let now = me.supervisor.instance(&id).ok_or_else(|| format!("`{id}` is gone"))?;
+                if me.uses(&now, &devs) {
+                    return Err(format!(
+                        "`{id}` still uses {device} after its restart (data directory {}): its processes \
+                         have files there",
+                        now.data_dir.as_deref().unwrap_or("-")
+                    ));
+                }
+                // Off the failing device, it serves again (the drain held it for the device's sake).
+                me.held.release(&id);
+                out.push(json!({"instance_id": id, "from": from, "to": now.data_dir, "restart": restart}));
+            }
+            me.supervisor.nudge();
+            Ok(json!({"device": device, "moved": out}))
+        })
+        .await
+    }
+
+    /// Moves the target instances' cpusets off `cpu` (and restarts them, with `restart`).
+    async fn evacuate_cpu(
+        &self,
+        ctx: &StepCtx,
+        t: &Targets,
+        restart: bool,
+        cpu: u32,
+    ) -> Result<Value, String> {
         let targets = self.targets_off_runtime(ctx, t).await?;
         let (supervisor, paths) = (self.supervisor.clone(), self.paths.clone());
         let moved = blocking(move || {
             let driver = supervisor.driver();
-            let avoid = supervisor.avoid_cpus().get();
+            let avoid = supervisor.cordoned().get();
             let mut moved = Vec::new();
             for i in targets.iter().filter(|i| i.state == InstanceState::Active) {
                 let Some(cg) = supervisor.cgroup(&i.id) else { continue };
@@ -477,11 +551,8 @@ impl StepRunner for HostSteps {
     }
 
     fn changed(&self, cordons: &BTreeMap<String, Cordon>) {
-        let cpus: BTreeSet<u32> = cordons.keys().filter_map(|r| placement::cpu_number(r)).collect();
-        if self.supervisor.avoid_cpus().set(cpus.clone()) {
-            let list = format_cpu_list(&cpus.iter().copied().collect::<Vec<_>>());
-            tracing::info!(cpus = %list, "cordoned CPUs changed: instances started or woken from now on avoid them");
-        }
+        // A few short sysfs reads (no disk behind them): done here, so that the next start sees them.
+        self.supervisor.cordoned().set_from(cordons.keys().map(String::as_str), &self.paths.sys);
         // The instances placed on a cordoned device leave routing while the cordon holds (the run that
         // placed it holds them); reading their open files is work for a blocking thread.
         let devices: Vec<(String, u64)> = cordons

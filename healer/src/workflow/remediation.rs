@@ -84,9 +84,22 @@ impl Remediation {
             if !runner.holds(run.id) {
                 continue;
             }
+            // Those an evacuation moved off the run's device serve again.
+            let moved: Vec<&str> = run
+                .steps
+                .iter()
+                .filter(|s| s.kind == "evacuate")
+                .filter_map(|s| {
+                    s.output.as_ref().filter(|o| o.get("device").is_some())?.get("moved")?.as_array()
+                })
+                .flatten()
+                .filter_map(|m| m.get("instance_id")?.as_str())
+                .collect();
             for step in run.steps.iter().filter(|s| s.kind == "drain") {
                 let ids = step.output.as_ref().and_then(|o| o.get("held")).and_then(|h| h.as_array());
-                for id in ids.into_iter().flatten().filter_map(|v| v.as_str()) {
+                for id in
+                    ids.into_iter().flatten().filter_map(|v| v.as_str()).filter(|id| !moved.contains(id))
+                {
                     held.hold(id, run.id);
                 }
             }

@@ -134,6 +134,8 @@ pub enum RunnerError {
     UnknownRun(u64),
     #[error("run {id} is {state}: {what}")]
     Conflict { id: u64, state: &'static str, what: &'static str },
+    #[error("{0:?} is not cordoned")]
+    NotCordoned(String),
     #[error("{0}")]
     Refused(String),
     #[error("{0}")]
@@ -500,6 +502,48 @@ impl Runner {
     /// A person cancels run `id`.
     pub fn cancel(&self, id: u64) -> Result<RunRecord, RunnerError> {
         self.act_on(id, "cancel", "has already ended", |r, now| r.cancel("cancelled by a person", now))
+    }
+
+    /// A person lifts the cordon on `resource` (e.g. after the run that placed it failed): audited as a
+    /// decision of the run's workflow (`workflow:NAME`, action `uncordon`). Refused while that run is still
+    /// under way: it may lift the cordon itself, and needs it until then (cancel it first).
+    pub fn uncordon(&self, resource: &str, reason: &str) -> Result<Cordon, RunnerError> {
+        let inner = &self.inner;
+        let cordon =
+            self.cordons().get(resource).cloned().ok_or_else(|| RunnerError::NotCordoned(resource.into()))?;
+        let live = inner.live.lock().ok().and_then(|l| l.get(&cordon.run_id).cloned());
+        if let Some(state) = live.and_then(|l| l.record.lock().ok().map(|r| r.state)).filter(|s| !s.ended()) {
+            return Err(RunnerError::Conflict {
+                id: cordon.run_id,
+                state: state.as_str(),
+                what: "it placed this cordon and is still under way: cancel it first",
+            });
+        }
+        let workflow = inner.store.get(cordon.run_id)?.map(|r| r.workflow).unwrap_or_default();
+        let now = (inner.now)();
+        let decision = Decision {
+            unix_ms: now,
+            rule: format!("workflow:{workflow}"),
+            action: "uncordon",
+            service: String::new(),
+            instance_id: resource.to_string(),
+            held_seconds: now.saturating_sub(cordon.since_ms) as f64 / 1000.0,
+            inputs: Some(json!({ "run_id": cordon.run_id, "by": "api", "reason": reason })),
+            outcome: Outcome::Succeeded { seconds: 0.0 },
+        };
+        inner.audit.append_with(&decision, |tx, _| -> Result<(), RunnerError> {
+            Ok(Store::set_cordon(tx, resource, None)?)
+        })?;
+        let now = match inner.cordons.write() {
+            Ok(mut cordons) => {
+                cordons.remove(resource);
+                cordons.clone()
+            }
+            Err(_) => return Ok(cordon),
+        };
+        tracing::info!(resource, run = cordon.run_id, reason, "cordon lifted by a person");
+        inner.steps.changed(&now);
+        Ok(cordon)
     }
 
     /// Applies a person's `action` (audited as a decision of rule `workflow:NAME`) to a live run.

@@ -406,3 +406,38 @@ async fn a_run_holds_what_it_took_until_it_ends_and_its_cordon_is_lifted() {
     let last = fx.steps.seen_cordons.lock().unwrap().last().cloned().unwrap();
     assert_eq!(last, vec!["loop3".to_string()], "loop4's cordon is lifted, loop3's stays");
 }
+
+#[tokio::test]
+async fn a_person_lifts_the_cordon_of_an_ended_run_but_not_of_one_under_way() {
+    let fx = Fixture::new("uncordon");
+    let (runner, audit) = fx.runner(vec![repair()], Limits::default());
+    runner.resume().unwrap();
+    let run = runner.start(request("repair", "loop3")).unwrap();
+    until(&runner, run.id, "the approval", |r| r.state == RunState::Waiting).await;
+    let refused = runner.uncordon("loop3", "by hand").unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        format!("run {} is waiting: it placed this cordon and is still under way: cancel it first", run.id)
+    );
+    assert!(runner.cordoned("loop3"));
+    runner.cancel(run.id).unwrap();
+    until(&runner, run.id, "the cancel", |r| r.state.ended()).await;
+
+    let lifted = runner.uncordon("loop3", "disk replaced").unwrap();
+    assert_eq!(lifted.run_id, run.id);
+    assert!(!runner.cordoned("loop3") && !runner.holds(run.id), "lifted: the run holds nothing any more");
+    let last = fx.steps.seen_cordons.lock().unwrap().last().cloned().unwrap();
+    assert!(last.is_empty(), "the host was told: {last:?}");
+    assert_eq!(runner.uncordon("loop3", "again").unwrap_err().to_string(), "\"loop3\" is not cordoned");
+    let (_, d) = audit.recent(1).unwrap().pop().unwrap();
+    assert_eq!(
+        (&d["rule"], &d["action"], &d["instance_id"]),
+        (&json!("workflow:repair"), &json!("uncordon"), &json!("loop3"))
+    );
+    assert_eq!(d["inputs"]["reason"], "disk replaced");
+
+    // Lifted for good: a runtime over the same database after a restart has no cordon either.
+    drop(runner);
+    let (again, _) = fx.runner(vec![repair()], Limits::default());
+    assert!(again.cordons().is_empty());
+}
