@@ -315,3 +315,50 @@ fn a_person_lifts_the_cordon_a_failed_run_left_and_the_cpu_is_used_again() {
     let pid = vigil.active_pids("echo-0", Duration::from_secs(60))[0];
     assert_eq!(cpus_allowed(pid), online_cpus(), "every CPU again");
 }
+
+#[test]
+fn edited_workflow_files_are_reloaded_and_a_bad_edit_keeps_the_workflows_in_force() {
+    let scratch = Scratch::new("workflows-reload");
+    let base = free_ports(2);
+    let (api, app) = (base, base + 1);
+    let parent = CgroupParent::new("workflows-reload");
+    let one = "workflows:\n  - name: first\n    trigger: { manual: true }\n    steps:\n      - { name: ok, approve: {} }\n";
+    let wf = scratch.write("wf.yaml", one);
+    let rules = scratch.write(
+        "rules.yaml",
+        "rules:\n  - name: kick\n    when:\n      - state: [failed]\n    action: workflow\n    workflow: first\n",
+    );
+    let config = config_with_rules(&scratch, &parent, api, app, &wf, &format!("[{}]", rules.display()));
+    let mut vigil = Vigil::up(&scratch.0, "vigil", &config, ([127, 0, 0, 1], api).into(), None);
+    let names = |v: &Vigil| -> Vec<String> {
+        let w = v.get("/api/v1/workflows").expect("workflows");
+        w["workflows"].as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(names(&vigil), ["first"]);
+    let waiting = start(&vigil, "first", json!({}));
+    wait_run(&mut vigil, waiting, "waiting");
+
+    // A second workflow added: in force within a few ticks, and it runs.
+    std::fs::write(&wf, format!("{one}  - name: second\n    trigger: {{ manual: true }}\n    steps:\n      - {{ name: fix, run: {{ command: [\"true\"] }} }}\n")).unwrap();
+    wait_for("the reload", Duration::from_secs(60), || {
+        vigil.proc.assert_running();
+        (names(&vigil) == ["first", "second"]).then_some(())
+    });
+    let id = start(&vigil, "second", json!({}));
+    wait_run(&mut vigil, id, "succeeded");
+
+    // A mistake, then an edit that drops the workflow a rule starts: both refused, said in the log.
+    std::fs::write(&wf, "workflows:\n  - name: first\n    steps: [\n").unwrap();
+    wait_for("the refusal in the log", Duration::from_secs(60), || {
+        vigil.proc.log_text().contains("workflow files changed but have mistakes").then_some(())
+    });
+    std::fs::write(&wf, "workflows:\n  - name: second\n    trigger: { manual: true }\n    steps:\n      - { name: ok, approve: {} }\n").unwrap();
+    wait_for("the refusal of the edit", Duration::from_secs(60), || {
+        let log = vigil.proc.log_text();
+        log.contains("rule `kick` starts workflow `first`, which no workflow file declares").then_some(())
+    });
+    assert_eq!(names(&vigil), ["first", "second"], "the workflows in force stay");
+    // The run that waited all along still ends as its workflow says.
+    vigil.client.call("POST", &format!("/api/v1/workflows/runs/{waiting}/approve")).expect("approve");
+    wait_run(&mut vigil, waiting, "succeeded");
+}

@@ -74,13 +74,8 @@ fn rules_name_workflows(
     rules: &[rules::Rule],
     workflows: &[crate::workflow::Workflow],
 ) -> Result<(), HealerError> {
-    let known: BTreeSet<&str> = workflows.iter().map(|w| &*w.name).collect();
-    let missing: Vec<String> = rules
-        .iter()
-        .filter_map(|r| r.workflow.as_ref().filter(|w| !known.contains(&***w)).map(|w| (r, w)))
-        .map(|(r, w)| format!("rule `{}` starts workflow `{w}`, which no workflow file declares", r.name))
-        .collect();
-    if missing.is_empty() { Ok(()) } else { Err(HealerError::WorkflowFiles(missing.join("; "))) }
+    let known: BTreeSet<String> = workflows.iter().map(|w| w.name.to_string()).collect();
+    check_named(&named_workflows(rules), &known).map_err(HealerError::WorkflowFiles)
 }
 
 /// The configured rule files and what became of their last load. Files are re-read when one changes
@@ -88,21 +83,129 @@ fn rules_name_workflows(
 /// force, and its errors show in the log and in `GET /api/v1/rules`.
 struct RuleFiles {
     config: HealerConfig,
-    stamps: Vec<(std::path::PathBuf, Option<SystemTime>)>,
+    stamps: Stamps,
     status: Arc<Mutex<Value>>,
+    /// `(rule, workflow)` of the rules in force that start workflows.
+    named: Vec<(String, String)>,
+}
+
+/// Files with their modification times, to see a change.
+type Stamps = Vec<(std::path::PathBuf, Option<SystemTime>)>;
+
+fn stamps_of(files: Vec<std::path::PathBuf>) -> Stamps {
+    files
+        .into_iter()
+        .map(|f| {
+            let t = std::fs::metadata(&f).and_then(|m| m.modified()).ok();
+            (f, t)
+        })
+        .collect()
+}
+
+/// The configured workflow files, re-read like the rule files when one changes. A file with mistakes, or
+/// workflows that leave a rule's `workflow:` unknown, leave the workflows in force.
+struct WorkflowFiles {
+    config: HealerConfig,
+    stamps: Stamps,
+}
+
+impl WorkflowFiles {
+    fn stamps(config: &HealerConfig) -> Stamps {
+        stamps_of(config.workflow_files().unwrap_or_default())
+    }
+
+    fn changed(&self) -> bool {
+        Self::stamps(&self.config) != self.stamps
+    }
+
+    fn load(&mut self) -> Result<Vec<crate::workflow::Workflow>, String> {
+        self.stamps = Self::stamps(&self.config);
+        let sets = self.config.load_workflows().map_err(|e| e.to_string())?;
+        Ok(sets.into_iter().flat_map(|s| s.workflows).collect())
+    }
+}
+
+/// The files the step loop re-reads, and the runtime the workflows go to.
+struct Files {
+    rules: RuleFiles,
+    workflows: WorkflowFiles,
+    remediation: Remediation,
+}
+
+/// Re-reads the rule and workflow files that changed, and puts them in force when they load and every
+/// rule's `workflow:` names a workflow in force.
+fn reload_files(files: &mut Files, actions: &Actions) {
+    let Files { rules: rule_files, workflows: workflow_files, remediation } = files;
+    let (rules_changed, workflows_changed) = (rule_files.changed(), workflow_files.changed());
+    let workflows = match workflows_changed.then(|| workflow_files.load()) {
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "workflow files changed but have mistakes; the workflows in force stay");
+            None
+        }
+        Some(Ok(w)) => Some(w),
+        None => None,
+    };
+    let rules = match rules_changed.then(|| rule_files.load()) {
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "rule files changed but have mistakes; the last good rules stay in force");
+            None
+        }
+        Some(Ok(r)) => Some(r),
+        None => None,
+    };
+    if workflows.is_none() && rules.is_none() {
+        return;
+    }
+    let known: BTreeSet<String> = match &workflows {
+        Some(w) => w.iter().map(|w| w.name.to_string()).collect(),
+        None => remediation.runner().workflows().keys().cloned().collect(),
+    };
+    let named: Vec<(String, String)> = match &rules {
+        Some(r) => named_workflows(r),
+        None => rule_files.named.clone(),
+    };
+    if let Err(e) = check_named(&named, &known) {
+        tracing::warn!(error = %e, "the changed rule or workflow files do not fit together; the rules and workflows in force stay");
+        rule_files.reject(&e);
+        return;
+    }
+    if let Some(w) = workflows {
+        let names: Vec<&str> = w.iter().map(|w| &*w.name).collect();
+        tracing::info!(workflows = %names.join(", "), "workflow files changed: reloaded");
+        remediation.set_workflows(w);
+    }
+    if let Some(r) = rules {
+        tracing::info!(rules = r.len(), "rule files changed: reloaded");
+        rule_files.named = named;
+        actions.engine().replace_rules(r);
+    }
+}
+
+/// `(rule, workflow)` for every rule with `action: workflow`.
+fn named_workflows(rules: &[rules::Rule]) -> Vec<(String, String)> {
+    rules.iter().filter_map(|r| Some((r.name.to_string(), r.workflow.as_ref()?.to_string()))).collect()
+}
+
+/// Every workflow a rule names is in `known`.
+fn check_named(named: &[(String, String)], known: &BTreeSet<String>) -> Result<(), String> {
+    let missing: Vec<String> = named
+        .iter()
+        .filter(|(_, w)| !known.contains(w))
+        .map(|(r, w)| format!("rule `{r}` starts workflow `{w}`, which no workflow file declares"))
+        .collect();
+    if missing.is_empty() { Ok(()) } else { Err(missing.join("; ")) }
 }
 
 impl RuleFiles {
-    fn stamps(config: &HealerConfig) -> Vec<(std::path::PathBuf, Option<SystemTime>)> {
-        config
-            .rule_files()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|f| {
-                let t = std::fs::metadata(&f).and_then(|m| m.modified()).ok();
-                (f, t)
-            })
-            .collect()
+    fn stamps(config: &HealerConfig) -> Stamps {
+        stamps_of(config.rule_files().unwrap_or_default())
+    }
+
+    /// The last load was good but does not fit the workflows: said in the status.
+    fn reject(&self, why: &str) {
+        if let Ok(mut status) = self.status.lock() {
+            status["last_load"] = json!(format!("rejected: the last good rules stay in force: {why}"));
+        }
     }
 
     /// Loads every file; all must be valid. Updates the status either way.
@@ -172,11 +275,18 @@ impl Healer {
         traffic: Arc<dyn TrafficSource>,
     ) -> Result<Healer, HealerError> {
         let status = Arc::new(Mutex::new(json!({ "files": [], "dry_run": config.dry_run })));
-        let mut rule_files = RuleFiles { config: config.clone(), stamps: Vec::new(), status: status.clone() };
+        let mut rule_files = RuleFiles {
+            config: config.clone(),
+            stamps: Vec::new(),
+            status: status.clone(),
+            named: Vec::new(),
+        };
         // At start-up a bad rule file is an error: there are no last good rules to fall back on.
         let rule_list = rule_files.load().map_err(HealerError::RuleFiles)?;
+        let workflow_files = WorkflowFiles { config: config.clone(), stamps: WorkflowFiles::stamps(config) };
         let workflows = load_workflows(config)?;
         rules_name_workflows(&rule_list, &workflows)?;
+        rule_files.named = named_workflows(&rule_list);
         if rule_files.stamps.is_empty() {
             tracing::warn!("no rule files found; the healer decides nothing until rules are configured");
         }
@@ -261,7 +371,7 @@ impl Healer {
             actions.clone(),
             supervisor.clone(),
             traffic,
-            rule_files,
+            Files { rules: rule_files, workflows: workflow_files, remediation: remediation.clone() },
             alerts.clone(),
         ));
         Ok(Healer {
@@ -442,7 +552,7 @@ async fn step_loop(
     actions: Arc<Actions>,
     supervisor: Supervisor,
     traffic: Arc<dyn TrafficSource>,
-    mut rule_files: RuleFiles,
+    mut files: Files,
     alerts: Arc<AlertStore>,
 ) {
     let mut last = Instant::now();
@@ -459,17 +569,11 @@ async fn step_loop(
         last = Instant::now();
         let (sup, traffic_source, engine_actions) = (supervisor.clone(), traffic.clone(), actions.clone());
         let alerts = alerts.clone();
-        // Reading the instances' cgroups, /proc/net/tcp and rule files blocks: off the async workers. The
-        // engine's lock is held for the evaluation only.
+        // Reading the instances' cgroups, /proc/net/tcp and rule and workflow files blocks: off the async
+        // workers. The engine's lock is held for the evaluation only.
         let evaluated = tokio::task::spawn_blocking(move || {
-            if reload && rule_files.changed() {
-                match rule_files.load() {
-                    Ok(new_rules) => {
-                        tracing::info!(rules = new_rules.len(), "rule files changed: reloaded");
-                        engine_actions.engine().replace_rules(new_rules);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "rule files changed but have mistakes; the last good rules stay in force"),
-                }
+            if reload {
+                reload_files(&mut files, &engine_actions);
             }
             let instances = sup.instances();
             let mut signals = Signals::new();
@@ -488,12 +592,12 @@ async fn step_loop(
             {
                 tracing::error!(error = %e, "cannot queue the resolution of notify alerts");
             }
-            (proposals, rule_files)
+            (proposals, files)
         })
         .await;
         let proposals = match evaluated {
-            Ok((proposals, files)) => {
-                rule_files = files;
+            Ok((proposals, returned)) => {
+                files = returned;
                 proposals
             }
             Err(e) => {
@@ -818,7 +922,7 @@ mod tests {
         std::fs::write(&file, good).unwrap();
         let config = HealerConfig { rules: vec![dir.clone()], ..HealerConfig::default() };
         let status = Arc::new(Mutex::new(json!({})));
-        let mut files = RuleFiles { config, stamps: Vec::new(), status: status.clone() };
+        let mut files = RuleFiles { config, stamps: Vec::new(), status: status.clone(), named: Vec::new() };
         assert_eq!(files.load().unwrap().len(), 1);
         assert!(!files.changed());
 

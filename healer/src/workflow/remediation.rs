@@ -107,6 +107,13 @@ impl Remediation {
         Ok(Remediation { runner, host, held, triggers, alerts, actions })
     }
 
+    /// Puts reloaded workflows in force: new runs and triggers use them; runs under way go on if their
+    /// workflow still fits them (see [`Runner::set_workflows`]).
+    pub fn set_workflows(&self, workflows: Vec<Workflow>) {
+        self.lock_triggers().replace(&workflows);
+        self.runner.set_workflows(workflows);
+    }
+
     pub fn runner(&self) -> &Runner {
         &self.runner
     }

@@ -77,6 +77,33 @@ impl Triggers {
         }
     }
 
+    /// The workflows changed (a reload). What a workflow with the same name and trigger had seen (its
+    /// recent events, its matching alerts) carries over, as do device health and the cooldowns; a new or
+    /// changed trigger starts afresh.
+    pub fn replace(&mut self, workflows: &[Workflow]) {
+        let mut next = Triggers::new(workflows);
+        let kept: HashMap<usize, usize> = next
+            .workflows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| {
+                let old = self.workflows.iter().position(|o| o.name == w.name && o.trigger == w.trigger)?;
+                Some((old, i))
+            })
+            .collect();
+        for (&old, &i) in &kept {
+            next.firing[i] = std::mem::take(&mut self.firing[old]);
+        }
+        next.bursts = self
+            .bursts
+            .drain()
+            .filter_map(|((old, device), burst)| Some(((*kept.get(&old)?, device), burst)))
+            .collect();
+        next.health = std::mem::take(&mut self.health);
+        next.started = std::mem::take(&mut self.started);
+        *self = next;
+    }
+
     /// A hardware event of `kind` on `device` at `at`.
     pub fn on_event(&mut self, device: &str, kind: &str, at: Duration) -> Vec<StartRun> {
         self.on_event_seen(device, kind, at, at)
@@ -377,6 +404,34 @@ mod tests {
         // One fresh error is one: the old ones were not counted.
         assert!(t.on_event_seen("loop3", "io_error", secs(3600), secs(3600)).is_empty());
         assert_eq!(t.on_event_seen("loop3", "io_error", secs(3601), secs(3601)).len(), 1);
+    }
+
+    #[test]
+    fn a_reload_keeps_what_an_unchanged_trigger_saw_and_the_cooldowns() {
+        let mut t = Triggers::new(&[
+            workflow("disk", burst(2, 60, None), 600),
+            workflow("old", burst(2, 60, None), 0),
+        ]);
+        assert!(t.on_event("loop3", "io_error", secs(0)).is_empty());
+        assert_eq!(t.on_event("sda", "io_error", secs(1)).len(), 0);
+        assert_eq!(t.on_event("sda", "io_error", secs(2)).len(), 2, "both workflows start for sda");
+        // `disk` kept as it was (moved to another place in the list), `old` gone, `new` added.
+        t.replace(&[workflow("new", burst(2, 60, None), 0), workflow("disk", burst(2, 60, None), 600)]);
+        let runs = t.on_event("loop3", "io_error", secs(10));
+        assert_eq!(
+            runs.iter().map(|r| r.workflow.as_ref()).collect::<Vec<_>>(),
+            ["disk"],
+            "its first event counted"
+        );
+        assert!(
+            t.on_event("sda", "io_error", secs(20)).is_empty(),
+            "disk is cooling down on sda; new saw one"
+        );
+        // A changed trigger starts afresh.
+        t.replace(&[workflow("disk", burst(3, 60, None), 600)]);
+        assert!(t.on_event("loop4", "io_error", secs(30)).is_empty());
+        assert!(t.on_event("loop4", "io_error", secs(31)).is_empty());
+        assert_eq!(t.on_event("loop4", "io_error", secs(32)).len(), 1);
     }
 
     #[test]
