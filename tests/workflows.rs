@@ -236,9 +236,17 @@ fn cpu_offline_and_online_switch_a_real_cpu_and_a_dry_run_switches_nothing() {
     let run = wait_run(&mut vigil, id, "waiting");
     assert_eq!(step(&run, "off")["output"]["online"], false, "{run:#}");
     assert_eq!(std::fs::read_to_string("/sys/devices/system/cpu/cpu1/online").unwrap().trim(), "0");
+    let pid = vigil.active_pids("echo-0", Duration::from_secs(60))[0];
+    assert_eq!(cpus_allowed(pid), "0", "the kernel took CPU 1 from the instance");
     vigil.client.call("POST", &format!("/api/v1/workflows/runs/{id}/approve")).expect("approve");
-    wait_run(&mut vigil, id, "succeeded");
+    let run = wait_run(&mut vigil, id, "succeeded");
     assert_eq!(online_cpus(), before);
+    // Back online, the instance has every CPU again (on hybrid hosts its v1 cpusets had lost it for good).
+    assert_eq!(step(&run, "on")["output"]["widened"], json!(["echo-0"]), "{run:#}");
+    assert_eq!(cpus_allowed(pid), before);
+    vigil.client.call("POST", "/api/v1/instances/echo-0/restart?wait=60s").expect("restart");
+    let pid = vigil.active_pids("echo-0", Duration::from_secs(60))[0];
+    assert_eq!(cpus_allowed(pid), before, "and so does a new start");
 }
 
 #[test]

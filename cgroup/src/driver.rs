@@ -163,6 +163,13 @@ pub trait CgroupDriver: Send + Sync {
     /// Removes the instance's cgroups (and the service's, once empty). Kills nothing: fails with
     /// [`CgroupDriverError::NotEmpty`] while processes remain.
     fn remove(&self, cg: &InstanceCgroup) -> Result<(), CgroupDriverError>;
+    /// After a CPU came back online: the levels Vigil made above the instance (its parent and the
+    /// service's directory) get their parents' CPUs again, so that [`CpuLimit::unlimited`] means every
+    /// CPU once more. v1 cpusets lose an offlined CPU for good; v2 ones get it back by themselves, so this
+    /// does nothing there.
+    fn cpus_back(&self, _cg: &InstanceCgroup) -> Result<(), CgroupDriverError> {
+        Ok(())
+    }
 }
 
 /// Where a driver creates instance cgroups.
@@ -486,6 +493,22 @@ impl CgroupDriver for HybridDriver {
 
     fn remove(&self, cg: &InstanceCgroup) -> Result<(), CgroupDriverError> {
         remove_instance(self, cg)
+    }
+
+    fn cpus_back(&self, cg: &InstanceCgroup) -> Result<(), CgroupDriverError> {
+        let top = join_rel(&self.cpuset.mount, &self.cpuset.parent_rel);
+        if top == self.cpuset.mount {
+            // The hierarchy's root follows the online CPUs itself, and is not Vigil's.
+            return Ok(());
+        }
+        for dir in [top.clone(), top.join(&cg.service)] {
+            let parent = dir.parent().unwrap_or(&dir).to_path_buf();
+            let wide = read_trimmed(&parent.join("cpuset.cpus"))?;
+            if read_trimmed(&dir.join("cpuset.cpus"))? != wide {
+                write_file(&dir.join("cpuset.cpus"), &wide)?;
+            }
+        }
+        Ok(())
     }
 }
 

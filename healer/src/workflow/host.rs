@@ -373,7 +373,7 @@ impl HostSteps {
                 .map_err(|_| format!("`{c}` is not a CPU number"))?,
             None => return Err("the step names no cpu and the run has none".into()),
         };
-        let dir = self.paths.cpu.clone();
+        let (dir, me) = (self.paths.cpu.clone(), self.clone());
         blocking(move || {
             let path = dir.join(format!("cpu{cpu}/online"));
             let was = std::fs::read_to_string(&path)
@@ -390,9 +390,34 @@ impl HostSteps {
             }
             std::fs::write(&path, if online { "1" } else { "0" })
                 .map_err(|e| format!("writing {}: {e}", path.display()))?;
-            Ok(json!({"cpu": cpu, "was_online": was_online, "online": online}))
+            let mut out = json!({"cpu": cpu, "was_online": was_online, "online": online});
+            if online {
+                out["widened"] = json!(me.cpus_back()?);
+            }
+            Ok(out)
         })
         .await
+    }
+
+    /// A CPU came back: Vigil's cgroup levels get it again (v1 cpusets lost it), and every active
+    /// instance gets the CPUs an instance starting now would (every online CPU but the cordoned ones).
+    /// Answers the instances widened.
+    fn cpus_back(&self) -> Result<Vec<String>, String> {
+        let driver = self.supervisor.driver();
+        let limit = self.supervisor.cordoned().active_limit();
+        let mut widened = Vec::new();
+        for i in self.supervisor.instances() {
+            let Some(cg) = self.supervisor.cgroup(&i.id) else { continue };
+            driver.cpus_back(&cg).map_err(|e| format!("giving the CPU back to `{}`'s cgroups: {e}", i.id))?;
+            if i.state != InstanceState::Active {
+                continue;
+            }
+            let now = driver.cpu(&cg).map_err(|e| format!("the CPUs of `{}`: {e}", i.id))?;
+            let want = CpuLimit { cpus: limit.cpus.clone(), quota: now.quota };
+            driver.set_cpu(&cg, &want).map_err(|e| format!("widening `{}`: {e}", i.id))?;
+            widened.push(i.id);
+        }
+        Ok(widened)
     }
 
     async fn run_command(&self, ctx: &StepCtx, command: &[Arc<str>]) -> Result<Value, String> {
