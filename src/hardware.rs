@@ -100,18 +100,10 @@ async fn report(
         Ok(r) => r,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     };
-    let mut body = serde_json::to_value(&r).unwrap_or(Value::Null);
-    if let Some(device) = q.device {
-        let Some(d) = r.devices.iter().find(|d| d.device == device) else {
-            return error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no errors were seen on `{device}`: it is healthy as far as Vigil knows"),
-            );
-        };
-        body["devices"] = json!([d]);
+    match r.to_json(q.device.as_deref()) {
+        Ok(body) => Json(body).into_response(),
+        Err(message) => error(StatusCode::NOT_FOUND, "not_found", message),
     }
-    Json(body).into_response()
 }
 
 /// `GET /api/v1/hardware[?device=NAME]`, behind the listener's bearer token.

@@ -24,8 +24,13 @@ fn a_python_grpc_client_calls_every_operation_and_watches_the_decisions() {
     let base = free_ports(6);
     let (http, grpc, broker, trigger, echo, lazy) = (base, base + 1, base + 2, base + 3, base + 4, base + 5);
     let server = r#"["python3", "-m", "http.server", "--bind", "127.0.0.1", "{port}"]"#;
+    let workflows = scratch.write(
+        "wf.yaml",
+        "workflows:\n  - name: probe\n    trigger: { manual: true }\n    steps:\n      - { name: cordon, cordon: {} }\n      - { name: ok, approve: {}, after: [cordon] }\n      - { name: fix, run: { command: [\"false\"] }, after: [ok] }\n",
+    );
     let config = format!(
-        "data_dir: {data}\nrules: []\nhttp: {{ listen: 127.0.0.1:{http}, token: {TOKEN} }}\n\
+        "data_dir: {data}\nrules: []\nworkflows: [{wf}]\nhardware: {{ enabled: true, kmsg_backlog: false }}\n\
+         http: {{ listen: 127.0.0.1:{http}, token: {TOKEN} }}\n\
          grpc: {{ listen: 127.0.0.1:{grpc} }}\n\
          collector:\n  watch: {{ include: [{parent}], managed_root: {parent} }}\n\
          healer: {{ cgroup_parent: {parent}, stop_grace: 2s, max_actions_per_minute: 200 }}\n\
@@ -34,6 +39,7 @@ fn a_python_grpc_client_calls_every_operation_and_watches_the_decisions() {
          \x20 - {{ name: echo, command: {server}, port: {echo}, readiness: {{ http: / }} }}\n\
          \x20 - {{ name: lazy, command: {server}, port: {lazy}, readiness: {{ http: / }}, start: on_demand }}\n",
         data = scratch.path("data").display(),
+        wf = workflows.display(),
     );
     let config = scratch.write("vigil.yaml", &config);
     let mut vigil = Vigil::up(&scratch.0, "vigil", &config, ([127, 0, 0, 1], http).into(), Some(TOKEN));

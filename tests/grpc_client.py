@@ -57,10 +57,12 @@ def expect_code(code, call, *args, **kwargs):
 
 
 def wait_until(what, condition, timeout=30.0):
+    """Polls `condition` until it gives a true value, and answers that value."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if condition():
-            return
+        value = condition()
+        if value:
+            return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -254,6 +256,84 @@ def main():
     replay.stop()
     watcher.stop()
     log(f"every operation: ok ({len(seen)} decisions watched)")
+    check_workflows_and_hardware(stub)
+
+
+def kmsg(line):
+    """Writes one record to the kernel log (root), in a file opened afresh: the kernel takes at most 10
+    records per 5 s from one open /dev/kmsg."""
+    with open("/dev/kmsg", "w") as f:
+        f.write(line + "\n")
+
+
+def check_workflows_and_hardware(stub):
+    """The workflow operations and the hardware report; run after the decision watch ended (the runs'
+    steps are decisions too)."""
+    listed = stub.ListWorkflows(pb.ListWorkflowsRequest(), metadata=AUTH)
+    assert [w.name for w in listed.workflows] == ["probe"], listed
+    probe = listed.workflows[0]
+    assert [(s.name, s.kind) for s in probe.steps] == [("cordon", "cordon"), ("ok", "approve"), ("fix", "run")], probe
+    assert list(probe.steps[2].after) == ["ok"] and not probe.steps[2].idempotent, probe.steps[2]
+    assert '"manual":true' in probe.trigger_json, probe.trigger_json
+    expect_code(grpc.StatusCode.NOT_FOUND, stub.RunWorkflow, pb.RunWorkflowRequest(name="nope"), metadata=AUTH)
+    expect_code(grpc.StatusCode.INVALID_ARGUMENT, stub.RunWorkflow,
+                pb.RunWorkflowRequest(name="probe", params={"run_id": "1"}), metadata=AUTH)
+    expect_code(grpc.StatusCode.NOT_FOUND, stub.GetWorkflowRun, pb.WorkflowRunRequest(id=999999), metadata=AUTH)
+
+    plan = stub.RunWorkflow(pb.RunWorkflowRequest(name="probe", params={"device": "vigilgrpc0"}, dry_run=True),
+                            metadata=AUTH)
+    assert plan.dry_run and plan.params["device"] == "vigilgrpc0", plan
+    run = stub.RunWorkflow(pb.RunWorkflowRequest(name="probe", params={"device": "vigilgrpc0"}, reason="by gRPC"),
+                           metadata=AUTH)
+    assert run.id > plan.id and run.source == "api" and run.reason == "by gRPC", run
+    get = lambda: stub.GetWorkflowRun(pb.WorkflowRunRequest(id=run.id), metadata=AUTH)
+    waiting = wait_until("the run to wait for approval", lambda: (r := get()).state == "waiting" and r)
+    assert [s.state for s in waiting.steps] == ["succeeded", "waiting", "pending"], waiting
+    assert '"cordoned":"vigilgrpc0"' in waiting.steps[0].output_json, waiting.steps[0]
+    cordons = stub.ListWorkflows(pb.ListWorkflowsRequest(limit=5), metadata=AUTH).cordons
+    assert [(c.resource, c.run_id) for c in cordons] == [("vigilgrpc0", run.id)], cordons
+    e = expect_code(grpc.StatusCode.FAILED_PRECONDITION, stub.Uncordon,
+                    pb.UncordonRequest(resource="vigilgrpc0"), metadata=AUTH)
+    assert "still under way" in e.details(), e.details()
+    approved = stub.ApproveWorkflowRun(pb.WorkflowRunRequest(id=run.id), metadata=AUTH)
+    assert approved.steps[1].state == "succeeded", approved
+    failed = wait_until("the run to fail at its command", lambda: (r := get()).state == "failed" and r)
+    assert failed.steps[2].error and failed.ended_ms >= failed.created_ms, failed
+    expect_code(grpc.StatusCode.FAILED_PRECONDITION, stub.CancelWorkflowRun,
+                pb.WorkflowRunRequest(id=run.id), metadata=AUTH)
+    # The failed run left its cordon: a person lifts it.
+    lifted = stub.Uncordon(pb.UncordonRequest(resource="vigilgrpc0", reason="checked"), metadata=AUTH)
+    assert lifted.resource == "vigilgrpc0" and lifted.cordon.run_id == run.id, lifted
+    assert not stub.ListWorkflows(pb.ListWorkflowsRequest(), metadata=AUTH).cordons
+    expect_code(grpc.StatusCode.NOT_FOUND, stub.Uncordon, pb.UncordonRequest(resource="vigilgrpc0"), metadata=AUTH)
+    other = stub.RunWorkflow(pb.RunWorkflowRequest(name="probe", params={"device": "vigilgrpc1"}), metadata=AUTH)
+    cancelled = stub.CancelWorkflowRun(pb.WorkflowRunRequest(id=other.id), metadata=AUTH)
+    wait_until("the cancel", lambda: stub.GetWorkflowRun(pb.WorkflowRunRequest(id=other.id), metadata=AUTH).state
+               == "cancelled")
+    assert cancelled.id == other.id
+    stub.Uncordon(pb.UncordonRequest(resource="vigilgrpc1"), metadata=AUTH)
+
+    # Two kernel I/O error records on a device of the test's own: counted exactly, degraded.
+    device = f"vigilgrpc{os.getpid()}"
+    expect_code(grpc.StatusCode.NOT_FOUND, stub.GetHardware, pb.GetHardwareRequest(device=device), metadata=AUTH)
+    for sector in (8, 16):
+        kmsg(f"<3>I/O error, dev {device}, sector {sector} op 0x0:(READ) flags 0x0 phys_seg 1 prio class 2")
+
+    def seen():
+        try:
+            hw = stub.GetHardware(pb.GetHardwareRequest(device=device), metadata=AUTH)
+        except grpc.RpcError:
+            return None
+        return hw if hw.devices[0].errors["io_error"] == 2 else None
+
+    hw = wait_until("the two records", seen)
+    d = hw.devices[0]
+    assert (d.device, d.state) == (device, "degraded") and d.since_unix_ms > 0 and d.reason, d
+    everything = stub.GetHardware(pb.GetHardwareRequest(), metadata=AUTH)
+    assert device in [x.device for x in everything.devices], everything.devices
+    kmsg_source = next(x for x in everything.sources if x.name == "kmsg")
+    assert kmsg_source.available, everything.sources
+    log("workflows and hardware: ok")
 
 
 if __name__ == "__main__":

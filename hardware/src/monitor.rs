@@ -60,6 +60,23 @@ pub struct HardwareReport {
     pub quiet_seconds: u64,
 }
 
+impl HardwareReport {
+    /// The report as `GET /api/v1/hardware[?device=]` answers it: with `device`, that device only, or why
+    /// it is not listed.
+    pub fn to_json(&self, device: Option<&str>) -> Result<serde_json::Value, String> {
+        let mut body = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        if let Some(device) = device {
+            let Some(d) = self.devices.iter().find(|d| d.device == device) else {
+                return Err(format!(
+                    "no errors were seen on `{device}`: it is healthy as far as Vigil knows"
+                ));
+            };
+            body["devices"] = serde_json::json!([d]);
+        }
+        Ok(body)
+    }
+}
+
 struct Shared {
     health: Mutex<HealthTracker>,
     events: broadcast::Sender<HardwareEvent>,

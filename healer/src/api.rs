@@ -147,6 +147,8 @@ pub struct Api {
     alert_secret: Option<vigil_core::config::Secrets>,
     /// The remediation workflows' runtime (`/api/v1/workflows`).
     workflows: Option<crate::workflow::runner::Runner>,
+    /// The hardware monitor, for gRPC's `GetHardware` (REST's `/api/v1/hardware` is served beside it).
+    hardware: Option<vigil_hardware::HardwareHandle>,
 }
 
 /// The state of an instance Vigil did not start: it is seen, not run, so none of the managed lifecycle
@@ -261,12 +263,34 @@ impl Api {
             alerts: Arc::new(AlertStore::in_memory()),
             alert_secret: None,
             workflows: None,
+            hardware: None,
         })
     }
 
     /// The same operations over the healer's alert store (by default an empty one kept in memory). Call it
     /// on the `Api` just made, before it is shared.
     /// With `secret`, a payload must carry a Standard Webhooks signature by one of its keys.
+    /// The hardware monitor's reports. Call it on the `Api` just made, before it is shared.
+    pub fn with_hardware(self: Arc<Api>, hardware: Option<vigil_hardware::HardwareHandle>) -> Arc<Api> {
+        let mut api = Arc::into_inner(self).expect("with_hardware is called before the Api is shared");
+        api.hardware = hardware;
+        Arc::new(api)
+    }
+
+    /// The hardware report as `GET /api/v1/hardware[?device=]` answers it.
+    pub async fn hardware(&self, device: Option<String>) -> Result<Value, ApiError> {
+        let Some(h) = self.hardware.clone() else {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no hardware monitor runs here (config hardware.enabled)",
+            ));
+        };
+        // The report reads the monitor's state under its lock: short, but not on the async workers.
+        let report = tokio::task::spawn_blocking(move || h.report()).await.map_err(ApiError::internal)?;
+        report.to_json(device.as_deref()).map_err(|m| ApiError::new(StatusCode::NOT_FOUND, "not_found", m))
+    }
+
     pub fn with_alerts(
         self: Arc<Api>,
         alerts: Arc<AlertStore>,

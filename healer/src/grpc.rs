@@ -240,12 +240,7 @@ fn service_of(v: &Value) -> pb::Service {
 
 fn alert_of(v: &Value) -> pb::Alert {
     use pb::alert::Scope;
-    let map = |key: &str| -> std::collections::HashMap<String, String> {
-        v[key]
-            .as_object()
-            .map(|o| o.iter().map(|(k, x)| (k.clone(), x.as_str().unwrap_or_default().to_string())).collect())
-            .unwrap_or_default()
-    };
+    let map = |key: &str| strings(v, key);
     let scope = match &v["scope"] {
         Value::Object(o) => match (o.get("instance_id"), o.get("service")) {
             (Some(id), _) => Some(Scope::ScopeInstanceId(id.as_str().unwrap_or_default().to_string())),
@@ -271,6 +266,98 @@ fn alert_of(v: &Value) -> pb::Alert {
     }
 }
 
+/// The string values of the object at `key`.
+fn strings(v: &Value, key: &str) -> std::collections::HashMap<String, String> {
+    v[key]
+        .as_object()
+        .map(|o| o.iter().map(|(k, x)| (k.clone(), x.as_str().unwrap_or_default().to_string())).collect())
+        .unwrap_or_default()
+}
+
+fn workflow_of(v: &Value) -> pb::Workflow {
+    pb::Workflow {
+        name: text(v, "name"),
+        file: text(v, "file"),
+        trigger_json: json_text(v, "trigger"),
+        cooldown_seconds: float(v, "cooldown_seconds"),
+        params: strings(v, "params"),
+        steps: array(v, "steps")
+            .map(|s| pb::WorkflowStep {
+                name: text(s, "name"),
+                kind: text(s, "kind"),
+                after: array(s, "after").filter_map(|a| a.as_str().map(str::to_string)).collect(),
+                timeout_seconds: s["timeout_seconds"].as_f64(),
+                retries: uint32(s, "retries"),
+                idempotent: s["idempotent"].as_bool().unwrap_or(false),
+            })
+            .collect(),
+    }
+}
+
+fn cordon_of(resource: &str, c: &Value) -> pb::Cordon {
+    pb::Cordon {
+        resource: resource.to_string(),
+        run_id: uint(c, "run_id"),
+        since_ms: uint(c, "since_ms"),
+        reason: text(c, "reason"),
+    }
+}
+
+fn run_of(v: &Value) -> pb::WorkflowRun {
+    pb::WorkflowRun {
+        id: uint(v, "id"),
+        workflow: text(v, "workflow"),
+        params: strings(v, "params"),
+        source: text(v, "source"),
+        reason: text(v, "reason"),
+        state: text(v, "state"),
+        message: opt_text(v, "message"),
+        dry_run: v["dry_run"].as_bool().unwrap_or(false),
+        created_ms: uint(v, "created_ms"),
+        ended_ms: v["ended_ms"].as_u64(),
+        steps: array(v, "steps")
+            .map(|s| pb::WorkflowRunStep {
+                name: text(s, "name"),
+                kind: text(s, "kind"),
+                state: text(s, "state"),
+                attempt: uint32(s, "attempt"),
+                interrupted: uint32(s, "interrupted"),
+                started_ms: s["started_ms"].as_u64(),
+                ended_ms: s["ended_ms"].as_u64(),
+                retry_at_ms: s["retry_at_ms"].as_u64(),
+                output_json: json_text(s, "output"),
+                error: opt_text(s, "error"),
+            })
+            .collect(),
+    }
+}
+
+fn hardware_of(v: &Value) -> pb::Hardware {
+    pb::Hardware {
+        devices: array(v, "devices")
+            .map(|d| pb::HardwareDevice {
+                device: text(d, "device"),
+                state: text(d, "state"),
+                reason: text(d, "reason"),
+                since_unix_ms: uint(d, "since_unix_ms"),
+                errors: d["errors"]
+                    .as_object()
+                    .map(|o| o.iter().map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0))).collect())
+                    .unwrap_or_default(),
+            })
+            .collect(),
+        sources: array(v, "sources")
+            .map(|s| pb::HardwareSource {
+                name: text(s, "name"),
+                available: s["available"].as_bool().unwrap_or(false),
+                detail: text(s, "detail"),
+            })
+            .collect(),
+        dropped_events: uint(v, "dropped_events"),
+        quiet_seconds: uint(v, "quiet_seconds"),
+    }
+}
+
 /// A scale request's target: `Some(n)` pins, `None` gives the service back to the autoscaler.
 fn scale_target(target: Option<pb::scale_request::Target>) -> Result<Option<u32>, ApiError> {
     use pb::scale_request::Target;
@@ -283,6 +370,19 @@ fn scale_target(target: Option<pb::scale_request::Target>) -> Result<Option<u32>
             "give `instances: N` to pin a count, or `auto: true` to lift the pin",
         )),
     }
+}
+
+/// A run request as the REST body it stands for (so both are checked alike).
+fn run_body(r: &pb::RunWorkflowRequest) -> Vec<u8> {
+    let mut body: serde_json::Map<String, Value> =
+        r.params.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+    if r.dry_run {
+        body.insert("dry_run".into(), Value::Bool(true));
+    }
+    if !r.reason.is_empty() {
+        body.insert("reason".into(), Value::String(r.reason.clone()));
+    }
+    Value::Object(body).to_string().into_bytes()
 }
 
 /// `vigil.v1.Remediation` over the API's operations.
@@ -431,6 +531,84 @@ impl Remediation for RemediationService {
         Ok(Response::new(pb::ListAlertsResponse {
             alerts: self.api.alerts(&filter).iter().map(alert_of).collect(),
         }))
+    }
+
+    async fn list_workflows(
+        &self,
+        request: Request<pb::ListWorkflowsRequest>,
+    ) -> Result<Response<pb::ListWorkflowsResponse>, Status> {
+        let limit = request.get_ref().limit;
+        let limit = (limit > 0).then_some(limit as usize);
+        let v = self.api.workflows(limit).await.map_err(status_of)?;
+        Ok(Response::new(pb::ListWorkflowsResponse {
+            workflows: array(&v, "workflows").map(workflow_of).collect(),
+            cordons: v["cordons"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(resource, c)| cordon_of(resource, c))
+                .collect(),
+            runs: array(&v, "runs").map(run_of).collect(),
+        }))
+    }
+
+    async fn run_workflow(
+        &self,
+        request: Request<pb::RunWorkflowRequest>,
+    ) -> Result<Response<pb::WorkflowRun>, Status> {
+        let r = request.into_inner();
+        let run = self.api.run_workflow(&r.name, &run_body(&r)).await.map_err(status_of)?;
+        Ok(Response::new(run_of(&run)))
+    }
+
+    async fn get_workflow_run(
+        &self,
+        request: Request<pb::WorkflowRunRequest>,
+    ) -> Result<Response<pb::WorkflowRun>, Status> {
+        let run = self.api.workflow_run(request.get_ref().id).await.map_err(status_of)?;
+        Ok(Response::new(run_of(&run)))
+    }
+
+    async fn approve_workflow_run(
+        &self,
+        request: Request<pb::WorkflowRunRequest>,
+    ) -> Result<Response<pb::WorkflowRun>, Status> {
+        let run = self.api.decide_run(request.get_ref().id, true).await.map_err(status_of)?;
+        Ok(Response::new(run_of(&run)))
+    }
+
+    async fn cancel_workflow_run(
+        &self,
+        request: Request<pb::WorkflowRunRequest>,
+    ) -> Result<Response<pb::WorkflowRun>, Status> {
+        let run = self.api.decide_run(request.get_ref().id, false).await.map_err(status_of)?;
+        Ok(Response::new(run_of(&run)))
+    }
+
+    async fn uncordon(
+        &self,
+        request: Request<pb::UncordonRequest>,
+    ) -> Result<Response<pb::UncordonResponse>, Status> {
+        let r = request.into_inner();
+        let body = if r.reason.is_empty() {
+            Vec::new()
+        } else {
+            serde_json::json!({ "reason": r.reason }).to_string().into_bytes()
+        };
+        let v = self.api.uncordon(&r.resource, &body).await.map_err(status_of)?;
+        Ok(Response::new(pb::UncordonResponse {
+            resource: text(&v, "uncordoned"),
+            cordon: Some(cordon_of(&r.resource, &v["cordon"])),
+        }))
+    }
+
+    async fn get_hardware(
+        &self,
+        request: Request<pb::GetHardwareRequest>,
+    ) -> Result<Response<pb::Hardware>, Status> {
+        let device = Some(request.into_inner().device).filter(|d| !d.is_empty());
+        let v = self.api.hardware(device).await.map_err(status_of)?;
+        Ok(Response::new(hardware_of(&v)))
     }
 }
 

@@ -445,6 +445,7 @@ impl Healer {
         Api::new(control, snapshots, self.actions.audit().clone(), token)
             .with_alerts(self.alerts.clone(), self.alert_secret.clone())
             .with_workflows(self.remediation.runner().clone())
+            .with_hardware(self.hardware.borrow().clone())
     }
 
     /// `/api/v1/...`.
