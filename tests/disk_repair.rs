@@ -25,14 +25,14 @@ mod faultydisk;
 mod prometheus;
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashboard::panel_queries;
 use faultydisk::FaultyDisk;
 use prometheus::{Prometheus, has_samples};
 use serde_json::Value;
-use support::{CgroupParent, Proc, Scratch, Vigil, free_ports, wait_for};
+use support::{CgroupParent, Scratch, Vigil, free_ports, received, wait_for, webhook_receiver};
 
 const BLOCK: u64 = 4096;
 const SIZE: u64 = 16 << 20;
@@ -318,21 +318,7 @@ fn vigil_killed_during_the_drain_resumes_it_moves_the_instance_once_and_notifies
     );
     let config = config(&scratch, &parent, api, apps, &store, &workflows, &extra);
     let out = scratch.path("received.jsonl");
-    let receiver_script = Path::new(env!("CARGO_MANIFEST_DIR")).join("healer/tests/notify_receiver.py");
-    let _receiver = Proc::spawn(
-        "receiver",
-        &scratch.0,
-        "python3",
-        &[
-            receiver_script.display().to_string(),
-            "--port".into(),
-            hook.to_string(),
-            "--secret".into(),
-            SECRET.into(),
-            "--out".into(),
-            out.display().to_string(),
-        ],
-    );
+    let _receiver = webhook_receiver(&scratch, hook, SECRET, &out);
     let mut vigil = Vigil::up(&scratch.0, "vigil", &config, ([127, 0, 0, 1], api).into(), None);
     vigil.active_pids("store-0", Duration::from_secs(60));
     let on_disk = format!("{}/store-0", mounted.dir.display());
@@ -380,10 +366,8 @@ fn vigil_killed_during_the_drain_resumes_it_moves_the_instance_once_and_notifies
     assert_eq!(http_get(trigger, "/store/").as_deref(), Some(spare.as_str()), "routed to again");
     // The notify step reached the receiver, signed (the receiver verifies it), once.
     let got = wait_for("the notification", Duration::from_secs(30), || {
-        let got: Vec<Value> = std::fs::read_to_string(&out)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
+        let got: Vec<Value> = received(&out)
+            .into_iter()
             .filter(|m: &Value| {
                 m["body"]["alerts"][0]["annotations"]["summary"] == format!("{device}: instances moved off")
             })

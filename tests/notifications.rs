@@ -11,7 +11,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{CgroupParent, Proc, Scratch, Vigil, alertmanager, free_ports, wait_for};
+use support::{CgroupParent, Scratch, Vigil, alertmanager, free_ports, received, wait_for, webhook_receiver};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -24,14 +24,6 @@ fn am_alerts(port: u16, name: &str) -> Option<Vec<Value>> {
     let body = text.split_once("\r\n\r\n")?.1;
     let all: Vec<Value> = serde_json::from_str(body).ok()?;
     Some(all.into_iter().filter(|a| a["labels"]["alertname"] == name).collect())
-}
-
-fn received(out: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(out)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .collect()
 }
 
 #[test]
@@ -95,22 +87,7 @@ fn notifications_survive_a_down_receiver_and_a_restart_and_reach_alertmanager() 
 
     // The receiver comes up: everything, in order, verified, once.
     let out = scratch.path("received.jsonl");
-    let receiver_script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("healer/tests/notify_receiver.py");
-    let mut receiver = Proc::spawn(
-        "receiver",
-        &scratch.0,
-        "python3",
-        &[
-            receiver_script.display().to_string(),
-            "--port".into(),
-            hook.to_string(),
-            "--secret".into(),
-            SECRET.into(),
-            "--out".into(),
-            out.display().to_string(),
-        ],
-    );
+    let mut receiver = webhook_receiver(&scratch, hook, SECRET, &out);
     let got = wait_for("three notifications at the receiver", Duration::from_secs(30), || {
         receiver.assert_running();
         let got = received(&out);

@@ -134,6 +134,35 @@ pub fn alertmanager(scratch: &Scratch, port: u16, config: &str) -> Proc {
     )
 }
 
+/// The signed-webhook receiver (`healer/tests/notify_receiver.py`, verifying with PyPI `standardwebhooks`)
+/// on `127.0.0.1:port`, appending each verified message as a JSON line to `out`.
+pub fn webhook_receiver(scratch: &Scratch, port: u16, secret: &str, out: &Path) -> Proc {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("healer/tests/notify_receiver.py");
+    Proc::spawn(
+        "receiver",
+        &scratch.0,
+        "python3",
+        &[
+            script.display().to_string(),
+            "--port".into(),
+            port.to_string(),
+            "--secret".into(),
+            secret.into(),
+            "--out".into(),
+            out.display().to_string(),
+        ],
+    )
+}
+
+/// The messages a [`webhook_receiver`] wrote to `out` so far.
+pub fn received(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 /// Where the v2 hierarchy is mounted: beside the v1 controllers on a hybrid host, else at the top.
 pub fn v2_root() -> &'static Path {
     let hybrid = Path::new("/sys/fs/cgroup/unified");
