@@ -10,7 +10,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_saphyr::Spanned;
-use vigil_core::ConfigIssue;
+use vigil_core::{ConfigIssue, render_issues};
+
+/// What is wrong with a rule or workflow file: it cannot be read, or its located mistakes.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("cannot read {what} file {path}: {source}")]
+    Read { what: &'static str, path: std::path::PathBuf, source: std::io::Error },
+    #[error("{}", render_issues(issues))]
+    Invalid { file: String, issues: Vec<ConfigIssue> },
+}
 use vigil_core::glob::Glob;
 use vigil_core::values::parse_duration;
 

@@ -2,7 +2,7 @@
 //! position), then one pass that collects every semantic mistake as `file:line:column: key.path: message`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +10,6 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 use vigil_core::snapshot::InstanceKind;
 use vigil_core::yaml::from_yaml;
-use vigil_core::{ConfigIssue, render_issues};
 
 use super::{
     Action, AlertCondition, Bounds, Condition, ExpectedAction, Glob, InstanceState, Metric, ReceiverRef,
@@ -22,13 +21,7 @@ use crate::located::{Issues, by_position, label_name_ok, names, unknown_receiver
 const MAX_TEST_TICKS: u128 = 100_000;
 
 /// What is wrong with a rule file.
-#[derive(Debug, thiserror::Error)]
-pub enum RulesError {
-    #[error("cannot read rule file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{}", render_issues(issues))]
-    Invalid { file: String, issues: Vec<ConfigIssue> },
-}
+pub type RulesError = crate::located::FileError;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -146,8 +139,11 @@ pub fn check_receivers(set: &RuleSet, known: &[String]) -> Result<(), RulesError
 
 /// Reads and validates the rule file at `path`.
 pub fn check_file(path: &Path) -> Result<RuleSet, RulesError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| RulesError::Read { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| RulesError::Read {
+        what: "rule",
+        path: path.to_path_buf(),
+        source,
+    })?;
     check_str(&text, &path.display().to_string())
 }
 

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +15,6 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_saphyr::Spanned;
 use vigil_core::yaml::from_yaml;
-use vigil_core::{ConfigIssue, render_issues};
 
 use super::{
     Backoff, ExpectedRun, Glob, Health, OnFailure, Step, StepKind, Targets, TestAlert, TestCase, TestEvent,
@@ -41,13 +40,7 @@ const ALWAYS_KNOWN: [&str; 6] = ["cpu", "device", "instance_id", "run_id", "serv
 const SET_BY_VIGIL: [&str; 2] = ["run_id", "workflow"];
 
 /// What is wrong with a workflow file.
-#[derive(Debug, thiserror::Error)]
-pub enum WorkflowError {
-    #[error("cannot read workflow file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{}", render_issues(issues))]
-    Invalid { file: String, issues: Vec<ConfigIssue> },
-}
+pub type WorkflowError = crate::located::FileError;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -324,8 +317,11 @@ struct RawExpect {
 
 /// Reads and validates the workflow file at `path`.
 pub fn check_file(path: &Path) -> Result<WorkflowSet, WorkflowError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| WorkflowError::Read { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| WorkflowError::Read {
+        what: "workflow",
+        path: path.to_path_buf(),
+        source,
+    })?;
     check_str(&text, &path.display().to_string())
 }
 
