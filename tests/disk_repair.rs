@@ -55,16 +55,40 @@ fn fs_disk(tag: &str) -> FaultyDisk {
 
 /// `n` failing O_DIRECT reads of different blocks: one kernel record each (below the 10 per 5 s limit).
 fn fail_reads(disk: &FaultyDisk, n: u64) {
-    fail_reads_from(disk, 0, n);
+    disk.fail(0..SIZE);
+    for b in 0..n {
+        assert!(disk.read_direct(b * BLOCK, BLOCK as usize).is_err(), "the read of block {b} must fail");
+    }
 }
 
-/// The disk fails from byte `from` on, and `n` reads of different blocks there fail.
-fn fail_reads_from(disk: &FaultyDisk, from: u64, n: u64) {
+/// The disk fails from byte `from` on; failing reads of one block after another there, `at_least` at
+/// once and one more every few seconds, until `check` gives a value. The kernel's `I/O error` record is
+/// rate limited (10 per 5 s kernel-wide): another test's errors, or another process's, may have used the
+/// allowance up, and a read then leaves no record.
+fn fail_until<T>(
+    disk: &FaultyDisk,
+    from: u64,
+    at_least: u64,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
     disk.fail(from..disk.size());
-    for b in 0..n {
+    let read = |b: u64| {
         let at = from + b * BLOCK;
         assert!(disk.read_direct(at, BLOCK as usize).is_err(), "the read at {at} must fail");
+    };
+    (0..at_least).for_each(read);
+    for b in at_least..at_least + 10 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while std::time::Instant::now() < deadline {
+            if let Some(v) = check() {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        read(b);
     }
+    panic!("no {what} after {} failing reads", at_least + 10);
 }
 
 /// An ext4 filesystem on the first [`FS_SIZE`] of a disk, mounted at `dir`; unmounted when dropped.
@@ -229,8 +253,7 @@ fn kernel_io_errors_start_a_repair_that_moves_the_disks_instance_off_it_and_unco
     assert_eq!(served, on_disk);
 
     let faulted = now_ms();
-    fail_reads_from(&disk, FS_DISK / 2, 2);
-    let run = wait_for("a run of disk-repair", Duration::from_secs(30), || {
+    let run = fail_until(&disk, FS_DISK / 2, 2, "run of disk-repair", || {
         vigil.proc.assert_running();
         runs(&vigil).into_iter().find(|r| r["workflow"] == "disk-repair")
     });
@@ -297,6 +320,10 @@ fn kernel_io_errors_start_a_repair_that_moves_the_disks_instance_off_it_and_unco
         metric(&vigil, "vigil_workflow_runs_total{workflow=\"disk-repair\",state=\"succeeded\"}").as_deref(),
         Some("vigil_workflow_runs_total{workflow=\"disk-repair\",state=\"succeeded\"} 1")
     );
+    // Uncordoned, the store stays with its data: a restart keeps the spare directory.
+    vigil.client.call("POST", "/api/v1/instances/store-0/restart?wait=60s").expect("restart");
+    assert_eq!(vigil.get("/api/v1/instances/store-0").unwrap()["data_dir"], spare.as_str());
+    assert_eq!(http_get(apps.0, "/").as_deref(), Some(spare.as_str()));
 }
 
 #[test]
@@ -334,13 +361,15 @@ fn vigil_killed_during_the_drain_resumes_it_moves_the_instance_once_and_notifies
         m.as_str()?.lines().any(|l| l.starts_with("vigil_broker_inflight") && l.ends_with(" 1")).then_some(())
     });
 
-    fail_reads_from(&disk, FS_DISK / 2, 2);
-    let run = wait_for("the drain to wait", Duration::from_secs(30), || {
+    let run = fail_until(&disk, FS_DISK / 2, 2, "run of disk-move", || {
         vigil.proc.assert_running();
-        let r = runs(&vigil).into_iter().find(|r| r["workflow"] == "disk-move")?;
-        (r["steps"][1]["state"] == "running").then_some(r)
+        runs(&vigil).into_iter().find(|r| r["workflow"] == "disk-move")
     });
     let id = run["id"].as_u64().unwrap();
+    wait_for("the drain to wait", Duration::from_secs(30), || {
+        let r = vigil.get(&format!("/api/v1/workflows/runs/{id}")).ok()?;
+        (r["steps"][1]["state"] == "running").then_some(())
+    });
     vigil.proc.kill();
     let _ = slow.join();
     disk.heal();

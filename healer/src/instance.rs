@@ -177,6 +177,8 @@ pub struct Context {
     pub board: Arc<Board>,
     /// CPUs cordoned by workflows: instances starting, restored or woken get every other online CPU.
     pub cordoned: crate::placement::Cordoned,
+    /// Where each instance last kept its data.
+    pub data_dirs: crate::placement::DataDirs,
 }
 
 /// A request to an instance's task. `ack` is answered at once; `done` once the instance settles after an
@@ -440,13 +442,22 @@ impl InstanceTask {
                 let cordoned = ctx.cordoned.clone();
                 let dirs = spec.data_dirs.clone();
                 let placed = id.clone();
+                let kept = ctx.data_dirs.clone();
                 let prepared = blocking(move || {
                     let cg = driver
                         .create(&service, &instance)
                         .map_err(|e| format!("cannot prepare its cgroups: {e}"))?;
                     reset_cgroup(driver.as_ref(), &cg, &cordoned.active_limit())
                         .map_err(|e| format!("cannot prepare its cgroups: {e}"))?;
-                    let dir = crate::placement::choose_data_dir(&dirs, &placed, &cordoned.devices())?;
+                    let dir = crate::placement::choose_data_dir(
+                        &dirs,
+                        &placed,
+                        &cordoned.devices(),
+                        kept.get(&placed).as_deref(),
+                    )?;
+                    if let Some(d) = &dir {
+                        kept.set(&placed, d)?;
+                    }
                     Ok((cg, dir))
                 })
                 .await;

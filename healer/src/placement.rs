@@ -119,21 +119,26 @@ fn replace<T: PartialEq>(slot: &RwLock<T>, value: T) -> bool {
     changed
 }
 
-/// The data directory of instance `instance_id` (`{instance_id}` in an entry is replaced): the first of
-/// `dirs` that exists or can be created and whose filesystem is not on one of the `cordoned` devices.
-/// `None` for a service without data directories; an error naming why each entry was passed over when
-/// none is left.
+/// The data directory of instance `instance_id` (`{instance_id}` in an entry is replaced): the one it
+/// used last (`previous`) while that is still one of `dirs` and usable, so that it stays with its data;
+/// else the first of `dirs` that exists or can be created and whose filesystem is not on one of the
+/// `cordoned` devices. `None` for a service without data directories; an error naming why each entry was
+/// passed over when none is left.
 pub fn choose_data_dir(
     dirs: &[String],
     instance_id: &str,
     cordoned: &DeviceNumbers,
+    previous: Option<&str>,
 ) -> Result<Option<String>, String> {
     if dirs.is_empty() {
         return Ok(None);
     }
+    let filled: Vec<String> = dirs.iter().map(|d| d.replace(INSTANCE_PLACEHOLDER, instance_id)).collect();
+    let first = previous.filter(|p| filled.iter().any(|d| d == p)).map(str::to_string);
+    let order = first.iter().chain(filled.iter().filter(|d| Some(*d) != first.as_ref()));
     let mut passed = Vec::new();
-    for d in dirs {
-        let dir = d.replace(INSTANCE_PLACEHOLDER, instance_id);
+    for dir in order {
+        let dir = dir.clone();
         let meta = std::fs::create_dir_all(&dir).and_then(|()| std::fs::metadata(&dir));
         match meta {
             Ok(m) if !m.is_dir() => passed.push(format!("{dir} (not a directory)")),
@@ -145,6 +150,52 @@ pub fn choose_data_dir(
         }
     }
     Err(format!("no data directory is usable: {}", passed.join(", ")))
+}
+
+/// The data directory each instance last started with, kept in a JSON file (`DATA_DIR/data_dirs.json`)
+/// so that an instance stays where its data is, across restarts of Vigil too, until its disk is
+/// cordoned. Cheap to clone; clones share the map.
+#[derive(Clone, Debug, Default)]
+pub struct DataDirs {
+    file: Option<PathBuf>,
+    by_instance: Arc<std::sync::Mutex<BTreeMap<String, String>>>,
+}
+
+impl DataDirs {
+    /// The map kept in `file`; a missing file is an empty map, an unreadable one too (said in the log).
+    pub fn open(file: PathBuf) -> DataDirs {
+        let map = match std::fs::read(&file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(file = %file.display(), error = %e, "the instances' data directories do not decode; starting afresh");
+                BTreeMap::new()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => {
+                tracing::warn!(file = %file.display(), error = %e, "cannot read the instances' data directories; starting afresh");
+                BTreeMap::new()
+            }
+        };
+        DataDirs { file: Some(file), by_instance: Arc::new(std::sync::Mutex::new(map)) }
+    }
+
+    pub fn get(&self, instance_id: &str) -> Option<String> {
+        self.by_instance.lock().ok()?.get(instance_id).cloned()
+    }
+
+    /// Records where `instance_id` started; written through (a temporary file, renamed) when it changed.
+    pub fn set(&self, instance_id: &str, dir: &str) -> Result<(), String> {
+        let mut map = self.by_instance.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(instance_id).is_some_and(|d| d == dir) {
+            return Ok(());
+        }
+        map.insert(instance_id.to_string(), dir.to_string());
+        let Some(file) = &self.file else { return Ok(()) };
+        let tmp = file.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(&*map).map_err(|e| e.to_string())?;
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, file))
+            .map_err(|e| format!("recording the data directory in {}: {e}", file.display()))
+    }
 }
 
 /// Replaced by the instance's id in `data_dirs` entries.
@@ -345,22 +396,35 @@ mod tests {
         let _ = std::fs::remove_dir_all(&root);
         let dirs = vec![format!("{}/a/{{instance_id}}", root.display()), format!("{}/b", root.display())];
         let first = format!("{}/a/db-0", root.display());
-        assert_eq!(choose_data_dir(&dirs, "db-0", &DeviceNumbers::new()), Ok(Some(first.clone())));
+        assert_eq!(choose_data_dir(&dirs, "db-0", &DeviceNumbers::new(), None), Ok(Some(first.clone())));
+        // It stays where it was, while that is usable; a directory no longer configured is not used.
+        let second = format!("{}/b", root.display());
+        assert_eq!(
+            choose_data_dir(&dirs, "db-0", &DeviceNumbers::new(), Some(&second)),
+            Ok(Some(second.clone()))
+        );
+        assert_eq!(
+            choose_data_dir(&dirs, "db-0", &DeviceNumbers::new(), Some("/elsewhere")),
+            Ok(Some(first.clone()))
+        );
         assert!(Path::new(&first).is_dir(), "created");
         // The temp directory's filesystem, cordoned: both entries are on it.
         let dev = split_dev(std::fs::metadata(&root).unwrap().dev());
         let cordoned = DeviceNumbers::from([("sdz".to_string(), BTreeSet::from([dev]))]);
         assert_eq!(
-            choose_data_dir(&dirs, "db-0", &cordoned),
+            choose_data_dir(&dirs, "db-0", &cordoned, Some(&second)),
             Err(format!(
-                "no data directory is usable: {first} (on cordoned sdz), {}/b (on cordoned sdz)",
-                root.display()
+                "no data directory is usable: {second} (on cordoned sdz), {first} (on cordoned sdz)"
             ))
         );
         std::fs::write(root.join("file"), "").unwrap();
         let file = vec![format!("{}/file", root.display()), dirs[1].clone()];
-        assert_eq!(choose_data_dir(&file, "db-0", &DeviceNumbers::new()), Ok(Some(dirs[1].clone())));
-        assert_eq!(choose_data_dir(&[], "db-0", &cordoned), Ok(None));
+        assert_eq!(choose_data_dir(&file, "db-0", &DeviceNumbers::new(), None), Ok(Some(dirs[1].clone())));
+        assert_eq!(choose_data_dir(&[], "db-0", &cordoned, None), Ok(None));
+        // Kept across a restart (a new map over the same file).
+        let kept = root.join("data_dirs.json");
+        DataDirs::open(kept.clone()).set("db-0", &second).unwrap();
+        assert_eq!(DataDirs::open(kept).get("db-0"), Some(second.clone()));
         assert!(path_on(&root, &BTreeSet::from([dev])) && !path_on(&root, &BTreeSet::new()));
         std::fs::remove_dir_all(&root).unwrap();
     }

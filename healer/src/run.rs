@@ -322,6 +322,7 @@ impl Healer {
             stop_grace: config.healer.stop_grace.0,
             scaled: slots,
             cordoned,
+            data_dirs: crate::placement::DataDirs::open(config.data_dir.join("data_dirs.json")),
             ..Settings::default()
         };
         let supervisor = Supervisor::start_with(config.services.clone(), driver, settings)?;

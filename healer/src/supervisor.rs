@@ -115,6 +115,8 @@ pub struct Settings {
     pub scaled: BTreeMap<String, ScaledSlots>,
     /// CPUs cordoned by workflows (shared with the workflow runtime).
     pub cordoned: crate::placement::Cordoned,
+    /// Where each instance last kept its data.
+    pub data_dirs: crate::placement::DataDirs,
 }
 
 /// The instances of a service the autoscaler sizes.
@@ -136,6 +138,7 @@ impl Default for Settings {
             ready_timeout: DEFAULT_READY_TIMEOUT,
             scaled: BTreeMap::new(),
             cordoned: crate::placement::Cordoned::default(),
+            data_dirs: crate::placement::DataDirs::default(),
         }
     }
 }
@@ -218,6 +221,7 @@ impl Supervisor {
             ready_timeout: settings.ready_timeout,
             board: Arc::new(Board::new()),
             cordoned: settings.cordoned,
+            data_dirs: settings.data_dirs,
         });
         let mut created: Vec<(String, Arc<ServiceSpec>, u32, InstanceCgroup)> = Vec::new();
         for spec in specs {
