@@ -3,9 +3,10 @@
 //!   named after the test, are counted once each by `GET /api/v1/hardware` and by
 //!   `vigil_hardware_errors_total`. Counters start at zero in each process (as Prometheus counters do); the
 //!   kernel log cursor kept in the data directory decides what a restart reads again: exactly the records
-//!   after it, whether Vigil was SIGKILLed once the cursor was saved, SIGKILLed at once (the cursor is saved
-//!   at most every second while records stream in, and on every poll tick), or stopped with SIGTERM (which
-//!   saves it). Records logged while Vigil was down are read at the restart.
+//!   after it, whether Vigil was SIGKILLed once the cursor was saved, SIGKILLed at once (a batch of records
+//!   that brought events has its cursor written before the next batch is read, so at most the last batch
+//!   is read again), or stopped with SIGTERM (which saves it). Records logged while Vigil was down are read
+//!   at the restart.
 //! - sysfs: an EDAC fixture tree in the kernel's ABI format (`mc0/ce_count`, `ue_count`, `dimm0/dimm_*`)
 //!   whose counters the test raises: the first reading is a baseline, each rise is counted by exactly its
 //!   size, a counter that goes down is a new baseline (no event, no negative delta), and corrected errors
@@ -269,9 +270,17 @@ fn kernel_log_records_are_counted_once_and_a_restart_reads_exactly_those_after_t
     assert_eq!(log.after(saved), expected, "the test's own bookkeeping");
     assert_io_errors(&vigil, &disk, &expected, "after a SIGKILL with the cursor saved");
 
-    // SIGKILL at once after 5 more records are counted, whatever was saved by then: the restart reads again
-    // exactly the records after the cursor on disk (at least once: none is lost, none before it is read).
-    log.io_errors(&disk, 5);
+    // SIGKILL at once after 5 more records, each written once Vigil counted the one before (so each is a
+    // batch of its own, and the reader saved its cursor before it read the next): the restart reads again
+    // exactly the records after the cursor on disk, and that is at most the last batch, the fence's, whose
+    // save the kill may have interrupted; none of the disk's records.
+    for total in 5..=9 {
+        log.io_error(&disk);
+        wait_for(&format!("Vigil to count {total} records of {disk}"), WAIT, || {
+            vigil.proc.assert_running();
+            device(&vigil, &disk).filter(|d| d["errors"]["io_error"] == total)
+        });
+    }
     let f3 = fence(&mut vigil, &mut log, &disk, 3);
     assert_io_errors(
         &vigil,
@@ -284,10 +293,14 @@ fn kernel_log_records_are_counted_once_and_a_restart_reads_exactly_those_after_t
     let cursor = kept_cursor(&data).expect("a cursor was saved");
     assert!(cursor >= saved, "the cursor went back from {saved} to {cursor}");
     let mut vigil = up("vigil-3");
-    fence(&mut vigil, &mut log, &disk, 4);
+    let f4 = fence(&mut vigil, &mut log, &disk, 4);
     let expected = log.after(cursor);
     eprintln!("killed at once: the cursor was {cursor}; read again: {expected:?}");
     assert_io_errors(&vigil, &disk, &expected, "after a SIGKILL at once");
+    assert!(
+        expected.keys().all(|d| *d == f3 || *d == f4),
+        "a crash read again more than the batch whose save it interrupted: {expected:?}"
+    );
 
     // SIGTERM: the stop saves the cursor through the last record read, so the restart reads only the 3
     // records logged while Vigil was down.
