@@ -31,8 +31,9 @@ use crate::tracepoint::{TracepointDeltas, TracepointSource};
 /// Events a slow subscriber may fall behind by before it misses some (it is told how many).
 const CHANNEL_CAPACITY: usize = 4096;
 
-/// The kernel log cursor is written at most this often while records stream in; the poll tick and
-/// shutdown write whatever is left.
+/// While records that match no pattern stream in, the kernel log cursor is written at most this often; the
+/// poll tick and shutdown write whatever is left. A batch that brought hardware events is written at once,
+/// so a crash reads again at most the batch whose write it interrupted, not a poll interval's events.
 const SAVE_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 
 /// Why the monitor cannot start.
@@ -149,8 +150,10 @@ impl Shared {
             return;
         }
         let (now_ms, mono_us) = (now_unix_ms(), kmsg::monotonic_now_usec());
+        let mut events = 0;
         for record in &batch.records {
             let Some(m) = self.patterns.find(&record.message) else { continue };
+            events += 1;
             self.ingest(HardwareEvent {
                 device: m.device,
                 kind: m.kind.clone(),
@@ -169,7 +172,8 @@ impl Shared {
             self.dirty.store(true, Ordering::Release);
         }
         drop(kept);
-        self.save(false);
+        // Events were counted and sent: a restart after a crash must not report them again.
+        self.save(events > 0);
     }
 }
 
@@ -527,6 +531,52 @@ mod tests {
         });
         let first = next(&mut rx);
         assert_eq!(first.device, "probe", "{first:?}");
+    }
+
+    fn batch(seq: u64, message: &str) -> Batch {
+        Batch {
+            records: vec![kmsg::KmsgRecord {
+                level: 3,
+                facility: 1,
+                seq,
+                ts_usec: kmsg::monotonic_now_usec(),
+                message: message.into(),
+                fields: Vec::new(),
+            }],
+            lost: 0,
+            malformed: Vec::new(),
+            skipped: 0,
+            last_seq: Some(seq),
+            end: kmsg::BatchEnd::WouldBlock,
+        }
+    }
+
+    #[test]
+    fn a_batch_with_hardware_events_writes_the_cursor_at_once_and_other_records_wait() {
+        let sys = TempDir::new("mon-cursor");
+        let data = TempDir::new("mon-cursor-data");
+        // Off: no thread of its own runs, so the batches below are the only ones and nothing else saves.
+        let c = HardwareConfig { enabled: false, ..config(&sys.0) };
+        let hw = Hardware::start(&c, &data.0).unwrap();
+        let shared = &hw.handle.shared;
+        let boot = state::boot_id().unwrap();
+        let cursor = || state::load(&data.0.join(state::FILE_NAME), &boot).0.kmsg_seq;
+        // A save has just happened as far as the rate limit knows.
+        *lock(&shared.last_save) = Instant::now();
+        shared.kmsg_batch(batch(10, "usb 1-1: new high-speed USB device number 2 using xhci_hcd"));
+        assert_eq!(cursor(), None, "a record matching no pattern waits for the next tick");
+        // Counted, so a crash from here on must not count it again: the cursor is on disk before the batch
+        // is done with.
+        shared.kmsg_batch(batch(
+            11,
+            "I/O error, dev sdq, sector 8 op 0x0:(READ) flags 0x0 phys_seg 1 prio class 2",
+        ));
+        assert_eq!(hw.count(&Kind::io_error(), Some("sdq"), Duration::from_secs(60)), 1);
+        assert_eq!(cursor(), Some(11));
+        shared.kmsg_batch(batch(12, "usb 1-1: USB disconnect, device number 2"));
+        assert_eq!(cursor(), Some(11));
+        hw.shutdown();
+        assert_eq!(cursor(), Some(12), "the stop writes what was left");
     }
 
     #[test]
