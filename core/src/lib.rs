@@ -18,6 +18,7 @@ pub mod issue;
 pub mod scale;
 pub mod service;
 pub mod snapshot;
+pub mod state_file;
 pub mod time;
 pub mod values;
 pub mod yaml;

@@ -5,7 +5,6 @@
 //! over (the whole kernel log is read again, counters take a new baseline). The file is small JSON in the
 //! data directory, written atomically (temporary file, fsync, rename, fsync of the directory).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -66,21 +65,8 @@ pub fn load(path: &Path, boot_id: &str) -> (Persisted, Option<String>) {
 
 /// Writes `state` to `path` atomically: a crash leaves the old file or the new one, never half of one.
 pub fn save(path: &Path, state: &Persisted) -> Result<(), StateError> {
-    let err = |source| StateError::Write { path: path.to_path_buf(), source };
-    let tmp = path.with_extension("json.tmp");
-    let bytes = serde_json::to_vec(state).map_err(|e| err(std::io::Error::other(e)))?;
-    let mut file = std::fs::File::create(&tmp).map_err(err)?;
-    file.write_all(&bytes).map_err(err)?;
-    file.sync_all().map_err(err)?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(err)?;
-    // The rename is durable once the directory is.
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir })
-            .and_then(|d| d.sync_all())
-            .map_err(err)?;
-    }
-    Ok(())
+    vigil_core::state_file::write_json(path, state)
+        .map_err(|source| StateError::Write { path: path.to_path_buf(), source })
 }
 
 #[cfg(test)]

@@ -164,17 +164,10 @@ pub struct DataDirs {
 impl DataDirs {
     /// The map kept in `file`; a missing file is an empty map, an unreadable one too (said in the log).
     pub fn open(file: PathBuf) -> DataDirs {
-        let map = match std::fs::read(&file) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                tracing::warn!(file = %file.display(), error = %e, "the instances' data directories do not decode; starting afresh");
-                BTreeMap::new()
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => {
-                tracing::warn!(file = %file.display(), error = %e, "cannot read the instances' data directories; starting afresh");
-                BTreeMap::new()
-            }
-        };
+        let map = vigil_core::state_file::read_json(&file).map(Option::unwrap_or_default).unwrap_or_else(|e| {
+            tracing::warn!(file = %file.display(), error = %e, "unreadable record of the instances' data directories; starting afresh");
+            BTreeMap::new()
+        });
         DataDirs { file: Some(file), by_instance: Arc::new(std::sync::Mutex::new(map)) }
     }
 
@@ -190,10 +183,7 @@ impl DataDirs {
         }
         map.insert(instance_id.to_string(), dir.to_string());
         let Some(file) = &self.file else { return Ok(()) };
-        let tmp = file.with_extension("json.tmp");
-        let text = serde_json::to_vec_pretty(&*map).map_err(|e| e.to_string())?;
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, file))
+        vigil_core::state_file::write_json(file, &*map)
             .map_err(|e| format!("recording the data directory in {}: {e}", file.display()))
     }
 }

@@ -144,17 +144,10 @@ use vigil_core::time::now_unix_ms as unix_ms;
 /// unreadable (then the services start at `min`, and a warning says why).
 pub fn saved_counts(data_dir: &Path) -> BTreeMap<String, u32> {
     let path = data_dir.join(STATE_FILE);
-    match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-            tracing::warn!(file = %path.display(), error = %e, "unreadable autoscaler state; starting at min");
-            BTreeMap::new()
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-        Err(e) => {
-            tracing::warn!(file = %path.display(), error = %e, "cannot read the autoscaler state; starting at min");
-            BTreeMap::new()
-        }
-    }
+    vigil_core::state_file::read_json(&path).map(Option::unwrap_or_default).unwrap_or_else(|e| {
+        tracing::warn!(file = %path.display(), error = %e, "unreadable autoscaler state; starting at min");
+        BTreeMap::new()
+    })
 }
 
 /// The count a scaled service starts with: what it had before a restart, within `[min, max]`.
@@ -426,10 +419,7 @@ impl Scaler {
         let inner = self.inner.clone();
         let written = tokio::task::spawn_blocking(move || {
             let _order = inner.persist.lock().unwrap_or_else(|e| e.into_inner());
-            let text = serde_json::to_vec_pretty(&counts).map_err(std::io::Error::other)?;
-            let tmp = inner.state_file.with_extension("json.tmp");
-            std::fs::write(&tmp, text)?;
-            std::fs::rename(&tmp, &inner.state_file)
+            vigil_core::state_file::write_json(&inner.state_file, &counts)
         })
         .await;
         match written {
